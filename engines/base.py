@@ -1,0 +1,92 @@
+"""The engine interface: named NumPy arrays in, named NumPy arrays out.
+
+Every backend (ONNX Runtime, TensorRT) subclasses `Engine` and implements `_run`;
+the input checks live here once, so every backend rejects a wrong name, dtype or
+shape with the same message before any device work starts.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import InvalidInput, InvalidType
+from .specs import StageSpec
+
+
+class Backend(str, enum.Enum):
+    ONNXRUNTIME = "onnxruntime"
+    TENSORRT = "tensorrt"
+
+    @classmethod
+    def parse(cls, value: "str | Backend") -> "Backend":
+        if isinstance(value, Backend):
+            return value
+        if not isinstance(value, str):
+            raise InvalidType(f"backend must be a string, got {type(value).__name__}")
+        try:
+            return cls(value.lower())
+        except ValueError:
+            known = ", ".join(b.value for b in cls)
+            raise InvalidInput(f"unknown backend {value!r}: choose one of {known}") from None
+
+
+class Engine(abc.ABC):
+    """One compiled stage. Call it with a mapping of input name to array."""
+
+    def __init__(self, spec: StageSpec):
+        self.spec = spec
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_inputs(self.spec, inputs)
+        return self._run(inputs)
+
+    @abc.abstractmethod
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on checked inputs; return every output of the spec by name."""
+
+    def last_time(self) -> float | None:
+        """Seconds the backend itself spent in the last call, where it measures that
+        (CUDA events); None where only the caller's wall clock is available."""
+        return None
+
+    def close(self) -> None:
+        """Release device memory and sessions. Safe to call twice."""
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def check_inputs(spec: StageSpec, inputs: Mapping[str, np.ndarray]) -> None:
+    stage = spec.stage.value
+    expected = {t.name for t in spec.inputs}
+    given = set(inputs)
+    if given != expected:
+        missing, extra = sorted(expected - given), sorted(given - expected)
+        parts = ([f"missing {missing}"] if missing else []) + ([f"unexpected {extra}"] if extra else [])
+        raise InvalidInput(f"{stage}: wrong inputs ({'; '.join(parts)}); it takes {sorted(expected)}")
+    for t in spec.inputs:
+        a = inputs[t.name]
+        if not isinstance(a, np.ndarray):
+            raise InvalidType(f"{stage} input {t.name!r} must be a numpy array, got {type(a).__name__}")
+        if a.dtype != t.dtype.numpy:
+            raise InvalidType(f"{stage} input {t.name!r} must be {t.dtype.value}, got {a.dtype}")
+        if a.shape != t.shape:
+            raise InvalidInput(f"{stage} input {t.name!r} must have shape {t.shape}, got {a.shape}")
+
+
+def open_engines(folder: Path, manifest: Any, backend: Backend, **options: Any) -> dict:
+    """Open the three stages of an artifact folder on `backend` (imported lazily, so
+    the ONNX Runtime path never loads TensorRT and vice versa)."""
+    if backend is Backend.ONNXRUNTIME:
+        from .onnxruntime import open_engines as opener
+    else:
+        from .tensorrt import open_engines as opener
+    return opener(folder, manifest, **options)

@@ -1,0 +1,82 @@
+"""Atomic file writes and content hashes.
+
+Every file sdrt writes goes to a temporary name in the destination folder and is
+renamed into place (rename is atomic on POSIX and Windows within one volume), so an
+interrupted export or build never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+TEMP_PREFIX = ".sdrt-tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
+
+    The caller writes the file (or lets a library write it) at the yielded path. On
+    an exception the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        _fsync(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def remove_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete temporaries left by an interrupted write in `folder` (not recursive)."""
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.glob(TEMP_PREFIX + "*"):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    # hashlib.file_digest is 3.11+; JetPack 6 ships Python 3.10.
+    digest = hashlib.sha256()
+    buf = bytearray(1 << 22)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    # Flush the data before the rename, so a power cut cannot leave the final name
+    # pointing at an empty file.
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

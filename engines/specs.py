@@ -1,0 +1,207 @@
+"""The one home of every shape fact (see STYLE.md, habit 1).
+
+Export, the manifest, the engine builder, buffer allocation, input checks and tests
+all derive the three stages' tensor names, shapes and dtypes from here, from two
+small frozen records:
+
+- `ModelFacts`: what the checkpoint's configs say (latent channels, VAE scale,
+  text length and width, ...), read once at export and stored in the manifest;
+- `ShapeConfig`: what the user chose at export (height, width, batch, CFG).
+
+Tensor names follow NVIDIA's TensorRT diffusion demo so engines are interchangeable.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import InvalidInput
+
+# Largest image side accepted (pixels). Beyond this the U-Net's attention maps alone
+# need tens of GB; nothing in the SD 1.x/2.x families was trained near it.
+MAX_IMAGE_SIDE = 4096
+MAX_BATCH = 64
+
+
+class Stage(str, enum.Enum):
+    TEXT_ENCODER = "text_encoder"
+    UNET = "unet"
+    VAE_DECODER = "vae_decoder"
+
+    @property
+    def onnx_file(self) -> str:
+        return f"{self.value}.onnx"
+
+    @property
+    def data_file(self) -> str | None:
+        """External-data file name; the U-Net always has one so the >2 GB path is the normal path."""
+        return "unet.onnx.data" if self is Stage.UNET else None
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+
+class DType(str, enum.Enum):
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    INT32 = "int32"
+    INT64 = "int64"
+
+    @property
+    def numpy(self) -> np.dtype:
+        return np.dtype(self.value)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Config values of the source checkpoint that shapes and the runtime depend on."""
+
+    latent_channels: int        # unet.in_channels == vae.latent_channels
+    vae_scale_factor: int       # 2 ** (len(vae.block_out_channels) - 1): pixels per latent
+    vae_scaling_factor: float   # vae.scaling_factor (0.18215 for SD 1.x/2.x)
+    image_channels: int         # vae.out_channels
+    text_max_length: int        # tokens per prompt (tokenizer model_max_length, 77)
+    text_hidden_size: int       # text_encoder.hidden_size == unet.cross_attention_dim
+    unet_sample_size: int       # native latent side (64 for SD 1.5 -> 512 px)
+    unet_size_multiple: int     # latent sides must be multiples of this (the U-Net's down-sampling)
+    prediction_type: str        # "epsilon" or "v_prediction" (from the scheduler config)
+    family: str = "sd1"         # "sd1" or "sd2": informational
+
+    @property
+    def native_image_size(self) -> int:
+        return self.unet_sample_size * self.vae_scale_factor
+
+    @property
+    def image_size_multiple(self) -> int:
+        return self.unet_size_multiple * self.vae_scale_factor
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ModelFacts":
+        names = {f.name for f in fields(cls)}
+        missing = names - set(data) - {"family"}
+        if missing:
+            raise InvalidInput(f"model facts lack {sorted(missing)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class ShapeConfig:
+    """The static shapes chosen at export: image size, images per call, and CFG."""
+
+    height: int
+    width: int
+    batch: int = 1
+    cfg: bool = True   # classifier-free guidance: U-Net and text encoder run 2 x batch
+
+    def validate(self, facts: ModelFacts) -> "ShapeConfig":
+        m = facts.image_size_multiple
+        for name, value in (("height", self.height), ("width", self.width)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise InvalidInput(f"{name} must be an integer, got {value!r}")
+            if value < m or value > MAX_IMAGE_SIDE or value % m:
+                raise InvalidInput(
+                    f"{name} {value} is not accepted by this U-Net: use a multiple of {m} "
+                    f"from {m} to {MAX_IMAGE_SIDE - MAX_IMAGE_SIDE % m} (native size {facts.native_image_size})"
+                )
+        if isinstance(self.batch, bool) or not isinstance(self.batch, int) or not 1 <= self.batch <= MAX_BATCH:
+            raise InvalidInput(f"batch must be an integer from 1 to {MAX_BATCH}, got {self.batch!r}")
+        return self
+
+    @property
+    def guided_batch(self) -> int:
+        """Batch of the text encoder and U-Net calls: unconditional + conditional halves."""
+        return 2 * self.batch if self.cfg else self.batch
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ShapeConfig":
+        return cls(height=int(data["height"]), width=int(data["width"]),
+                   batch=int(data["batch"]), cfg=bool(data["cfg"]))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: DType
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.numpy.itemsize
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype.value}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TensorSpec":
+        return cls(str(data["name"]), tuple(int(d) for d in data["shape"]), DType(data["dtype"]))
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: Stage
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"inputs": [t.to_json() for t in self.inputs],
+                "outputs": [t.to_json() for t in self.outputs]}
+
+
+# Tensor names, once.
+INPUT_IDS = "input_ids"
+TEXT_EMBEDDINGS = "text_embeddings"
+SAMPLE = "sample"
+TIMESTEP = "timestep"
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+LATENT = "latent"
+IMAGES = "images"
+
+
+def stage_specs(facts: ModelFacts, shape: ShapeConfig) -> dict[Stage, StageSpec]:
+    """Input and output specs of the three stages. Graph I/O is always float32/int32;
+    an fp16 graph casts at its boundary, so the runtime is the same for every precision."""
+    f32, i32 = DType.FLOAT32, DType.INT32
+    gb, b = shape.guided_batch, shape.batch
+    lh, lw = shape.height // facts.vae_scale_factor, shape.width // facts.vae_scale_factor
+    c, tl, th = facts.latent_channels, facts.text_max_length, facts.text_hidden_size
+    return {
+        Stage.TEXT_ENCODER: StageSpec(
+            Stage.TEXT_ENCODER,
+            inputs=(TensorSpec(INPUT_IDS, (gb, tl), i32),),
+            outputs=(TensorSpec(TEXT_EMBEDDINGS, (gb, tl, th), f32),),
+        ),
+        Stage.UNET: StageSpec(
+            Stage.UNET,
+            inputs=(
+                TensorSpec(SAMPLE, (gb, c, lh, lw), f32),
+                # One timestep for the whole batch, as float: Euler-family schedulers
+                # feed fractional timesteps.
+                TensorSpec(TIMESTEP, (1,), f32),
+                TensorSpec(ENCODER_HIDDEN_STATES, (gb, tl, th), f32),
+            ),
+            outputs=(TensorSpec(LATENT, (gb, c, lh, lw), f32),),
+        ),
+        Stage.VAE_DECODER: StageSpec(
+            Stage.VAE_DECODER,
+            inputs=(TensorSpec(LATENT, (b, c, lh, lw), f32),),
+            outputs=(TensorSpec(IMAGES, (b, facts.image_channels, shape.height, shape.width), f32),),
+        ),
+    }

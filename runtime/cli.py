@@ -1,0 +1,70 @@
+"""The `sdrt` command line: a thin dispatcher.
+
+Each subcommand lives in the module that owns its work and registers itself through
+a `register(subparsers)` function; argparse stops at those modules, which turn their
+arguments into frozen configs and call the library. Modules that need torch
+(export, build) import it inside their handlers, so `sdrt generate` never loads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from sdrt.engines.errors import SdrtError
+
+# (module, what it adds), in the order `sdrt --help` lists them.
+COMMAND_MODULES = (
+    "sdrt.runtime.commands",      # demo, generate, info
+    "sdrt.export.commands",       # tiny-model, export
+    "sdrt.export.build_commands", # build
+    "sdrt.runtime.bench",         # bench
+)
+
+# Errors that mean "the user asked for something wrong": one line, exit code 2.
+USER_ERRORS = (SdrtError, ValueError, TypeError, FileNotFoundError, FileExistsError,
+               NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdrt",
+        description="Stable Diffusion inference runtime: export a diffusers checkpoint to "
+                    "static-shape ONNX, build TensorRT engines, and generate images with a "
+                    "lean NumPy runtime (no torch at run time).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # that part of sdrt is not in this build
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except USER_ERRORS as e:
+        print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
+        if os.environ.get("SDRT_TRACEBACK"):
+            raise
+        return 2
+    except KeyboardInterrupt:
+        print(f"sdrt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

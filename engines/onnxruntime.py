@@ -1,0 +1,255 @@
+"""The ONNX Runtime backend: one `OrtEngine` per stage of an artifact folder.
+
+Sessions are created once, tuned for latency (all graph optimizations, intra-op
+threads = physical cores, sequential execution), and checked at load against the
+manifest's tensor specs, so a mismatched graph fails with a clear message at load
+rather than deep inside a run.
+
+Cold start. Optimizing a full-size SD U-Net takes 20-30 s on a small CPU machine,
+every time a session is created. With `cache=True` (the default) the optimized graph
+is saved once under `<artifact>/.sdrt-cache/ort/` and later sessions load it with
+optimizations disabled. An entry is keyed by everything that changes the optimized
+graph: the ONNX file's hash (from the manifest), the ONNX Runtime version, the
+providers, and the CPU model (ORT's CPU layout transforms are specific to the
+vector width of the machine that optimized the graph). Entries are written into a
+temporary folder and renamed into place, so an interrupted write never leaves a
+half-written cache entry; a read-only artifact folder simply runs uncached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .base import Engine
+from .errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType
+from .specs import Stage, StageSpec
+
+try:
+    import onnxruntime as ort
+except ImportError:  # pragma: no cover - onnxruntime is a runtime dependency
+    ort = None
+
+CACHE_DIR = Path(".sdrt-cache") / "ort"
+CACHE_TEMP_PREFIX = ".tmp-"
+
+# Short provider names accepted from the CLI and the API.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+}
+
+# ONNX tensor element types as ORT reports them on session inputs/outputs.
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int32)": "int32",
+    "tensor(int64)": "int64",
+}
+
+
+class OrtEngine(Engine):
+    """One stage as an ONNX Runtime session. Inputs are checked by `Engine.__call__`."""
+
+    def __init__(self, spec: StageSpec, session: "ort.InferenceSession", load_seconds: float = 0.0,
+                 cached: bool = False):
+        super().__init__(spec)
+        self.session = session
+        self.load_seconds = load_seconds
+        self.cached = cached          # True when the optimized graph came from the cache
+        self._output_names = [t.name for t in spec.outputs]
+
+    def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.session is None:
+            raise InvalidInput(f"{self.spec.stage.value} engine is closed")
+        outputs = self.session.run(self._output_names, dict(inputs))
+        return dict(zip(self._output_names, outputs))
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers() if self.session is not None else []
+
+    def close(self) -> None:
+        self.session = None
+
+
+def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
+    """Turn `None`, "cpu", "cuda" or full ORT names into an ORT provider list.
+
+    CPU is always appended as the fallback for ops a GPU provider does not cover.
+    """
+    if ort is None:
+        raise BackendUnavailable("onnxruntime is not installed: pip install onnxruntime")
+    if providers is None:
+        providers = ["cpu"]
+    elif isinstance(providers, str):
+        providers = [providers]
+    if not all(isinstance(p, str) for p in providers):
+        raise InvalidType(f"providers must be strings, got {providers!r}")
+    names: list[str] = []
+    for p in providers:
+        name = PROVIDER_ALIASES.get(p.lower(), p)
+        if not name.endswith("ExecutionProvider"):
+            known = ", ".join(PROVIDER_ALIASES)
+            raise InvalidInput(f"unknown ONNX Runtime provider {p!r}: use {known} or a full provider name")
+        if name not in names:
+            names.append(name)
+    available = ort.get_available_providers()
+    for name in names:
+        if name not in available:
+            hint = " (install onnxruntime-gpu with a matching CUDA)" if name == "CUDAExecutionProvider" else ""
+            raise BackendUnavailable(
+                f"ONNX Runtime provider {name} is not available here{hint}; available: {', '.join(available)}")
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")
+    return names
+
+
+def session_options(threads: int | None, optimize: bool) -> "ort.SessionOptions":
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    # One request at a time: sequential execution with all cores inside each op is
+    # what minimizes latency for a chain of big convolutions and matmuls.
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # 0 lets ORT use one thread per physical core, which beats hyper-threads here.
+    opts.intra_op_num_threads = threads or 0
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3   # errors only: ORT's warnings about unused initializers are noise
+    return opts
+
+
+def open_engines(folder: str | os.PathLike[str], manifest: Any, providers: Sequence[str] | str | None = None,
+                 threads: int | None = None, cache: bool = True,
+                 stages: Sequence[Stage] | None = None) -> dict[Stage, Engine]:
+    """Open the stages of an artifact folder (all three unless `stages` is given).
+
+    providers: None / "cpu" (default) or "cuda" (needs onnxruntime-gpu), or full ORT names.
+    threads: intra-op threads; None = one per physical core.
+    cache: save the optimized graph once and reuse it (see the module docstring).
+    """
+    folder = Path(folder)
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InvalidInput(f"threads must be a positive integer or None, got {threads!r}")
+    names = resolve_providers(providers)
+    specs = manifest.specs
+    engines: dict[Stage, Engine] = {}
+    for stage in stages or list(Stage):
+        start = time.perf_counter()
+        session, cached = _open_session(folder, stage, manifest, names, threads, cache)
+        _check_session(session, specs[stage], folder / stage.onnx_file)
+        engines[stage] = OrtEngine(specs[stage], session, time.perf_counter() - start, cached)
+    return engines
+
+
+def _open_session(folder: Path, stage: Stage, manifest: Any, providers: list[str], threads: int | None,
+                  cache: bool) -> tuple["ort.InferenceSession", bool]:
+    model = folder / stage.onnx_file
+    if not cache:
+        return _session(model, session_options(threads, optimize=True), providers), False
+    entry = folder / CACHE_DIR / f"{stage.value}-{_cache_key(manifest, stage, providers)}"
+    cached_model = entry / stage.onnx_file
+    if cached_model.is_file():
+        try:
+            return _session(cached_model, session_options(threads, optimize=False), providers), True
+        except ArtifactError:
+            shutil.rmtree(entry, ignore_errors=True)   # a damaged entry: rebuild it below
+    try:
+        return _session_saving_optimized(model, entry, stage, threads, providers), False
+    except OSError:
+        # Read-only or full disk: the cache is an optimization, never a reason to fail.
+        return _session(model, session_options(threads, optimize=True), providers), False
+
+
+def _session_saving_optimized(model: Path, entry: Path, stage: Stage, threads: int | None,
+                              providers: list[str]) -> "ort.InferenceSession":
+    """Create the session with full optimization, saving the optimized graph as `entry`."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_entries(entry.parent, stage, keep=entry.name)
+    tmp = Path(tempfile.mkdtemp(prefix=CACHE_TEMP_PREFIX, dir=entry.parent))
+    try:
+        opts = session_options(threads, optimize=True)
+        opts.optimized_model_filepath = str(tmp / stage.onnx_file)
+        # Weights go to a side file so graphs over protobuf's 2 GB limit can be saved.
+        opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                      f"{stage.onnx_file}.data")
+        opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        session = _session(model, opts, providers)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        with contextlib.suppress(OSError):
+            os.replace(tmp, entry)   # atomic; fails harmlessly if a concurrent loader won
+        return session
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_entries(cache: Path, stage: Stage, keep: str) -> None:
+    # Entries of an older export or ORT version are never read again.
+    for p in cache.glob(f"{stage.value}-*"):
+        if p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in cache.glob(CACHE_TEMP_PREFIX + "*"):
+        if time.time() - p.stat().st_mtime > 3600:   # left by an interrupted load
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _cache_key(manifest: Any, stage: Stage, providers: list[str]) -> str:
+    record = manifest.files.get(stage.onnx_file)
+    data = manifest.files.get(stage.data_file) if stage.data_file else None
+    facts = {
+        "onnx": record.sha256 if record else "",
+        "data": data.sha256 if data else "",
+        "ort": ort.__version__,
+        "providers": providers,
+        "cpu": _cpu_model(),
+        "python": sys.implementation.cache_tag,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+        flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith(("flags", "Features"))), [])
+        # The vector extensions decide ORT's NCHWc block size and kernels.
+        vector = sorted(f for f in flags if f.startswith(("avx", "sse4", "fma", "amx", "asimd", "sve")))
+        return f"{platform.machine()} {model} {' '.join(vector)}"
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def _session(model: Path, opts: "ort.SessionOptions", providers: list[str]) -> "ort.InferenceSession":
+    try:
+        return ort.InferenceSession(str(model), sess_options=opts, providers=providers)
+    except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        if isinstance(e, OSError):
+            raise
+        raise ArtifactError(f"{model}: ONNX Runtime cannot load it ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _check_session(session: "ort.InferenceSession", spec: StageSpec, model: Path) -> None:
+    """The graph's I/O must be exactly the manifest's specs (names, dtypes, static shapes)."""
+    for kind, actual, expected in (("inputs", session.get_inputs(), spec.inputs),
+                                   ("outputs", session.get_outputs(), spec.outputs)):
+        got = {a.name: (_ORT_TYPES.get(a.type, a.type), tuple(a.shape)) for a in actual}
+        want = {t.name: (t.dtype.value, t.shape) for t in expected}
+        if got != want:
+            raise ArtifactError(
+                f"{model}: graph {kind} {got} do not match the manifest's {spec.stage.value} specs {want}; "
+                f"export the model again")

@@ -233,7 +233,8 @@ def check_external_data(path: str | os.PathLike[str], root: str | os.PathLike[st
                 f"{where}, which resolves to {target}, outside {root_real} ('..' or a symlink out); refused")
         if loc not in sizes:
             if not target.is_file():
-                raise MissingFile(f"{where}, but {folder / loc} is missing")
+                # ArtifactError, not MissingFile: the folder is incomplete, whatever the user named.
+                raise ArtifactError(f"{where}, but {folder / loc} is missing (incomplete artifact folder)")
             sizes[loc] = target.stat().st_size
         need = ref.offset + (ref.length or 0)
         if need > sizes[loc] or (ref.length is None and ref.offset > sizes[loc]):

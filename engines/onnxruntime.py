@@ -34,6 +34,7 @@ import numpy as np
 
 from .base import Engine
 from .errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType
+from .onnx_files import check_external_data
 from .specs import Stage, StageSpec
 
 try:
@@ -234,6 +235,7 @@ def _cpu_model() -> str:
 
 
 def _session(model: Path, opts: "ort.SessionOptions", providers: list[str]) -> "ort.InferenceSession":
+    check_external_data(model)  # weights must come from inside the model's folder (see onnx_files)
     try:
         return ort.InferenceSession(str(model), sess_options=opts, providers=providers)
     except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)

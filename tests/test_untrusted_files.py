@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-from sdrt.engines.errors import ArtifactError, MissingFile, SdrtError
+from sdrt.engines.errors import ArtifactError, SdrtError
 from sdrt.engines.onnx_files import check_external_data, external_data_refs
 
 WEIGHTS = np.arange(16, dtype=np.float32).reshape(4, 4)
@@ -132,7 +132,7 @@ def test_model_file_symlinked_from_outside_is_refused(tmp_path):
 
 def test_missing_external_file_is_named(tmp_path):
     path = _matmul_model(tmp_path / "m", "w.bin", write_data=False)
-    with pytest.raises(MissingFile, match=r"w\.bin.* is missing"):
+    with pytest.raises(ArtifactError, match=r"w\.bin.* is missing"):
         check_external_data(path)
 
 

@@ -12,7 +12,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from sdrt.engines.errors import SdrtError
 
@@ -29,8 +29,18 @@ USER_ERRORS = (SdrtError, ValueError, TypeError, FileNotFoundError, FileExistsEr
                NotADirectoryError, IsADirectoryError, PermissionError)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse prints the whole usage block before a usage error; sdrt prints one
+    line naming the bad value (like every other user error), with a pointer to --help.
+    Subparsers inherit the class, so every subcommand behaves the same."""
+
+    def error(self, message: str) -> "NoReturn":
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="sdrt",
         description="Stable Diffusion inference runtime: export a diffusers checkpoint to "
                     "static-shape ONNX, build TensorRT engines, and generate images with a "
@@ -50,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:   # --help, or a usage error already reported in one line
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

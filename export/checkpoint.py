@@ -1,0 +1,158 @@
+"""Reading a diffusers Stable Diffusion checkpoint folder: what must be there, which
+weights may be loaded, and the config values (`ModelFacts`) that shapes depend on.
+
+Validation happens here, once, before torch is imported: a wrong folder fails in
+milliseconds with a message naming the missing file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdrt.engines.errors import InvalidInput, MissingFile
+from sdrt.engines.specs import ModelFacts, Stage
+
+# Components export reads weights from, and the stage each one becomes.
+WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
+# Pickle-based formats: loading them runs arbitrary code from the file.
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+# The tokenizer files a CLIP tokenizer needs; others present are copied too.
+TOKENIZER_REQUIRED = ("vocab.json", "merges.txt")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    folder: Path
+    configs: dict[str, dict[str, Any]]   # component -> its config.json
+    scheduler: dict[str, Any]
+    tokenizer_config: dict[str, Any]
+    use_safetensors: bool                # False only when pickles were allowed and are all there is
+
+    def facts(self) -> ModelFacts:
+        unet, vae, text = self.configs["unet"], self.configs["vae"], self.configs["text_encoder"]
+        if unet.get("in_channels") != vae.get("latent_channels", 4):
+            raise InvalidInput(
+                f"{self.folder}: unet in_channels {unet.get('in_channels')} differs from vae latent_channels "
+                f"{vae.get('latent_channels', 4)}; only text-to-image U-Nets are supported")
+        cross = unet.get("cross_attention_dim")
+        if cross != text.get("hidden_size"):
+            raise InvalidInput(
+                f"{self.folder}: unet cross_attention_dim {cross} differs from text_encoder hidden_size "
+                f"{text.get('hidden_size')}")
+        text_len = min(int(self.tokenizer_config.get("model_max_length", 77) or 77),
+                       int(text.get("max_position_embeddings", 77)))
+        prediction = self.scheduler.get("prediction_type", "epsilon")
+        if prediction not in ("epsilon", "v_prediction"):
+            raise InvalidInput(f"{self.folder}: scheduler prediction_type {prediction!r} is not supported "
+                               f"(epsilon or v_prediction)")
+        sample = unet.get("sample_size", 64)
+        if isinstance(sample, (list, tuple)):
+            sample = sample[0]
+        # The U-Net halves the latent at every down block but the last. diffusers pads
+        # odd sizes by forwarding upsample sizes, but a static trace bakes those sizes
+        # in from one run; we accept only sizes that divide evenly, the sizes every
+        # SD checkpoint was trained at (and the ones TensorRT's demo accepts).
+        multiple = 2 ** (len(unet["down_block_types"]) - 1)
+        return ModelFacts(
+            latent_channels=int(unet["in_channels"]),
+            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+            vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+            image_channels=int(vae.get("out_channels", 3)),
+            text_max_length=text_len,
+            text_hidden_size=int(text["hidden_size"]),
+            unet_sample_size=int(sample),
+            unet_size_multiple=multiple,
+            prediction_type=prediction,
+            family="sd2" if unet.get("use_linear_projection") or prediction == "v_prediction" else "sd1",
+        )
+
+    def tokenizer_files(self) -> list[Path]:
+        folder = self.folder / "tokenizer"
+        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
+    folder = Path(folder)
+    if not folder.exists():
+        raise MissingFile(f"model folder {folder} does not exist")
+    if not folder.is_dir():
+        raise MissingFile(f"model path {folder} is not a folder (expected a diffusers checkpoint folder)")
+    _require(folder, "model_index.json")
+    configs = {c: _read_json(_require(folder, f"{c}/config.json")) for c in WEIGHT_COMPONENTS}
+    for key in ("in_channels", "down_block_types", "cross_attention_dim"):
+        if key not in configs["unet"]:
+            raise InvalidInput(f"{folder / 'unet/config.json'} lacks {key!r}: not a Stable Diffusion U-Net")
+    if "block_out_channels" not in configs["vae"]:
+        raise InvalidInput(f"{folder / 'vae/config.json'} lacks 'block_out_channels': not an AutoencoderKL")
+    if "hidden_size" not in configs["text_encoder"]:
+        raise InvalidInput(f"{folder / 'text_encoder/config.json'} lacks 'hidden_size': not a CLIP text model")
+    scheduler = _read_json(_require(folder, SCHEDULER_CONFIG))
+    for name in TOKENIZER_REQUIRED:
+        _require(folder, f"tokenizer/{name}")
+    tok_cfg_path = folder / "tokenizer" / "tokenizer_config.json"
+    tokenizer_config = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
+
+    pickled_only = []
+    for c in WEIGHT_COMPONENTS:
+        files = [p for p in (folder / c).iterdir() if p.is_file()]
+        if any(p.name.endswith(".safetensors") for p in files):
+            continue
+        pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+        if not pickles:
+            raise MissingFile(f"{folder / c} has no weights (expected a .safetensors file)")
+        pickled_only.append(f"{c}/{pickles[0]}")
+    if pickled_only and not allow_pickle:
+        raise InvalidInput(
+            f"{folder}: {', '.join(pickled_only)} holds pickle-based weights, and loading them would "
+            f"execute code from the file; convert the checkpoint to safetensors, or pass "
+            f"--allow-pickle-code-execution if you trust its source")
+    return Checkpoint(folder, configs, scheduler, tokenizer_config, use_safetensors=not pickled_only)
+
+
+def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
+    """The torch module of one stage, in fp32 and eval mode (torch imported here)."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Their load-time notices (progress bars, "install accelerate") would drown export's own progress lines.
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    if stage is Stage.TEXT_ENCODER:
+        from transformers import CLIPTextModel
+
+        model = CLIPTextModel.from_pretrained(ckpt.folder / "text_encoder", use_safetensors=ckpt.use_safetensors,
+                                              dtype=torch.float32)
+    elif stage is Stage.UNET:
+        from diffusers import UNet2DConditionModel
+
+        model = UNet2DConditionModel.from_pretrained(ckpt.folder, subfolder="unet", torch_dtype=torch.float32,
+                                                     use_safetensors=ckpt.use_safetensors)
+    else:
+        from diffusers import AutoencoderKL
+
+        model = AutoencoderKL.from_pretrained(ckpt.folder, subfolder="vae", torch_dtype=torch.float32,
+                                              use_safetensors=ckpt.use_safetensors)
+    return model.eval().requires_grad_(False)
+
+
+def _require(folder: Path, rel: str) -> Path:
+    path = folder / rel
+    if not path.is_file():
+        raise MissingFile(f"{folder} is not a diffusers Stable Diffusion checkpoint: {rel} is missing")
+    return path
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidInput(f"{path}: unreadable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{path}: expected a JSON object")
+    return data

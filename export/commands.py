@@ -1,0 +1,84 @@
+"""`sdrt tiny-model` and `sdrt export`: argparse stops here (STYLE habit 6). Handlers
+import torch-using modules lazily, so `sdrt --help` and the runtime never load torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sdrt.engines.specs import Precision
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    tiny = subparsers.add_parser(
+        "tiny-model", help="write a built-in Stable Diffusion checkpoint (no download)",
+        description="Write a built-in checkpoint in the diffusers layout with random weights from a fixed "
+                    "seed and the real CLIP vocabulary. sd15/sd2 are tiny (for tests and demos); "
+                    "sd15-full/sd21-full are the published full-size architectures (several GB).")
+    tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create")
+    tiny.add_argument("--variant", default="sd15", choices=("sd15", "sd2", "sd15-full", "sd21-full"),
+                      help="which model family and size (default: sd15)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    tiny.add_argument("--force", action="store_true", help="replace an existing checkpoint folder")
+    tiny.set_defaults(handler=_tiny_model)
+
+    export = subparsers.add_parser(
+        "export", help="export a diffusers checkpoint to verified static-shape ONNX artifacts",
+        description="Export a Stable Diffusion 1.x/2.x checkpoint folder (diffusers layout, safetensors "
+                    "weights) to text_encoder.onnx, unet.onnx (+ unet.onnx.data) and vae_decoder.onnx with "
+                    "static shapes, copy the tokenizer and scheduler config, check every graph in ONNX "
+                    "Runtime against torch, and write manifest.json last.")
+    export.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="diffusers checkpoint folder")
+    export.add_argument("--out", dest="out_dir", type=Path, required=True, metavar="DIR",
+                        help="artifact folder to write")
+    export.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
+    export.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
+    export.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
+    export.add_argument("--no-cfg", dest="cfg", action="store_false",
+                        help="no classifier-free guidance (distilled few-step models): the U-Net takes "
+                             "batch x1 instead of batch x2")
+    export.add_argument("--precision", default="fp32", choices=[p.value for p in Precision],
+                        help="precision of the graphs (default: fp32); inputs and outputs stay float32")
+    export.add_argument("--vae-precision", choices=[p.value for p in Precision],
+                        help="precision of the VAE decoder (default: same as --precision)")
+    export.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the ONNX Runtime vs torch check")
+    export.add_argument("--force", action="store_true", help="replace artifacts already in --out")
+    export.add_argument("--allow-pickle-code-execution", dest="allow_pickle", action="store_true",
+                        help="allow loading pickle-based weights (.bin/.ckpt), which can execute code "
+                             "from the file; only for checkpoints from a source you trust")
+    export.set_defaults(handler=_export)
+
+
+def _tiny_model(args: argparse.Namespace) -> int:
+    from .tiny import make_tiny_model
+
+    path = make_tiny_model(args.out_dir, variant=args.variant, seed=args.seed, force=args.force)
+    print(path)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .config import ExportConfig
+    from .exporter import export_artifacts
+
+    config = ExportConfig(
+        model_dir=args.model_dir, out_dir=args.out_dir, height=args.height, width=args.width,
+        batch=args.batch, cfg=args.cfg, precision=Precision(args.precision),
+        vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
+        verify=args.verify, force=args.force, allow_pickle=args.allow_pickle,
+    )
+    manifest = export_artifacts(config)
+    if manifest.verification:
+        print(_verification_table(manifest.verification))
+    print(f"artifacts: {args.out_dir}", file=sys.stdout)
+    return 0
+
+
+def _verification_table(verification: dict) -> str:
+    lines = [f"{'stage':<14}{'precision':<11}{'max abs':>11}{'max rel':>11}{'bound':>11}  result"]
+    for stage, v in verification.items():
+        lines.append(f"{stage:<14}{v['precision']:<11}{v['max_abs']:>11.3g}{v['max_rel']:>11.3g}"
+                     f"{v['tolerance']['bound']:>11.3g}  {'ok' if v['passed'] else 'FAILED'}")
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""The export configuration: built once from the CLI or the Python API (STYLE habit 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdrt.engines.specs import Precision, Stage
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    model_dir: Path
+    out_dir: Path
+    height: int | None = None          # None: the model's native size
+    width: int | None = None
+    batch: int = 1                     # images per call
+    cfg: bool = True                   # classifier-free guidance: U-Net runs 2 x batch
+    precision: Precision = Precision.FP32
+    vae_precision: Precision | None = None   # None: same as `precision`
+    verify: bool = True
+    force: bool = False
+    allow_pickle: bool = False         # allow loading .bin/.ckpt weights (executes code)
+
+    def stage_precision(self, stage: Stage) -> Precision:
+        if stage is Stage.VAE_DECODER and self.vae_precision is not None:
+            return Precision(self.vae_precision)
+        return Precision(self.precision)

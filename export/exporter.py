@@ -1,0 +1,218 @@
+"""`export_artifacts`: a diffusers checkpoint folder -> verified static-shape ONNX
+artifacts plus everything the runtime reads, with manifest.json written last.
+
+Per stage, memory is kept to about one copy of the weights at a time: the torch
+module computes its reference outputs, is traced, and is freed before the ONNX graph
+is loaded for clean-up; the graph is saved and freed before ONNX Runtime loads it for
+verification. Every stage is built in a temporary folder inside the output folder and
+renamed into place only after it passed verification.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from sdrt.engines import files
+from sdrt.engines.errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType, NumericsError
+from sdrt.engines.manifest import Manifest, file_record, write_manifest
+from sdrt.engines.specs import Precision, ShapeConfig, Stage, StageSpec, stage_specs
+
+from . import outdir
+from .checkpoint import SCHEDULER_CONFIG, Checkpoint, open_checkpoint
+from .config import ExportConfig
+from .progress import Progress
+
+STAGE_ORDER = (Stage.TEXT_ENCODER, Stage.UNET, Stage.VAE_DECODER)
+TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon")
+
+
+def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> Manifest:
+    progress = progress or Progress()
+    precisions = _check_config(config)
+    ckpt = open_checkpoint(Path(config.model_dir), allow_pickle=config.allow_pickle)
+    facts = ckpt.facts()
+    native = facts.native_image_size
+    shape = ShapeConfig(
+        height=native if config.height is None else config.height,
+        width=native if config.width is None else config.width,
+        batch=config.batch, cfg=bool(config.cfg),
+    ).validate(facts)
+    if Precision.FP16 in precisions.values():
+        _precision_module()  # fail before any work if fp16 cannot be done here
+    out_dir = Path(config.out_dir)
+    outdir.prepare(out_dir, config.force, progress)
+    progress.say(f"exporting {ckpt.folder} ({facts.family}, {facts.prediction_type}) at "
+                 f"{shape.width}x{shape.height}, batch {shape.batch}{' with CFG' if shape.cfg else ''} to {out_dir}")
+
+    specs = stage_specs(facts, shape)
+    checks = []
+    for stage in STAGE_ORDER:
+        check = _export_stage(ckpt, facts, specs[stage], precisions[stage], out_dir, config.verify, progress)
+        if check is not None:
+            checks.append(check)
+            if not check.passed:
+                from .verify import table
+
+                progress.say("verification:\n" + table(checks))
+                raise NumericsError(
+                    f"verification failed: {stage.value} differs from torch by up to {check.max_abs:.3g} "
+                    f"(allowed {check.bound:.3g} = {check.atol:g} + {check.rtol:g} x output scale "
+                    f"{check.scale:.3g}); no manifest written")
+    if checks:
+        from .verify import table
+
+        progress.say("verification (ONNX Runtime CPU vs torch, random inputs):\n" + table(checks))
+
+    copied = _copy_runtime_files(ckpt, out_dir)
+    names = []
+    for stage in STAGE_ORDER:
+        names += [n for n in (stage.onnx_file, stage.data_file) if n]
+    with progress.step("hashing files"):
+        records = {name: file_record(out_dir, name) for name in names + copied}
+    manifest = Manifest(
+        facts=facts, shape=shape, precisions=precisions, files=records, tools=_tool_versions(),
+        verification={c.stage.value: c.to_json() for c in checks},
+        source=str(ckpt.folder.resolve()),
+    )
+    write_manifest(out_dir, manifest)
+    progress.say(f"wrote {out_dir / 'manifest.json'}")
+    return manifest
+
+
+def _check_config(config: ExportConfig) -> dict[Stage, Precision]:
+    if not isinstance(config.model_dir, (str, os.PathLike)):
+        raise InvalidType(f"model_dir must be a path, got {type(config.model_dir).__name__}")
+    if not isinstance(config.out_dir, (str, os.PathLike)):
+        raise InvalidType(f"out_dir must be a path, got {type(config.out_dir).__name__}")
+    if isinstance(config.batch, bool) or not isinstance(config.batch, int) or config.batch < 1:
+        raise InvalidInput(f"batch must be an integer >= 1 (images per call), got {config.batch!r}")
+    accepted = ", ".join(p.value for p in Precision)
+    for name, value in (("precision", config.precision), ("vae_precision", config.vae_precision)):
+        if value is not None and not isinstance(value, Precision):
+            try:
+                Precision(value)
+            except ValueError:
+                raise InvalidInput(f"{name} {value!r} is not supported: choose one of {accepted}") from None
+    return {s: config.stage_precision(s) for s in Stage}
+
+
+def _precision_module() -> Any:
+    try:
+        from . import precision
+    except ImportError as e:
+        raise BackendUnavailable(f"fp16 export is not available in this build ({e}); export with --precision fp32") from None
+    return precision
+
+
+def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Precision, out_dir: Path,
+                  verify: bool, progress: Progress) -> Any:
+    from . import graphs
+    from .checkpoint import load_module
+    from .verify import FP32_TOLERANCE, compare, random_inputs, run_onnx, torch_reference
+
+    stage = spec.stage
+    name = stage.value
+    work = Path(tempfile.mkdtemp(prefix=f"{files.TEMP_PREFIX}{name}-", dir=out_dir))
+    try:
+        with progress.step(f"{name}: loading weights"):
+            graph = graphs.wrap(stage, load_module(ckpt, stage))
+        inputs = random_inputs(spec, facts)
+        reference = None
+        if verify:
+            with progress.step(f"{name}: torch reference run"):
+                reference = torch_reference(graph, spec, inputs)
+        raw = work / "raw"
+        raw.mkdir()
+        with progress.step(f"{name}: tracing to ONNX (opset {graphs.OPSET})"):
+            graphs.export_raw(graph, spec, inputs, raw / "model.onnx")
+        del graph
+        gc.collect()
+
+        with progress.step(f"{name}: constant folding and shape inference"):
+            model = graphs.clean(graphs.load(raw / "model.onnx"))
+            shutil.rmtree(raw)
+            fp32 = work / (stage.onnx_file if precision is Precision.FP32 else "fp32.onnx")
+            data = None if not stage.data_file else (stage.data_file if precision is Precision.FP32 else "fp32.onnx.data")
+            graphs.save(model, fp32, data)
+            del model
+            gc.collect()
+            graphs.infer_shapes_in_place(fp32)
+        final = work / stage.onnx_file
+        tolerance = FP32_TOLERANCE
+        if precision is not Precision.FP32:
+            module = _precision_module()
+            with progress.step(f"{name}: converting to {precision.value}"):
+                module.convert_stage(fp32, final, stage)
+            tolerance = tuple(module.verify_tolerance(stage, precision))
+            for p in (fp32, work / "fp32.onnx.data"):
+                p.unlink(missing_ok=True)
+        _check_signature(final, spec)
+
+        check = None
+        if verify and reference is not None:
+            with progress.step(f"{name}: verifying in ONNX Runtime"):
+                got = run_onnx(final, inputs)
+            check = compare(stage, precision, got, reference, tolerance)
+            if not check.passed:
+                return check
+        # Weights first, graph second: a graph never points at a missing data file.
+        for fname in (stage.data_file, stage.onnx_file):
+            if fname:
+                if not (work / fname).is_file():
+                    raise ArtifactError(f"{name}: export produced no {fname}")
+                graphs.fsync_file(work / fname)
+                os.replace(work / fname, out_dir / fname)
+        return check
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_signature(path: Path, spec: StageSpec) -> None:
+    """The written graph's I/O must be exactly the spec's (a bug here would otherwise
+    surface as an engine error on another machine)."""
+    from .graphs import io_signature
+
+    sig = io_signature(path)
+    want_in = [(t.name, t.shape, t.dtype.value) for t in spec.inputs]
+    want_out = [(t.name, t.shape, t.dtype.value) for t in spec.outputs]
+    if sig["inputs"] != want_in or sig["outputs"] != want_out:
+        raise ArtifactError(f"{path.name}: graph I/O {sig['inputs']} -> {sig['outputs']} differs from the "
+                            f"stage spec {want_in} -> {want_out}")
+
+
+def _copy_runtime_files(ckpt: Checkpoint, out_dir: Path) -> list[str]:
+    """Tokenizer files and the scheduler config, so the artifact folder is all the
+    runtime needs. A tokenizer.json (the `tokenizers` library's format, what the
+    torch-free runtime loads) is derived when the checkpoint has none."""
+    written = []
+    for src in ckpt.tokenizer_files():
+        rel = f"{outdir.TOKENIZER_DIR}/{src.name}"
+        files.atomic_write_bytes(out_dir / rel, src.read_bytes())
+        written.append(rel)
+    rel = f"{outdir.TOKENIZER_DIR}/tokenizer.json"
+    if rel not in written:
+        from transformers import CLIPTokenizer
+
+        tok = CLIPTokenizer.from_pretrained(ckpt.folder / "tokenizer")
+        with files.atomic_path(out_dir / rel) as tmp:
+            tok.backend_tokenizer.save(str(tmp))
+        written.append(rel)
+    files.atomic_write_bytes(out_dir / SCHEDULER_CONFIG, (ckpt.folder / SCHEDULER_CONFIG).read_bytes())
+    written.append(SCHEDULER_CONFIG)
+    return written
+
+
+def _tool_versions() -> dict[str, str]:
+    versions = {}
+    for dist in TOOLS:
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions

@@ -1,0 +1,137 @@
+"""Torch stage -> static-shape ONNX graph: the export wrappers, the trace, the clean-up.
+
+Each wrapper gives a stage exactly the inputs and outputs of its `StageSpec`
+(engines/specs.py), so the graph's I/O names, shapes and dtypes come from that one
+place. The legacy TorchScript exporter is used (`dynamo=False`): it is what NVIDIA's
+TensorRT diffusion demo uses and it emits plain opset-17 graphs.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from sdrt.engines.specs import Stage, StageSpec
+
+OPSET = 17
+# Tensors up to this size stay inside the .onnx file even when weights go to the data
+# file: shape inference must read shape constants, and cannot read external data.
+SMALL_TENSOR_BYTES = 1024
+
+
+class TextEncoderGraph(torch.nn.Module):
+    """int32 token ids -> the last hidden state, which SD conditions on."""
+
+    def __init__(self, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # int32 at the boundary (TensorRT has no int64 I/O); embeddings index with int64.
+        return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+
+
+class UNetGraph(torch.nn.Module):
+    """(sample, one float timestep for the whole batch, text embeddings) -> model output."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    """Latent already divided by the scaling factor -> image in about [-1, 1]; the
+    runtime does the division and the conversion to pixels."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent, return_dict=False)[0]
+
+
+WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.UNET: UNetGraph, Stage.VAE_DECODER: VaeDecoderGraph}
+
+
+def wrap(stage: Stage, module: torch.nn.Module) -> torch.nn.Module:
+    return WRAPPERS[stage](module).eval()
+
+
+def export_raw(graph: torch.nn.Module, spec: StageSpec, inputs: dict[str, np.ndarray], path: Path) -> None:
+    """Trace `graph` on `inputs` into `path` with static shapes. Torch writes a model
+    over 2 GB as one external file per weight beside `path`: give it its own folder."""
+    args = tuple(torch.from_numpy(inputs[t.name]) for t in spec.inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The trace bakes Python-side shape checks in as constants: intended, shapes are static.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(
+            graph, args, str(path),
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+
+
+def clean(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding and dead-node removal with onnx-graphsurgeon, as NVIDIA's demo
+    does (its `Optimizer`: cleanup, fold_constants, cleanup). Shape inference runs on
+    the saved file (`infer_shapes_in_place`), which also works past 2 GB."""
+    import onnx_graphsurgeon as gs
+
+    graph = gs.import_onnx(model)
+    del model
+    graph.cleanup().toposort()
+    graph.fold_constants(error_ok=False)
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def save(model: onnx.ModelProto, path: Path, data_file: str | None) -> None:
+    """Save `model` at `path`, its weights in `data_file` beside it when given."""
+    if data_file:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data_file, size_threshold=SMALL_TENSOR_BYTES, convert_attribute=False)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def infer_shapes_in_place(path: Path) -> None:
+    # infer_shapes_path reads the graph, not the external weights, so memory stays small.
+    onnx.shape_inference.infer_shapes_path(str(path), str(path), strict_mode=True)
+
+
+def load(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=True)
+
+
+def io_signature(path: Path) -> dict[str, list[tuple[str, tuple[Any, ...], str]]]:
+    """Names, shapes and numpy dtypes of a graph's inputs and outputs (weights not loaded)."""
+    model = onnx.load(str(path), load_external_data=False)
+
+    def sig(values: Any) -> list[tuple[str, tuple[Any, ...], str]]:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
+            out.append((v.name, dims, str(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))))
+        return out
+
+    return {"inputs": sig(model.graph.input), "outputs": sig(model.graph.output),
+            "opset": [(o.domain, o.version) for o in model.opset_import]}
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())

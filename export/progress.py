@@ -1,0 +1,26 @@
+"""Concise progress lines on stderr with elapsed time (no tqdm at run time)."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Iterator, TextIO
+
+
+class Progress:
+    def __init__(self, stream: TextIO | None = None, enabled: bool = True):
+        self.stream = stream
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=self.stream or sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        self.say(f"{what} ...")
+        yield
+        self.say(f"{what}: done in {time.perf_counter() - t0:.1f}s")

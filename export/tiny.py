@@ -1,0 +1,188 @@
+"""Built-in checkpoints that need no download: tiny SD 1.5 / SD 2.x look-alikes for
+tests and demos, and the published full-size architectures (random weights) for the
+export benchmark.
+
+Every variant is a diffusers-layout folder (model_index.json, unet/, vae/,
+text_encoder/, tokenizer/, scheduler/) with safetensors weights drawn from a fixed
+seed, so every machine writes the same bytes, and the real 49,408-token CLIP
+vocabulary (see vocab.py). The tiny ones keep the family topology (four U-Net levels,
+three with cross-attention; four VAE levels, so 8 pixels per latent; 77 text
+positions) at widths small enough that a U-Net call takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdrt.engines.errors import AlreadyExists, InvalidInput
+from sdrt.engines.files import TEMP_PREFIX
+
+from . import vocab
+
+VARIANTS = ("sd15", "sd2", "sd15-full", "sd21-full")
+
+_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+# Scheduler configs as the published checkpoints ship them.
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+_SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None,
+    "prediction_type": "epsilon", "timestep_spacing": "leading",
+}
+# stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json
+_SD2_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
+    "steps_offset": 1, "clip_sample": False, "trained_betas": None,
+    "prediction_type": "v_prediction", "timestep_spacing": "leading",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text: dict[str, Any]
+    scheduler: dict[str, Any]
+    pad_token: str
+    extra_unet: dict[str, Any] = field(default_factory=dict)
+
+
+def _vae(block_out: tuple[int, ...], groups: int, layers: int, sample_size: int) -> dict[str, Any]:
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=block_out,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out),
+        layers_per_block=layers, norm_num_groups=groups, sample_size=sample_size,
+        scaling_factor=0.18215,
+    )
+
+
+def _variant(name: str) -> Variant:
+    if name == "sd15":
+        return Variant(
+            unet=dict(sample_size=16, in_channels=4, out_channels=4, down_block_types=_DOWN,
+                      up_block_types=_UP, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
+                      norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4),
+            vae=_vae((8, 16, 16, 16), groups=4, layers=1, sample_size=128),
+            text=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
+                      hidden_act="quick_gelu", projection_dim=32),
+            scheduler=_SD15_SCHEDULER, pad_token=vocab.EOS)
+    if name == "sd2":
+        # SD 2.x differences: v-prediction, linear projections in the transformer
+        # blocks, per-level head counts, a wider text encoder with GELU, "!" padding.
+        return Variant(
+            unet=dict(sample_size=8, in_channels=4, out_channels=4, down_block_types=_DOWN,
+                      up_block_types=_UP, block_out_channels=(16, 24, 48, 48), layers_per_block=2,
+                      norm_num_groups=8, cross_attention_dim=48, attention_head_dim=(2, 3, 6, 6),
+                      use_linear_projection=True),
+            vae=_vae((8, 16, 16, 16), groups=4, layers=1, sample_size=64),
+            text=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=48, intermediate_size=96,
+                      num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+                      hidden_act="gelu", projection_dim=32),
+            scheduler=_SD2_SCHEDULER, pad_token="!")
+    if name == "sd15-full":
+        # runwayml/stable-diffusion-v1-5: unet/vae/text_encoder config.json values.
+        return Variant(
+            unet=dict(sample_size=64, in_channels=4, out_channels=4, down_block_types=_DOWN,
+                      up_block_types=_UP, block_out_channels=(320, 640, 1280, 1280),
+                      layers_per_block=2, norm_num_groups=32, cross_attention_dim=768,
+                      attention_head_dim=8),
+            vae=_vae((128, 256, 512, 512), groups=32, layers=2, sample_size=512),
+            text=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=768, intermediate_size=3072,
+                      num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                      hidden_act="quick_gelu", projection_dim=768),
+            scheduler=_SD15_SCHEDULER, pad_token=vocab.EOS)
+    if name == "sd21-full":
+        # stabilityai/stable-diffusion-2-1: the text encoder is OpenCLIP ViT-H/14 with
+        # its last layer dropped (23 of 24), as diffusers ships it.
+        return Variant(
+            unet=dict(sample_size=96, in_channels=4, out_channels=4, down_block_types=_DOWN,
+                      up_block_types=_UP, block_out_channels=(320, 640, 1280, 1280),
+                      layers_per_block=2, norm_num_groups=32, cross_attention_dim=1024,
+                      attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                      upcast_attention=True),
+            vae=_vae((128, 256, 512, 512), groups=32, layers=2, sample_size=768),
+            text=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=1024, intermediate_size=4096,
+                      num_hidden_layers=23, num_attention_heads=16, max_position_embeddings=77,
+                      hidden_act="gelu", projection_dim=512),
+            scheduler=_SD2_SCHEDULER, pad_token="!")
+    raise InvalidInput(f"unknown tiny-model variant {name!r}: choose one of {', '.join(VARIANTS)}")
+
+
+def write_tokenizer(folder: Path, pad_token: str) -> None:
+    """vocab.json, merges.txt and configs as the SD checkpoints ship them, plus the
+    `tokenizers` library's tokenizer.json (what a torch-free runtime loads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(vocab.vocab_json(), encoding="utf-8")
+    (folder / "merges.txt").write_text(vocab.merges_txt(), encoding="utf-8")
+    config = {
+        "add_prefix_space": False, "bos_token": vocab.BOS, "do_lower_case": True,
+        "eos_token": vocab.EOS, "errors": "replace", "model_max_length": 77,
+        "pad_token": pad_token, "tokenizer_class": "CLIPTokenizer", "unk_token": vocab.EOS,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    special = {"bos_token": vocab.BOS, "eos_token": vocab.EOS, "pad_token": pad_token, "unk_token": vocab.EOS}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
+    from transformers import CLIPTokenizer
+
+    CLIPTokenizer.from_pretrained(folder).backend_tokenizer.save(str(folder / "tokenizer.json"))
+
+
+def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed: int = 0,
+                    force: bool = False) -> Path:
+    """Write the built-in checkpoint `variant` to `out_dir` and return its path.
+
+    The folder appears complete or not at all: it is written beside `out_dir` under a
+    temporary name and renamed into place.
+    """
+    spec = _variant(variant)
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not force:
+            raise AlreadyExists(f"{out_dir} already exists; choose another folder or pass --force")
+        if not (out_dir / "model_index.json").is_file():
+            raise AlreadyExists(f"{out_dir} exists and is not a diffusers checkpoint; refusing to replace it")
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.schedulers import DDIMScheduler, PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    # One seed per component, so changing one component's config leaves the others' bytes alone.
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec.unet)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**spec.vae)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text))
+    sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[spec.scheduler["_class_name"]]
+    scheduler = sched_cls.from_config({k: v for k, v in spec.scheduler.items() if k != "_class_name"})
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir.parent))
+    try:
+        write_tokenizer(tmp / "tokenizer", spec.pad_token)
+        pipe = StableDiffusionPipeline(
+            vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
+            unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+        for name in ("unet", "vae", "text_encoder", "scheduler", "model_index.json"):
+            os.replace(tmp / "pipe" / name, tmp / name)
+        shutil.rmtree(tmp / "pipe")
+        if out_dir.exists():  # force: replace an earlier checkpoint (checked above)
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -1,0 +1,84 @@
+"""What every sampler exposes, and how a checkpoint's scheduler_config.json becomes
+the settings of one sampler.
+
+A sampler is a frozen record of precomputed per-call tables plus three pure
+functions (`init_state`, `scale_model_input`, `step`): no mutable state lives in it,
+so one sampler can serve several generations or threads at once, and randomness
+enters only through the `noise` argument of `step`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+from sdrt.engines.errors import InvalidInput
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS = ("leading", "linspace", "trailing")
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    name: str
+    timesteps: np.ndarray        # float32 (n_calls,): the U-Net's `timestep` input at call i
+    init_noise_sigma: float      # initial latents = standard normal * init_noise_sigma
+    stochastic: bool             # step() needs fresh standard-normal noise
+
+    def init_state(self) -> Any: ...
+
+    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray: ...
+
+    def step(self, state: Any, i: int, x: np.ndarray, model_output: np.ndarray,
+             noise: np.ndarray | None) -> tuple[np.ndarray, Any]: ...
+
+
+def resolve(config: Mapping[str, Any], defaults: Mapping[str, Any], scheduler: str,
+            prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "sample"),
+            **overrides: Any) -> dict[str, Any]:
+    """The settings a diffusers `XScheduler.from_config(config, **overrides)` would use:
+    keys X's constructor knows are taken from `config`, all others fall back to X's
+    own defaults (so a PNDM config run through Euler gets Euler's "linspace" spacing
+    unless the config names one). Values that would make diffusers fail are rejected
+    here with the value and what is accepted."""
+    cfg = {k: config.get(k, v) for k, v in defaults.items()}
+    cfg.update(overrides)
+    where = f"scheduler {scheduler!r}"
+
+    n = cfg["num_train_timesteps"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise InvalidInput(f"{where}: num_train_timesteps must be an integer >= 2, got {n!r}")
+    if cfg.get("trained_betas") is not None:
+        tb = np.asarray(cfg["trained_betas"], dtype=np.float64)
+        if tb.shape != (n,) or not np.all((tb > 0) & (tb < 1)):
+            raise InvalidInput(f"{where}: trained_betas must be {n} values in (0, 1), "
+                               f"got shape {tb.shape}")
+    elif cfg["beta_schedule"] not in BETA_SCHEDULES:
+        raise InvalidInput(f"{where}: unknown beta_schedule {cfg['beta_schedule']!r}; "
+                           f"accepted: {', '.join(BETA_SCHEDULES)}")
+    if cfg["prediction_type"] not in prediction_types:
+        raise InvalidInput(f"{where}: prediction_type {cfg['prediction_type']!r} is not supported; "
+                           f"accepted: {', '.join(prediction_types)}")
+    if "timestep_spacing" in cfg and cfg["timestep_spacing"] not in SPACINGS:
+        raise InvalidInput(f"{where}: unknown timestep_spacing {cfg['timestep_spacing']!r}; "
+                           f"accepted: {', '.join(SPACINGS)}")
+    off = cfg.get("steps_offset", 0)
+    if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off < n:
+        raise InvalidInput(f"{where}: steps_offset must be an integer in 0..{n - 1}, got {off!r}")
+    return cfg
+
+
+def unsupported(cfg: Mapping[str, Any], scheduler: str, **wanted: Any) -> None:
+    """Reject config options diffusers supports but sdrt does not reimplement, rather
+    than silently sampling with a different schedule."""
+    for key, accepted in wanted.items():
+        value = cfg.get(key)
+        if value not in accepted:
+            raise InvalidInput(f"scheduler {scheduler!r}: {key}={value!r} is not supported by sdrt; "
+                               f"accepted: {', '.join(repr(a) for a in accepted)}")
+
+
+def f32(x: np.ndarray) -> np.ndarray:
+    """The latent as float32 (engines may return float16 on an fp16 build)."""
+    return np.asarray(x, dtype=np.float32)

@@ -1,0 +1,139 @@
+"""PNDM (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models on Manifolds"):
+the transfer part is eq. 9, the gradient part a linear multistep (PLMS, eq. 12) or,
+for the first steps, a Runge-Kutta (PRK) estimate. Follows diffusers' `PNDMScheduler`
+(scheduling_pndm.py), including its call pattern: with skip_prk_steps (what Stable
+Diffusion uses) n steps take n + 1 U-Net calls, because the second call re-evaluates
+the first step with the averaged gradient (a Heun-like start, eq. 11 / Alg. 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from . import tables
+from .base import f32, resolve
+from .ddim import alpha_at
+
+DEFAULTS = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+    trained_betas=None, skip_prk_steps=False, set_alpha_to_one=False,
+    prediction_type="epsilon", timestep_spacing="leading", steps_offset=0,
+)
+
+@dataclass(frozen=True)
+class PNDMState:
+    ets: tuple = ()              # gradients kept for the multistep formula, oldest first
+    cur_sample: Any = None       # the sample a PRK / second-call step restarts from
+    acc: Any = 0                 # PRK: running 1/6, 1/3, 1/3 sum of the four gradients
+
+
+def _call_plan(cfg: dict, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """U-Net timesteps, the timestep whose alpha each call uses, the one it steps to,
+    and the kind of each call, as diffusers' set_timesteps + counter logic give them."""
+    T, order = cfg["num_train_timesteps"], 4
+    if cfg["timestep_spacing"] == "linspace":
+        base = np.linspace(0, T - 1, n).round().astype(np.int64)
+    elif cfg["timestep_spacing"] == "leading":
+        base = (np.arange(0, n) * (T // n)).round().astype(np.int64) + cfg["steps_offset"]
+    else:
+        base = np.round(np.arange(T, 0, -T / n))[::-1].astype(np.int64) - 1
+    ratio = T // n
+    feed, t_alpha, t_prev, kinds = [], [], [], []
+    if cfg["skip_prk_steps"]:
+        plms = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
+        prk = np.array([], dtype=np.int64)
+    else:
+        prk = np.array(base[-order:]).repeat(2) + np.tile(np.array([0, ratio // 2]), order)
+        prk = prk[:-1].repeat(2)[1:-1][::-1]
+        plms = base[:-3][::-1]
+    for c, t in enumerate(prk):
+        feed.append(t)
+        t_prev.append(t - (0 if c % 2 else ratio // 2))
+        t_alpha.append(prk[c // 4 * 4])
+        kinds.append(f"prk{c % 4}")
+    for t in plms:
+        c = len(feed)
+        feed.append(t)
+        if c == 1:  # the second call re-does step 0 from the same start (diffusers' counter == 1)
+            t_alpha.append(t + ratio)
+            t_prev.append(t)
+            kinds.append("second")
+        else:
+            t_alpha.append(t)
+            t_prev.append(t - ratio)
+            kinds.append("first" if c == 0 else "plms")
+    return (np.array(feed, dtype=np.int64), np.array(t_alpha, dtype=np.int64),
+            np.array(t_prev, dtype=np.int64), kinds)
+
+
+@dataclass(frozen=True, eq=False)
+class PNDM:
+    name: str
+    timesteps: np.ndarray
+    init_noise_sigma: float
+    stochastic: bool
+    cfg: dict
+    kinds: tuple
+    alpha_t: np.ndarray
+    alpha_prev: np.ndarray
+
+    def init_state(self) -> PNDMState:
+        return PNDMState()
+
+    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
+        return f32(x)
+
+    def step(self, state: PNDMState, i: int, x: np.ndarray, model_output: np.ndarray,
+             noise: np.ndarray | None = None) -> tuple[np.ndarray, PNDMState]:
+        x, e = f32(x), f32(model_output)
+        kind = self.kinds[i]
+        if kind.startswith("prk"):
+            # Runge-Kutta: four gradients at t, t - d/2, t - d/2, t - d, each step
+            # restarting from the sample at t; the fourth combines them 1/6, 1/3, 1/3, 1/6.
+            k = int(kind[3])
+            if k == 0:
+                state = PNDMState(state.ets + (e,), x, 1 / 6 * e)
+            elif k in (1, 2):
+                state = PNDMState(state.ets, state.cur_sample, state.acc + 1 / 3 * e)
+            else:
+                e = state.acc + 1 / 6 * e
+                state = PNDMState(state.ets, state.cur_sample, 0)
+            base = state.cur_sample
+        elif kind == "second":
+            e, base = (e + state.ets[-1]) / 2, state.cur_sample
+            state = PNDMState(state.ets, None, state.acc)
+        else:
+            ets = state.ets[-3:] + (e,) if kind == "plms" else (e,)
+            base = x
+            state = PNDMState(ets, x if kind == "first" else state.cur_sample, state.acc)
+            # PLMS, eq. 12: Adams-Bashforth on the kept gradients, newest first.
+            if len(ets) == 2:
+                e = (3 * ets[-1] - ets[-2]) / 2
+            elif len(ets) == 3:
+                e = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+            elif len(ets) == 4:
+                e = (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
+        return self._transfer(base, e, i), state
+
+    def _transfer(self, x: np.ndarray, e: np.ndarray, i: int) -> np.ndarray:
+        """PNDM eq. 9: x_{t-d} from x_t and the gradient estimate e (an epsilon)."""
+        a_t, a_prev = self.alpha_t[i], self.alpha_prev[i]
+        one = np.float32(1)
+        b_t, b_prev = one - a_t, one - a_prev
+        if self.cfg["prediction_type"] == "v_prediction":
+            e = a_t ** 0.5 * e + b_t ** 0.5 * x   # v -> epsilon (Salimans & Ho 2022)
+        denom = a_t * b_prev ** 0.5 + (a_t * b_t * a_prev) ** 0.5
+        return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * e / denom
+
+
+def make(config: Mapping[str, Any], steps: int, name: str = "pndm") -> PNDM:
+    cfg = resolve(config, DEFAULTS, name, prediction_types=("epsilon", "v_prediction"))
+    acp = tables.alphas_cumprod(cfg)
+    final = np.float32(1.0) if cfg["set_alpha_to_one"] else acp[0]
+    feed, t_alpha, t_prev, kinds = _call_plan(cfg, steps)
+    return PNDM(name=name, timesteps=feed.astype(np.float32), init_noise_sigma=1.0, stochastic=False,
+                cfg=cfg, kinds=tuple(kinds), alpha_t=alpha_at(acp, t_alpha, final),
+                alpha_prev=alpha_at(acp, t_prev, final))

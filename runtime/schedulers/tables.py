@@ -1,0 +1,140 @@
+"""Noise-schedule tables shared by every sampler: betas, cumulative alphas, sigmas,
+timestep spacings and the Karras sigma ramp.
+
+Everything here is a small pure function of config values, reimplemented from
+diffusers 0.42.1 (`diffusers/schedulers/scheduling_*.py`). diffusers keeps these
+tables in float32 torch tensors; we reproduce the float32 rounding where it matters
+(linspace, cumprod) so the per-step arithmetic sees the same numbers bit for bit,
+which is what lets whole trajectories match to ~1e-6 rather than drift.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+F32 = np.float32
+
+
+def linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """`torch.linspace(start, end, n, dtype=torch.float32)` bit for bit.
+
+    torch's CPU kernel steps from `start` for the first half and back from `end` for
+    the second half, each as one fused multiply-add in float32; numpy's float64
+    linspace cast to float32 differs in the last bit for ~15% of entries, which is
+    enough to move cumprod-derived sigmas by 1e-6 relative.
+    """
+    if n == 1:
+        return np.array([start], dtype=F32)
+    a, b = F32(start), F32(end)
+    step = (b - a) / F32(n - 1)
+    i = np.arange(n, dtype=np.float64)
+    # float32 * float32 is exact in float64, so one float64 add then one rounding = fma.
+    lo = (np.float64(a) + np.float64(step) * i).astype(F32)
+    hi = (np.float64(b) - np.float64(step) * (n - 1 - i)).astype(F32)
+    return np.where(np.arange(n) < n // 2, lo, hi).astype(F32)
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
+    """Glide's squaredcos_cap_v2 schedule (Nichol & Dhariwal 2021, eq. 17), as
+    diffusers' `betas_for_alpha_bar(..., "cosine")`."""
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+    return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)], dtype=F32)
+
+
+def _cumprod_f32(a: np.ndarray) -> np.ndarray:
+    # torch's CPU cumprod accumulates float32 in double (at::acc_type) and rounds each
+    # partial product once; a float32 numpy cumprod would round at every step.
+    return np.cumprod(a.astype(np.float64)).astype(F32)
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Algorithm 1 (diffusers' `rescale_zero_terminal_snr`)."""
+    sqrt_ab = np.sqrt(_cumprod_f32(F32(1.0) - betas))
+    first, last = sqrt_ab[0].copy(), sqrt_ab[-1].copy()
+    sqrt_ab = sqrt_ab - last
+    sqrt_ab = sqrt_ab * (first / (first - last))
+    ab = sqrt_ab ** 2
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return (F32(1.0) - alphas).astype(F32)
+
+
+def betas(cfg: dict) -> np.ndarray:
+    """The training betas (float32) from beta_schedule / trained_betas."""
+    n = cfg["num_train_timesteps"]
+    if cfg.get("trained_betas") is not None:
+        b = np.asarray(cfg["trained_betas"], dtype=F32)
+    elif cfg["beta_schedule"] == "linear":
+        b = linspace_f32(cfg["beta_start"], cfg["beta_end"], n)
+    elif cfg["beta_schedule"] == "scaled_linear":
+        # Latent diffusion's schedule: linear in sqrt(beta).
+        b = linspace_f32(cfg["beta_start"] ** 0.5, cfg["beta_end"] ** 0.5, n) ** 2
+    else:  # "squaredcos_cap_v2", checked in base.resolve
+        b = _cosine_betas(n)
+    if cfg.get("rescale_betas_zero_snr"):
+        b = _rescale_zero_terminal_snr(b)
+    return b
+
+
+def alphas_cumprod(cfg: dict) -> np.ndarray:
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), float32, index = training timestep."""
+    return _cumprod_f32(F32(1.0) - betas(cfg))
+
+
+def sigmas_from_alphas_cumprod(acp: np.ndarray) -> np.ndarray:
+    """Karras et al. 2022's sigma for each training timestep: sqrt((1 - a) / a), float32."""
+    return ((F32(1.0) - acp) / acp) ** 0.5
+
+
+# --- timestep spacings (Lin et al. 2023, Table 2). Each returns descending values. ---
+
+def leading(num_train: int, n: int, offset: int) -> np.ndarray:
+    """t = k * (T // n) + offset, k = n-1..0 (float64, integer-valued)."""
+    return (np.arange(0, n) * (num_train // n)).round()[::-1].astype(np.float64) + offset
+
+
+def trailing(num_train: int, n: int) -> np.ndarray:
+    """t = round(T - k * T / n) - 1, k = 0..n-1 (float64, integer-valued)."""
+    return np.round(np.arange(num_train, 0, -num_train / n)) - 1.0
+
+
+def linspace_rounded(num_train: int, n: int) -> np.ndarray:
+    """n evenly spaced points in [0, T-1], rounded, descending (float64, integer-valued)."""
+    return np.linspace(0, num_train - 1, n).round()[::-1].copy()
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: sigmas evenly spaced in sigma^(1/rho), float64."""
+    ramp = np.linspace(0, 1, n)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep whose sigma is `sigma`, by linear interpolation in
+    log-sigma (k-diffusion's `sigma_to_t`; diffusers' `_sigma_to_t`)."""
+    sigma = np.asarray(sigma)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high = low + 1
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+    return ((1 - w) * low + w * high).reshape(sigma.shape)
+
+
+def clip_or_threshold(x0: np.ndarray, cfg: dict) -> np.ndarray:
+    """Clamp the predicted clean sample as DDIM-style schedulers do: dynamic thresholding
+    (Saharia et al. 2022, Imagen, sec. 2.3) when `thresholding`, else `clip_sample`."""
+    if cfg.get("thresholding"):
+        b = x0.shape[0]
+        flat = x0.reshape(b, -1)
+        s = np.quantile(np.abs(flat), cfg["dynamic_thresholding_ratio"], axis=1)
+        s = np.clip(s, 1, cfg["sample_max_value"]).astype(F32)[:, None]
+        return (np.clip(flat, -s, s) / s).reshape(x0.shape).astype(F32)
+    if cfg.get("clip_sample"):
+        r = cfg["clip_sample_range"]
+        return np.clip(x0, -r, r).astype(F32)
+    return x0

@@ -1,0 +1,205 @@
+"""The NumPy samplers against diffusers' schedulers (the oracle): same model function,
+same initial latents, same per-step noise -> the same whole trajectory, the same
+U-Net timesteps and the same initial noise scale."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from sdrt.engines.errors import InvalidInput, InvalidType  # noqa: E402
+from sdrt.runtime.schedulers import SCHEDULERS, make_sampler  # noqa: E402
+
+# The scheduler configs shipped with the two checkpoint families sdrt targets.
+SD15 = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+    "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False,
+}
+SD21 = {  # stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json
+    "_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+CONFIGS = {"sd15_epsilon": SD15, "sd21_v": SD21}
+
+ORACLE = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+}
+STOCHASTIC = {"euler_a", "lcm"}
+SPACINGS = (None, "leading", "linspace", "trailing")   # None: whatever the config / class says
+STEPS = (1, 2, 7, 25, 50)
+SHAPE = (2, 4, 8, 8)
+RTOL = 1e-5
+
+
+def model(x: np.ndarray, t: float) -> np.ndarray:
+    """A smooth stand-in for the U-Net that depends on both x and t, so a wrong
+    scaling, timestep or history term shows in the trajectory."""
+    return (0.5 * x * np.cos(t / 300.0) + 0.1 * np.sin(x) + 0.05 * np.sin(t / 100.0)).astype(np.float32)
+
+
+def draws(steps: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(SHAPE, dtype=np.float32)
+    return x, [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(steps + 2)]
+
+
+def run_diffusers(name, config, steps, x, noise, monkeypatch):
+    cls_name, overrides = ORACLE[name]
+    sched = getattr(diffusers, cls_name).from_config(config, **overrides)
+    sched.set_timesteps(steps)
+    if name in STOCHASTIC:
+        module = __import__(type(sched).__module__, fromlist=["randn_tensor"])
+        # The scheduler draws its per-step noise here; hand it the step's pre-drawn noise.
+        monkeypatch.setattr(module, "randn_tensor",
+                            lambda *a, **k: torch.from_numpy(noise[sched.step_index]))
+    xt = torch.from_numpy(x) * sched.init_noise_sigma
+    for t in sched.timesteps:
+        out = model(sched.scale_model_input(xt, t).numpy(), float(t))
+        xt = sched.step(torch.from_numpy(out), t, xt).prev_sample
+    return sched.timesteps.numpy().astype(np.float32), float(sched.init_noise_sigma), xt.numpy()
+
+
+def run_sdrt(name, config, steps, x, noise):
+    s = make_sampler(name, config, steps)
+    xt = x * s.init_noise_sigma
+    state = s.init_state()
+    for i, t in enumerate(s.timesteps):
+        out = model(s.scale_model_input(xt, i), float(t))
+        xt, state = s.step(state, i, xt, out, noise[i] if s.stochastic else None)
+    return s.timesteps, s.init_noise_sigma, xt
+
+
+def _config(base: dict, spacing: str | None) -> dict:
+    return dict(base) if spacing is None else {**base, "timestep_spacing": spacing}
+
+
+CASES = [
+    pytest.param(n, c, sp, k, id=f"{n}-{c}-{sp or 'default'}-{k}")
+    for n, c, sp, k in itertools.product(SCHEDULERS, CONFIGS, SPACINGS, STEPS)
+    # LCM picks its own timesteps (spacing is ignored), so one spacing covers it.
+    if not (n == "lcm" and sp is not None)
+]
+
+
+def assert_matches_diffusers(name, config, steps, monkeypatch):
+    x, noise = draws(steps)
+    ref_t, ref_sigma, ref_x = run_diffusers(name, config, steps, x, noise, monkeypatch)
+    t, sigma, out = run_sdrt(name, config, steps, x, noise)
+    assert np.isfinite(ref_x).all(), "the oracle itself diverged: not a useful case"
+    # Timesteps are integers for most schedulers (then exactly equal); Karras ones are
+    # interpolated from sigmas, where torch's float32 sqrt differs from numpy's by 1 ulp.
+    np.testing.assert_allclose(t, ref_t, rtol=1e-6, atol=0)
+    assert sigma == pytest.approx(ref_sigma, rel=1e-6)
+    err = np.abs(out - ref_x).max() / np.abs(ref_x).max()
+    assert err <= RTOL, f"max relative error {err:.2e} after {len(t)} calls"
+
+
+@pytest.mark.parametrize("name, config_name, spacing, steps", CASES)
+def test_trajectory_matches_diffusers(name, config_name, spacing, steps, monkeypatch):
+    assert_matches_diffusers(name, _config(CONFIGS[config_name], spacing), steps, monkeypatch)
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+def test_step_does_not_change_sampler_or_state(name):
+    """Two interleaved generations with one sampler give the results of two separate runs:
+    no hidden state in the sampler, the state object is never mutated."""
+    s = make_sampler(name, SD15, 6)
+    x, noise = draws(6)
+    a = b = x * s.init_noise_sigma
+    sa, sb = s.init_state(), s.init_state()
+    for i, t in enumerate(s.timesteps):
+        na = noise[i] if s.stochastic else None
+        a, sa = s.step(sa, i, a, model(s.scale_model_input(a, i), float(t)), na)
+        b2, sb2 = s.step(sb, i, b, model(s.scale_model_input(b, i), float(t)), na)
+        b3, _ = s.step(sb, i, b, model(s.scale_model_input(b, i), float(t)), na)  # same state again
+        np.testing.assert_array_equal(b2, b3)
+        b, sb = b2, sb2
+    np.testing.assert_array_equal(a, b)
+    assert a.dtype == np.float32
+
+
+@pytest.mark.parametrize("steps", [5, 25])
+def test_pndm_prk_warmup_matches_diffusers(steps, monkeypatch):
+    """PNDM's Runge-Kutta warm-up (skip_prk_steps=False, the class default)."""
+    assert_matches_diffusers("pndm", {**SD15, "skip_prk_steps": False}, steps, monkeypatch)
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("ddim", {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "clip_sample": True,
+              "set_alpha_to_one": True}),
+    ("ddim", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}),
+    ("ddim", {"thresholding": True, "prediction_type": "sample", "sample_max_value": 1.5}),
+    ("euler", {"beta_schedule": "squaredcos_cap_v2", "final_sigmas_type": "sigma_min"}),
+    ("euler", {"use_karras_sigmas": True}),
+    ("euler", {"prediction_type": "sample", "timestep_spacing": "trailing"}),
+    # Not euler_a with rescale_betas_zero_snr: its sigma_max is 4096 and diffusers'
+    # float32 sigma_down = sqrt(s_to^2 - s_up^2) cancels catastrophically there, so 1-ulp
+    # differences in torch's (not correctly rounded) float32 sqrt show as ~2e-5.
+    ("euler_a", {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "leading", "steps_offset": 3}),
+    ("dpmpp_2m", {"solver_order": 3}),
+    ("dpmpp_2m", {"solver_order": 1, "lambda_min_clipped": -5.1, "beta_schedule": "squaredcos_cap_v2"}),
+    ("dpmpp_2m", {"solver_type": "heun", "final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    ("dpmpp_2m", {"euler_at_final": True, "prediction_type": "sample"}),
+    ("dpmpp_2m_karras", {"prediction_type": "v_prediction", "final_sigmas_type": "sigma_min"}),
+    ("lcm", {"original_inference_steps": 20, "timestep_scaling": 5.0, "prediction_type": "v_prediction"}),
+    ("lcm", {"clip_sample": True, "set_alpha_to_one": False}),
+])
+@pytest.mark.parametrize("steps", [4, 20])
+def test_less_common_config_options_match_diffusers(name, extra, steps, monkeypatch):
+    assert_matches_diffusers(name, {**SD15, **extra}, steps, monkeypatch)
+
+
+def test_unknown_scheduler_lists_the_known_ones():
+    with pytest.raises(InvalidInput, match="unknown scheduler 'heun'.*ddim.*euler_a.*lcm"):
+        make_sampler("heun", SD15, 10)
+
+
+@pytest.mark.parametrize("steps", [0, -3, 1001])
+def test_steps_out_of_range_is_rejected_with_the_value(steps):
+    with pytest.raises(InvalidInput, match=rf"steps must be in 1\.\.1000, got {steps}"):
+        make_sampler("euler", SD15, steps)
+
+
+@pytest.mark.parametrize("steps", [2.5, "10", True, None])
+def test_steps_not_an_integer_is_a_type_error(steps):
+    with pytest.raises(InvalidType, match="steps must be an integer"):
+        make_sampler("ddim", SD15, steps)
+
+
+def test_steps_above_num_train_timesteps_is_rejected():
+    with pytest.raises(InvalidInput, match=r"1\.\.100, got 101"):
+        make_sampler("ddim", {**SD15, "num_train_timesteps": 100}, 101)
+
+
+def test_lcm_rejects_more_steps_than_it_was_distilled_with():
+    with pytest.raises(InvalidInput, match="original_inference_steps=50 steps, got 51"):
+        make_sampler("lcm", SD15, 51)
+
+
+@pytest.mark.parametrize("key, value, accepted", [
+    ("beta_schedule", "cubic", "squaredcos_cap_v2"),
+    ("prediction_type", "flow", "v_prediction"),
+    ("timestep_spacing", "random", "trailing"),
+])
+def test_bad_config_values_name_the_value_and_the_choices(key, value, accepted):
+    with pytest.raises(InvalidInput, match=rf"{key}.*{value!r}.*{accepted}"):
+        make_sampler("euler", {**SD15, key: value}, 10)
+
+
+def test_unsupported_diffusers_option_is_rejected_not_ignored():
+    with pytest.raises(InvalidInput, match="algorithm_type='sde-dpmsolver\\+\\+' is not supported"):
+        make_sampler("dpmpp_2m", {**SD15, "algorithm_type": "sde-dpmsolver++"}, 10)

@@ -1,0 +1,115 @@
+"""What one generation asks for, validated once where it enters (STYLE.md, habit 5).
+
+`GenerationConfig.create` takes the values a user passes to `Pipeline.__call__` or
+`sdrt generate` and either returns a frozen config or raises a typed error naming
+the bad value and what is accepted. Everything past this point trusts the config.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import secrets
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from sdrt.engines.errors import InvalidInput, InvalidType
+
+DEFAULT_STEPS = 25          # the issue's example; diffusers' own default is 50
+DEFAULT_GUIDANCE = 7.5      # diffusers' StableDiffusionPipeline default
+MAX_STEPS = 1000            # no SD scheduler has more training timesteps than this
+MAX_GUIDANCE = 100.0        # far past any useful value; beyond it images are pure saturation
+MAX_SEED = 2**64 - 1
+MAX_PROMPT_CHARS = 100_000  # the tokenizer truncates at 77 tokens anyway; this stops absurd input early
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    prompts: tuple[str, ...]            # one per batch item
+    negative_prompts: tuple[str, ...]   # one per batch item ("" = unconditional)
+    steps: int
+    guidance: float
+    scheduler: str
+    seed: int
+
+    @property
+    def prompt(self) -> str:
+        return self.prompts[0]
+
+    @property
+    def negative_prompt(self) -> str:
+        return self.negative_prompts[0]
+
+    @classmethod
+    def create(cls, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, scheduler: Any,
+               seed: Any, *, batch: int, schedulers: Sequence[str]) -> "GenerationConfig":
+        return cls(
+            prompts=_prompts("prompt", prompt, batch, allow_none=False),
+            negative_prompts=_prompts("negative_prompt", negative_prompt, batch, allow_none=True),
+            steps=_steps(steps),
+            guidance=_guidance(guidance),
+            scheduler=_scheduler(scheduler, schedulers),
+            seed=_seed(seed),
+        )
+
+
+def _prompts(name: str, value: Any, batch: int, allow_none: bool) -> tuple[str, ...]:
+    if value is None and allow_none:
+        return ("",) * batch     # diffusers' unconditional prompt
+    if isinstance(value, str):
+        items: tuple = (value,) * batch   # like diffusers' num_images_per_prompt
+    elif isinstance(value, (list, tuple)):
+        items = tuple(value)
+        if len(items) != batch:
+            raise InvalidInput(f"{name} has {len(items)} items but this artifact generates {batch} "
+                               f"image(s) per call: pass one string or a list of {batch}")
+    else:
+        accepted = "a string, a list of strings, or None" if allow_none else "a string or a list of strings"
+        raise InvalidType(f"{name} must be {accepted}, got {type(value).__name__} {_short(value)}")
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidType(f"{name} items must be strings, got {type(item).__name__} {_short(item)}")
+        if len(item) > MAX_PROMPT_CHARS:
+            raise InvalidInput(f"{name} is {len(item)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
+    return items
+
+
+def _steps(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidType(f"steps must be an integer from 1 to {MAX_STEPS}, got {type(value).__name__} {value!r}")
+    if not 1 <= value <= MAX_STEPS:
+        raise InvalidInput(f"steps must be from 1 to {MAX_STEPS}, got {value}")
+    return int(value)
+
+
+def _guidance(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidType(f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not 0.0 <= value <= MAX_GUIDANCE:
+        raise InvalidInput(f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g}, got {value}")
+    return value
+
+
+def _scheduler(value: Any, known: Sequence[str]) -> str:
+    if not isinstance(value, str):
+        raise InvalidType(f"scheduler must be a string, one of {', '.join(known)}; got {type(value).__name__}")
+    name = value.lower()
+    if name not in known:
+        raise InvalidInput(f"unknown scheduler {value!r}: choose one of {', '.join(known)}")
+    return name
+
+
+def _seed(value: Any) -> int:
+    if value is None:
+        return secrets.randbits(64)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidType(f"seed must be an integer from 0 to 2**64-1, got {type(value).__name__} {value!r}")
+    if not 0 <= value <= MAX_SEED:
+        raise InvalidInput(f"seed must be from 0 to 2**64-1 ({MAX_SEED}), got {value}")
+    return int(value)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

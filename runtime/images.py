@@ -1,0 +1,73 @@
+"""Decoded pixels to PIL images, and PNGs that remember how they were made.
+
+The PNG `parameters` text chunk follows the AUTOMATIC1111 web UI convention, which
+other SD tools (ComfyUI, InvokeAI, civitai, image viewers) read:
+
+    a watercolor fox
+    Negative prompt: blurry
+    Steps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from sdrt.engines.errors import AlreadyExists, InvalidInput
+from sdrt.engines.files import atomic_path
+
+PARAMETERS_KEY = "parameters"
+
+
+def to_pil(pixels: np.ndarray) -> list[Image.Image]:
+    """(batch, H, W, 3) floats in [0, 1] -> 8-bit RGB images, rounded like diffusers' numpy_to_pil."""
+    return [Image.fromarray(img) for img in (pixels * 255).round().astype(np.uint8)]
+
+
+def parameters_text(prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float,
+                    seed: int | None, width: int, height: int, model: str = "") -> str:
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    fields = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {guidance:g}"]
+    if seed is not None:
+        fields.append(f"Seed: {seed}")
+    fields.append(f"Size: {width}x{height}")   # A1111 writes width x height
+    if model:
+        fields.append(f"Model: {model}")
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def output_paths(out: str | os.PathLike[str], count: int) -> list[Path]:
+    """`out` for one image; for a batch: out.png, out-1.png, out-2.png, ..."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise InvalidInput(f"output file {out} must end in .png")
+    return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count)]
+
+
+def write_pngs(paths: Sequence[Path], images: Sequence[Image.Image], parameters: str,
+               force: bool = False) -> None:
+    """Write each image atomically with its `parameters` chunk. Refuses, before
+    writing anything, to replace an existing file unless `force`."""
+    if not force:
+        for path in paths:
+            if path.exists():
+                raise AlreadyExists(f"{path} already exists; pass --force to overwrite it")
+    for path, image in zip(paths, images):
+        if path.is_dir():
+            raise InvalidInput(f"output {path} is a folder; name a .png file")
+        info = PngImagePlugin.PngInfo()
+        info.add_text(PARAMETERS_KEY, parameters)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=info)
+
+
+def read_parameters(path: str | os.PathLike[str]) -> str | None:
+    with Image.open(path) as im:
+        return im.info.get(PARAMETERS_KEY)

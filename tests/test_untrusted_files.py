@@ -25,6 +25,7 @@ from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
 from sdrt.engines.errors import ArtifactError, SdrtError
 from sdrt.engines.onnx_files import check_external_data, external_data_refs
+from sdrt.engines.specs import Stage
 
 WEIGHTS = np.arange(16, dtype=np.float32).reshape(4, 4)
 
@@ -249,3 +250,93 @@ def test_every_prefix_of_a_model_parses_or_is_reported(tmp_path):
             external_data_refs(cut)
         except ArtifactError:
             pass
+
+
+# -- pickle-based checkpoints ------------------------------------------------------
+
+class _Evil:
+    """Unpickling this creates a marker file: proof that code from the file ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _pickle_checkpoint(src: Path, dst: Path, component: str = "unet", keep_safetensors: bool = False) -> Path:
+    """Copy a checkpoint with one component's weights as a torch pickle (.bin)."""
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    st = dst / component / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(st), dst / component / "diffusion_pytorch_model.bin")
+    if not keep_safetensors:
+        st.unlink()
+    return dst
+
+
+def test_pickle_only_checkpoint_is_refused_naming_file_and_flag(tiny_sd15, tmp_path, capsys):
+    from sdrt.engines.errors import InvalidInput
+    from sdrt.export.checkpoint import open_checkpoint
+    from sdrt.runtime.cli import main
+
+    model = _pickle_checkpoint(tiny_sd15, tmp_path / "model")
+    with pytest.raises(InvalidInput, match=r"unet/diffusion_pytorch_model\.bin.*execute code.*--allow-pickle-code-execution"):
+        open_checkpoint(model)
+    out = tmp_path / "out"
+    assert main(["export", str(model), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "diffusion_pytorch_model.bin" in err and "Traceback" not in err
+    assert not out.exists(), "a refused export must not create its output folder"
+
+
+def test_pickle_weights_load_only_with_the_flag_and_match_safetensors(tiny_sd15, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from sdrt.export.checkpoint import load_module, open_checkpoint
+
+    model = _pickle_checkpoint(tiny_sd15, tmp_path / "model")
+    ckpt = open_checkpoint(model, allow_pickle=True)
+    assert not ckpt.use_safetensors
+    unet = load_module(ckpt, Stage.UNET)
+    reference = load_file(tiny_sd15 / "unet" / "diffusion_pytorch_model.safetensors")
+    state = unet.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in reference.items())
+
+
+def test_code_in_a_pickle_beside_safetensors_never_runs(tiny_sd15, tmp_path):
+    """A checkpoint carrying both formats is read from safetensors; the pickle,
+    which here would create a marker file when unpickled, is never opened."""
+    import torch
+
+    from sdrt.export.checkpoint import load_module, open_checkpoint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd15, model)
+    marker = tmp_path / "code-ran"
+    for component, name in (("unet", "diffusion_pytorch_model.bin"), ("vae", "diffusion_pytorch_model.bin"),
+                            ("text_encoder", "pytorch_model.bin")):
+        torch.save({"x": _Evil(marker)}, model / component / name)
+    ckpt = open_checkpoint(model)
+    assert ckpt.use_safetensors
+    for stage in Stage:
+        load_module(ckpt, stage)
+    assert not marker.exists()
+
+
+def test_code_in_a_pickle_only_checkpoint_never_runs_without_the_flag(tiny_sd15, tmp_path, capsys):
+    import torch
+
+    from sdrt.runtime.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd15, model)
+    marker = tmp_path / "code-ran"
+    (model / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"x": _Evil(marker)}, model / "vae" / "diffusion_pytorch_model.bin")
+    assert main(["export", str(model), "--out", str(tmp_path / "out")]) == 2
+    assert "--allow-pickle-code-execution" in capsys.readouterr().err
+    assert not marker.exists()

@@ -1,0 +1,34 @@
+"""The runtime never loads torch, diffusers or transformers (STYLE.md, habit 4):
+checked in a fresh interpreter, after a whole generation through the API and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+HEAVY = ("torch", "diffusers", "transformers")
+
+SCRIPT = """
+import json, sys
+import sdrt.runtime
+after_import = sorted(m for m in sys.modules if m.split('.')[0] in {heavy})
+from sdrt.runtime import Pipeline
+from sdrt.runtime.cli import main
+pipe = Pipeline.load({folder!r})
+result = pipe("a fox", steps=2, scheduler="euler_a", seed=1)
+rc = main(["generate", {folder!r}, "--prompt", "a fox", "--steps", "2", "--out", {out!r}])
+print(json.dumps({{"rc": rc, "shape": list(result.pixels.shape), "after_import": after_import,
+                  "after_run": sorted(m for m in sys.modules if m.split('.')[0] in {heavy})}}))
+"""
+
+
+def test_import_and_generation_never_load_torch_diffusers_or_transformers(sd15_artifacts, tmp_path):
+    code = SCRIPT.format(heavy=set(HEAVY), folder=str(sd15_artifacts), out=str(tmp_path / "x.png"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["rc"] == 0 and (tmp_path / "x.png").is_file()
+    assert len(report["shape"]) == 4          # a generation really ran
+    assert report["after_import"] == []
+    assert report["after_run"] == []

@@ -175,6 +175,8 @@ def _existing_folder(folder: str | os.PathLike[str]) -> Path:
 
 def _inside(folder: Path, rel: str) -> Path:
     """Resolve a manifest path, refusing any that leaves the folder (../, absolute, symlink out)."""
+    if "\x00" in rel:   # os.path would raise a bare ValueError on it
+        raise ArtifactError(f"{MANIFEST_NAME}: file name {rel!r} contains a NUL byte")
     path = folder / rel
     root = folder.resolve()
     resolved = path.resolve()

@@ -9,6 +9,8 @@ leftovers, redo the work, and leave a folder that loads and holds no temporaries
 The default run kills once (when the text encoder's graph is already in place: a
 complete, valid ONNX file in a folder that is not complete). The slow test walks
 through every moment, each run starting on the previous run's leftovers.
+
+The TensorRT engine cache's write path is killed the same way, with fake plans.
 """
 
 from __future__ import annotations
@@ -182,3 +184,66 @@ def test_forced_reexport_killed_early_does_not_leave_the_old_manifest(tiny_sd15,
                 proc.kill()
                 proc.wait()
     _assert_not_loadable(out, capsys)
+
+
+# -- the TensorRT engine cache -----------------------------------------------------
+# TensorRT cannot run here, so the child writes fake plans through the cache's own
+# write path (engines/cache.py store_plan), in a loop over keys whose plans have the
+# same size and different bytes: the size check alone cannot tell them apart, so
+# only the write order (sidecar removed first, written last) keeps the cache honest.
+
+_PLAN_WRITER = """
+import sys
+from sdrt.engines import cache
+from sdrt.engines.specs import Precision, Stage
+folder, size = sys.argv[1], int(sys.argv[2])
+platform = cache.Platform("10.3.0", "Fake GPU", "8.7")
+info = cache.BuildInfo(workspace_bytes=0, opt_level=3, seconds=0.0)
+print("ready", flush=True)
+i = 0
+while True:
+    key = cache.EngineKey(Stage.UNET, Precision.FP16, f"{i % 4:064x}", platform)
+    cache.store_plan(folder, key, bytes([i % 4]) * size, info)
+    i += 1
+"""
+
+
+def _cache_keys():
+    from sdrt.engines import cache
+    from sdrt.engines.specs import Precision
+
+    platform = cache.Platform("10.3.0", "Fake GPU", "8.7")
+    return [cache.EngineKey(Stage.UNET, Precision.FP16, f"{i:064x}", platform) for i in range(4)]
+
+
+@pytest.mark.parametrize("kill_after_s", [0.05, 0.2, 0.45, 0.7, 1.3])
+def test_engine_cache_killed_mid_write_never_vouches_for_other_bytes(tmp_path, kill_after_s):
+    from sdrt.engines import cache
+
+    size = 8 << 20
+    proc = subprocess.Popen([sys.executable, "-c", _PLAN_WRITER, str(tmp_path), str(size)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == b"ready", proc.stderr.read().decode()
+        time.sleep(kill_after_s)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    current = []
+    for i, key in enumerate(_cache_keys()):
+        fast = cache.check(tmp_path, key, verify_hash=False)   # the check load_plan makes
+        if fast.current:
+            assert cache.load_plan(tmp_path, key) == bytes([i]) * size
+            current.append(i)
+        else:
+            assert fast.status in (cache.Status.MISSING, cache.Status.DAMAGED, cache.Status.STALE)
+            with pytest.raises(ArtifactError, match="sdrt build"):
+                cache.load_plan(tmp_path, key)
+    assert len(current) <= 1, "one stage can have only one current engine"
+    # The next build of any key succeeds over the leftovers and is current.
+    key = _cache_keys()[2]
+    cache.store_plan(tmp_path, key, bytes([2]) * size, cache.BuildInfo(0, 3, 0.0))
+    assert cache.check(tmp_path, key).current and cache.load_plan(tmp_path, key) == bytes([2]) * size

@@ -71,21 +71,30 @@ def _prompts(name: str, value: Any, batch: int, allow_none: bool) -> tuple[str, 
             raise InvalidType(f"{name} items must be strings, got {type(item).__name__} {_short(item)}")
         if len(item) > MAX_PROMPT_CHARS:
             raise InvalidInput(f"{name} is {len(item)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # A lone surrogate (e.g. undecodable bytes in argv): the tokenizer would fail with a bare TypeError.
+            raise InvalidInput(f"{name} is not valid Unicode text: {item[e.start:e.end]!r} at position {e.start} "
+                               f"(lone surrogate); pass UTF-8 text") from None
     return items
 
 
 def _steps(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidType(f"steps must be an integer from 1 to {MAX_STEPS}, got {type(value).__name__} {value!r}")
+        raise InvalidType(f"steps must be an integer from 1 to {MAX_STEPS}, got {type(value).__name__} {_short(value)}")
     if not 1 <= value <= MAX_STEPS:
-        raise InvalidInput(f"steps must be from 1 to {MAX_STEPS}, got {value}")
+        raise InvalidInput(f"steps must be from 1 to {MAX_STEPS}, got {_short(value)}")
     return int(value)
 
 
 def _guidance(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidType(f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {type(value).__name__} {value!r}")
-    value = float(value)
+        raise InvalidType(f"guidance must be a number from 0 to {MAX_GUIDANCE:g}, got {type(value).__name__} {_short(value)}")
+    try:
+        value = float(value)
+    except OverflowError:   # an int too large for a float
+        raise InvalidInput(f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g}, got {_short(value)}") from None
     if not math.isfinite(value) or not 0.0 <= value <= MAX_GUIDANCE:
         raise InvalidInput(f"guidance must be a finite number from 0 to {MAX_GUIDANCE:g}, got {value}")
     return value
@@ -96,7 +105,7 @@ def _scheduler(value: Any, known: Sequence[str]) -> str:
         raise InvalidType(f"scheduler must be a string, one of {', '.join(known)}; got {type(value).__name__}")
     name = value.lower()
     if name not in known:
-        raise InvalidInput(f"unknown scheduler {value!r}: choose one of {', '.join(known)}")
+        raise InvalidInput(f"unknown scheduler {_short(value)}: choose one of {', '.join(known)}")
     return name
 
 
@@ -104,12 +113,17 @@ def _seed(value: Any) -> int:
     if value is None:
         return secrets.randbits(64)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidType(f"seed must be an integer from 0 to 2**64-1, got {type(value).__name__} {value!r}")
+        raise InvalidType(f"seed must be an integer from 0 to 2**64-1, got {type(value).__name__} {_short(value)}")
     if not 0 <= value <= MAX_SEED:
-        raise InvalidInput(f"seed must be from 0 to 2**64-1 ({MAX_SEED}), got {value}")
+        raise InvalidInput(f"seed must be from 0 to 2**64-1 ({MAX_SEED}), got {_short(value)}")
     return int(value)
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:   # an int past Python's 4300-digit str() limit
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    except Exception:    # a caller's object whose repr fails
+        return f"a {type(value).__name__}"
     return text if len(text) <= 60 else text[:57] + "..."

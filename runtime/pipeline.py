@@ -188,6 +188,8 @@ class Pipeline:
             raise InvalidInput(f"guidance {config.guidance:g} needs classifier-free guidance, but this artifact was "
                                f"exported with --no-cfg: use guidance <= 1 or export with CFG")
         latents = self._check_latents(latents)
+        if on_step is not None and not callable(on_step):
+            raise InvalidType(f"on_step must be a callable on_step(i, n) or None, got {type(on_step).__name__}")
         sampler = self._sampler(config.scheduler, config.steps)
         with self._lock:
             return self._generate(config, sampler, latents, on_step)

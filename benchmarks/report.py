@@ -2,9 +2,10 @@
 
 Statistics come from `sdrt.runtime.bench.summarize`, so `sdrt bench` and this suite
 compute medians and percentiles the same way. A ratio is "other / sdrt" (above 1:
-sdrt is faster) of the pooled medians; its spread is the min-max of the same ratio
-taken run by run, pairing each sdrt run with the other framework's run that followed
-it (alternation puts both in the same stretch of machine noise).
+sdrt is faster), taken run by run: run i of sdrt is paired with run i of the other
+framework (alternation puts both in the same stretch of machine noise), each pair
+gives a ratio of the run's figure (its median for per-step figures), and the report
+gives the median of those ratios with their min-max as the spread.
 """
 
 from __future__ import annotations
@@ -51,11 +52,10 @@ def compare(runs: dict[str, list[dict[str, list[float]]]], figures: Sequence[str
             if fw == "sdrt" or fw not in entry or "sdrt" not in entry or entry["sdrt"]["median_ms"] <= 0:
                 continue
             paired = [o / s for s, o in zip(per_run(base, figure), per_run(fw_runs, figure)) if s > 0]
-            entry[f"{fw}/sdrt"] = {
-                "ratio": entry[fw]["median_ms"] / entry["sdrt"]["median_ms"],
-                "paired_min": min(paired) if paired else None,
-                "paired_max": max(paired) if paired else None,
-            }
+            if not paired:
+                continue
+            entry[f"{fw}/sdrt"] = {"ratio": float(np.median(paired)), "paired_min": min(paired),
+                                   "paired_max": max(paired), "pairs": len(paired)}
         if entry:
             out[figure] = entry
     return out
@@ -87,8 +87,6 @@ def _ms(summary: dict[str, Any] | None) -> str:
 def _ratio(r: dict[str, Any] | None) -> str:
     if not r:
         return "-"
-    if r.get("paired_min") is None:
-        return f"{r['ratio']:.2f}x"
     return f"{r['ratio']:.2f}x ({r['paired_min']:.2f}-{r['paired_max']:.2f})"
 
 

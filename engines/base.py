@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import InvalidInput, InvalidType
+from .errors import BackendUnavailable, InvalidInput, InvalidType
 from .specs import StageSpec
 
 
@@ -85,8 +85,12 @@ def check_inputs(spec: StageSpec, inputs: Mapping[str, np.ndarray]) -> None:
 def open_engines(folder: Path, manifest: Any, backend: Backend, **options: Any) -> dict:
     """Open the three stages of an artifact folder on `backend` (imported lazily, so
     the ONNX Runtime path never loads TensorRT and vice versa)."""
-    if backend is Backend.ONNXRUNTIME:
-        from .onnxruntime import open_engines as opener
-    else:
-        from .tensorrt import open_engines as opener
+    try:
+        if backend is Backend.ONNXRUNTIME:
+            from .onnxruntime import open_engines as opener
+        else:
+            from .tensorrt import open_engines as opener
+    except ImportError as e:   # a traceback otherwise: tensorrt / cuda-bindings not installed
+        raise BackendUnavailable(f"the {backend.value} backend cannot run here ({e}); "
+                                 f"install the sdrt[{backend.value}] extra or use another backend") from None
     return opener(folder, manifest, **options)

@@ -26,6 +26,7 @@ from sdrt.engines.files import TEMP_PREFIX
 from . import vocab
 
 VARIANTS = ("sd15", "sd2", "sd15-full", "sd21-full")
+MAX_SEED = 2**32 - 1
 
 _DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -147,6 +148,9 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
     temporary name and renamed into place.
     """
     spec = _variant(variant)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        # torch.manual_seed(seed + 2) must not overflow; a bare RuntimeError named no value.
+        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r:.40}")
     out_dir = Path(out_dir)
     if out_dir.exists():
         if not force:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sdrt.engines.base import Backend
-from sdrt.engines.errors import AlreadyExists, BackendUnavailable
+from sdrt.engines.errors import AlreadyExists, BackendUnavailable, InvalidInput
 from sdrt.engines.manifest import MANIFEST_NAME, read_manifest
 from sdrt.engines.specs import Stage
 
@@ -87,6 +87,7 @@ def run_generate(args: argparse.Namespace) -> int:
     _check_generation_args(args, manifest.shape.batch)
     paths = output_paths(args.out, manifest.shape.batch)
     _refuse_existing(paths, args.force)   # before minutes of work, not after
+    _check_folder_for(args.out)
     model = Path(manifest.source).name if manifest.source else args.artifact_dir.resolve().name
     _generate_and_save(args.artifact_dir, args, paths, options, model=model)
     return 0
@@ -128,6 +129,15 @@ def _check_generation_args(args: argparse.Namespace, batch: int) -> None:
     GenerationConfig.create(args.prompt, args.negative_prompt, args.steps, args.guidance,
                             known[0] if args.scheduler is None else args.scheduler, args.seed,
                             batch=batch, schedulers=known)
+
+
+def _check_folder_for(out: Path) -> None:
+    """The output's folder must be a folder (or not exist yet), checked before the work."""
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInput(f"cannot write {out}: {parent} is a file, not a folder")
+            return
 
 
 def _refuse_existing(paths: list[Path], force: bool) -> None:
@@ -260,6 +270,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from .images import output_paths
 
     out: Path = args.out
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(f"--out {out} is a file; the demo needs a folder (it writes model/, artifacts/ and {DEMO_IMAGE})")
     model_dir, artifact_dir = out / "model", out / "artifacts"
     image = out / DEMO_IMAGE
     # The demo's own folder (recognised by its export) may be reused and its image

@@ -30,7 +30,10 @@ class Checkpoint:
     configs: dict[str, dict[str, Any]]   # component -> its config.json
     scheduler: dict[str, Any]
     tokenizer_config: dict[str, Any]
-    use_safetensors: bool                # False only when pickles were allowed and are all there is
+    pickled: frozenset[str] = frozenset()   # components whose only weights are pickles (allowed by the user)
+
+    def use_safetensors(self, component: str) -> bool:
+        return component not in self.pickled
 
     def facts(self) -> ModelFacts:
         unet, vae, text = self.configs["unet"], self.configs["vae"], self.configs["text_encoder"]
@@ -104,13 +107,13 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
         pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
         if not pickles:
             raise MissingFile(f"{folder / c} has no weights (expected a .safetensors file)")
-        pickled_only.append(f"{c}/{pickles[0]}")
+        pickled_only.append((c, pickles[0]))
     if pickled_only and not allow_pickle:
         raise InvalidInput(
-            f"{folder}: {', '.join(pickled_only)} holds pickle-based weights, and loading them would "
+            f"{folder}: {', '.join(f'{c}/{name}' for c, name in pickled_only)} holds pickle-based weights, and loading them would "
             f"execute code from the file; convert the checkpoint to safetensors, or pass "
             f"--allow-pickle-code-execution if you trust its source")
-    return Checkpoint(folder, configs, scheduler, tokenizer_config, use_safetensors=not pickled_only)
+    return Checkpoint(folder, configs, scheduler, tokenizer_config, frozenset(c for c, _ in pickled_only))
 
 
 def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
@@ -126,18 +129,18 @@ def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
     if stage is Stage.TEXT_ENCODER:
         from transformers import CLIPTextModel
 
-        model = CLIPTextModel.from_pretrained(ckpt.folder / "text_encoder", use_safetensors=ckpt.use_safetensors,
+        model = CLIPTextModel.from_pretrained(ckpt.folder / "text_encoder", use_safetensors=ckpt.use_safetensors("text_encoder"),
                                               dtype=torch.float32)
     elif stage is Stage.UNET:
         from diffusers import UNet2DConditionModel
 
         model = UNet2DConditionModel.from_pretrained(ckpt.folder, subfolder="unet", torch_dtype=torch.float32,
-                                                     use_safetensors=ckpt.use_safetensors)
+                                                     use_safetensors=ckpt.use_safetensors("unet"))
     else:
         from diffusers import AutoencoderKL
 
         model = AutoencoderKL.from_pretrained(ckpt.folder, subfolder="vae", torch_dtype=torch.float32,
-                                              use_safetensors=ckpt.use_safetensors)
+                                              use_safetensors=ckpt.use_safetensors("vae"))
     return model.eval().requires_grad_(False)
 
 

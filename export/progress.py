@@ -13,6 +13,7 @@ class Progress:
         self.stream = stream
         self.enabled = enabled
         self.start = time.perf_counter()
+        self.durations: dict[str, float] = {}   # step name -> seconds, for benchmarks
 
     def say(self, message: str) -> None:
         if self.enabled:
@@ -23,4 +24,5 @@ class Progress:
         t0 = time.perf_counter()
         self.say(f"{what} ...")
         yield
-        self.say(f"{what}: done in {time.perf_counter() - t0:.1f}s")
+        self.durations[what] = time.perf_counter() - t0
+        self.say(f"{what}: done in {self.durations[what]:.1f}s")

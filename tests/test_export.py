@@ -1,0 +1,190 @@
+"""Exported artifacts against diffusers/transformers (the oracle) and against the
+one home of shape facts, engines/specs.py."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from sdrt.engines.manifest import load_manifest
+from sdrt.engines.specs import ShapeConfig, Stage, stage_specs
+from sdrt.export.checkpoint import open_checkpoint
+
+ATOL = 1e-4  # the issue's fp32 bound, per stage
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _diffusers_modules(model_dir):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    return (CLIPTextModel.from_pretrained(model_dir / "text_encoder").eval(),
+            UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet").eval(),
+            AutoencoderKL.from_pretrained(model_dir, subfolder="vae").eval())
+
+
+def _check_against_diffusers(model_dir, artifacts, seed):
+    """Run each ONNX stage and the diffusers module on the same fresh random inputs."""
+    manifest = load_manifest(artifacts)
+    specs = manifest.specs
+    text, unet, vae = _diffusers_modules(model_dir)
+    rng = np.random.default_rng(seed)
+    errors = {}
+
+    ids_spec = specs[Stage.TEXT_ENCODER].inputs[0]
+    ids = rng.integers(0, 49408, size=ids_spec.shape).astype(np.int32)
+    (got,) = _session(artifacts / "text_encoder.onnx").run(None, {"input_ids": ids})
+    with torch.no_grad():
+        want = text(torch.from_numpy(ids).long()).last_hidden_state.numpy()
+    errors["text_encoder"] = np.abs(got - want).max()
+
+    u = specs[Stage.UNET]
+    sample = rng.standard_normal(u.input("sample").shape).astype(np.float32)
+    hidden = rng.standard_normal(u.input("encoder_hidden_states").shape).astype(np.float32)
+    t = np.array([417.25], dtype=np.float32)
+    (got,) = _session(artifacts / "unet.onnx").run(None, {"sample": sample, "timestep": t, "encoder_hidden_states": hidden})
+    with torch.no_grad():
+        want = unet(torch.from_numpy(sample), torch.tensor(417.25), encoder_hidden_states=torch.from_numpy(hidden)).sample.numpy()
+    errors["unet"] = np.abs(got - want).max()
+
+    latent = (rng.standard_normal(specs[Stage.VAE_DECODER].inputs[0].shape) / vae.config.scaling_factor).astype(np.float32)
+    (got,) = _session(artifacts / "vae_decoder.onnx").run(None, {"latent": latent})
+    with torch.no_grad():
+        want = vae.decode(torch.from_numpy(latent)).sample.numpy()
+    errors["vae_decoder"] = np.abs(got - want).max()
+    return errors
+
+
+@pytest.mark.parametrize("variant", ["sd15", "sd2"])
+def test_exported_stages_match_diffusers_within_1e_4(variant, request):
+    model_dir = request.getfixturevalue(f"tiny_{variant}")
+    artifacts = request.getfixturevalue(f"{variant}_artifacts")
+    errors = _check_against_diffusers(model_dir, artifacts, seed=123)
+    assert all(e <= ATOL for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("variant", ["sd15", "sd2"])
+def test_manifest_verification_passed_within_1e_4_for_every_stage(variant, request):
+    manifest = load_manifest(request.getfixturevalue(f"{variant}_artifacts"))
+    assert set(manifest.verification) == {s.value for s in Stage}
+    for stage, v in manifest.verification.items():
+        assert v["passed"] and v["max_abs"] <= ATOL, (stage, v)
+        assert v["max_rel"] >= 0 and v["tolerance"]["atol"] > 0
+
+
+@pytest.mark.parametrize("variant", ["sd15", "sd2"])
+def test_graphs_have_the_specs_static_names_shapes_and_dtypes(variant, request):
+    artifacts = request.getfixturevalue(f"{variant}_artifacts")
+    manifest = load_manifest(artifacts)
+    for stage, spec in manifest.specs.items():
+        model = onnx.load(str(artifacts / stage.onnx_file), load_external_data=False)
+        assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+        for values, tensors in ((model.graph.input, spec.inputs), (model.graph.output, spec.outputs)):
+            got = [(v.name, tuple(d.dim_value for d in v.type.tensor_type.shape.dim),
+                    onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)) for v in values]
+            assert got == [(t.name, t.shape, t.dtype.numpy) for t in tensors], stage
+            assert all(d.HasField("dim_value") for v in values for d in v.type.tensor_type.shape.dim)
+
+
+def test_manifest_facts_come_from_the_checkpoint_configs(tiny_sd2, sd2_artifacts):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd2)
+    facts = load_manifest(sd2_artifacts).facts
+    assert facts.prediction_type == pipe.scheduler.config.prediction_type == "v_prediction"
+    assert facts.vae_scaling_factor == pipe.vae.config.scaling_factor
+    assert facts.vae_scale_factor == pipe.vae_scale_factor
+    assert facts.latent_channels == pipe.unet.config.in_channels
+    assert facts.text_hidden_size == pipe.text_encoder.config.hidden_size
+    assert facts.text_max_length == pipe.tokenizer.model_max_length
+    assert facts.native_image_size == pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def test_unet_weights_live_in_one_external_file_with_the_fixed_name(sd15_artifacts):
+    model = onnx.load(str(sd15_artifacts / "unet.onnx"), load_external_data=False)
+    locations = set()
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            locations.add({e.key: e.value for e in init.external_data}["location"])
+    assert locations == {Stage.UNET.data_file}
+    for stage in (Stage.TEXT_ENCODER, Stage.VAE_DECODER):
+        m = onnx.load(str(sd15_artifacts / stage.onnx_file), load_external_data=False)
+        assert not any(i.data_location == onnx.TensorProto.EXTERNAL for i in m.graph.initializer)
+
+
+def test_manifest_lists_every_file_the_runtime_reads(sd15_artifacts):
+    manifest = load_manifest(sd15_artifacts)
+    listed = set(manifest.files)
+    on_disk = {str(p.relative_to(sd15_artifacts)) for p in sd15_artifacts.rglob("*")
+               if p.is_file() and not p.name.startswith(".") and p.name != "manifest.json"}
+    assert listed == on_disk
+    assert {"text_encoder.onnx", "unet.onnx", "unet.onnx.data", "vae_decoder.onnx",
+            "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+            "tokenizer/tokenizer.json"} <= listed
+    assert {"sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime"} <= set(manifest.tools)
+    assert all(p.value == "fp32" for p in manifest.precisions.values())
+
+
+def test_copied_runtime_files_equal_the_checkpoints(tiny_sd15, sd15_artifacts):
+    for rel in ("scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                "tokenizer/tokenizer_config.json"):
+        assert (sd15_artifacts / rel).read_bytes() == (tiny_sd15 / rel).read_bytes()
+
+
+@pytest.mark.parametrize("stage", [Stage.UNET, Stage.VAE_DECODER])
+def test_graph_cleanup_leaves_outputs_unchanged(stage, tiny_sd15, tmp_path):
+    from sdrt.export import graphs
+    from sdrt.export.checkpoint import load_module
+    from sdrt.export.verify import random_inputs
+
+    ckpt = open_checkpoint(tiny_sd15)
+    facts = ckpt.facts()
+    spec = stage_specs(facts, ShapeConfig(facts.native_image_size, facts.native_image_size))[stage]
+    inputs = random_inputs(spec, facts, seed=7)
+    graphs.export_raw(graphs.wrap(stage, load_module(ckpt, stage)), spec, inputs, tmp_path / "raw.onnx")
+    raw = onnx.load(str(tmp_path / "raw.onnx"))
+    cleaned = graphs.clean(onnx.load(str(tmp_path / "raw.onnx")))
+    graphs.save(cleaned, tmp_path / "clean.onnx", None)
+    graphs.infer_shapes_in_place(tmp_path / "clean.onnx")
+    assert len(cleaned.graph.node) <= len(raw.graph.node)
+    before = _session(tmp_path / "raw.onnx").run(None, inputs)
+    after = _session(tmp_path / "clean.onnx").run(None, inputs)
+    np.testing.assert_allclose(after[0], before[0], rtol=0, atol=1e-6)
+
+
+def test_batch_2_without_cfg_at_a_non_square_size_gives_the_specs_shapes(tiny_sd2, export_into, tmp_path):
+    out = export_into(tiny_sd2, tmp_path / "a", batch=2, cfg=False, height=64, width=128)
+    manifest = load_manifest(out)
+    assert manifest.shape == ShapeConfig(height=64, width=128, batch=2, cfg=False)
+    specs = manifest.specs
+    assert specs[Stage.UNET].input("sample").shape == (2, 4, 8, 16)
+    assert specs[Stage.VAE_DECODER].outputs[0].shape == (2, 3, 64, 128)
+    for stage, spec in specs.items():
+        session = _session(out / stage.onnx_file)
+        assert [(i.name, tuple(i.shape)) for i in session.get_inputs()] == [(t.name, t.shape) for t in spec.inputs]
+        assert [(o.name, tuple(o.shape)) for o in session.get_outputs()] == [(t.name, t.shape) for t in spec.outputs]
+    errors = _check_against_diffusers(tiny_sd2, out, seed=5)
+    assert all(e <= ATOL for e in errors.values()), errors
+
+
+def test_batch_2_with_cfg_doubles_the_text_and_unet_batch(tiny_sd15, export_into, tmp_path):
+    out = export_into(tiny_sd15, tmp_path / "b", batch=2, verify=False)
+    manifest = load_manifest(out)
+    assert manifest.verification == {}
+    for stage, batch in ((Stage.TEXT_ENCODER, 4), (Stage.UNET, 4), (Stage.VAE_DECODER, 2)):
+        session = _session(out / stage.onnx_file)
+        assert session.get_inputs()[0].shape[0] == batch
+    assert json.loads((out / "manifest.json").read_text())["shape"]["batch"] == 2
+
+
+def test_size_multiple_follows_the_unets_down_blocks(tiny_sd15):
+    facts = open_checkpoint(tiny_sd15).facts()
+    assert facts.unet_size_multiple == 8 and facts.image_size_multiple == 64

@@ -35,8 +35,16 @@ class _OneLineParser(argparse.ArgumentParser):
     Subparsers inherit the class, so every subcommand behaves the same."""
 
     def error(self, message: str) -> "NoReturn":
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(one_line(f"{self.prog}: error: {message} (see {self.prog} --help)"), file=sys.stderr)
         raise SystemExit(2)
+
+
+def one_line(message: str) -> str:
+    """The message with line breaks and other control characters escaped, so a value
+    holding "\n" (or U+0085, U+2028, a lone surrogate) cannot split or garble the line."""
+    if message.isprintable():
+        return message
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except USER_ERRORS as e:
-        print(f"sdrt {args.command}: error: {e}", file=sys.stderr)
+        print(one_line(f"sdrt {args.command}: error: {e}"), file=sys.stderr)
         if os.environ.get("SDRT_TRACEBACK"):
             raise
         return 2

@@ -25,6 +25,47 @@ def _make(variant: str, folder: Path) -> None:
     make_tiny_model(folder, variant=variant)
 
 
+class _SampledProgress:
+    """Export's Progress, plus the peak resident memory seen during each step
+    (sampled every 20 ms by a thread; psutil is in the export extra)."""
+
+    def __new__(cls):  # built lazily so `--help` needs no sdrt import
+        import contextlib
+        import threading
+
+        import psutil
+
+        from sdrt.export.progress import Progress
+
+        class Sampled(Progress):
+            def __init__(self):
+                super().__init__()
+                self.peaks: dict[str, int] = {}
+                self.current = "start"
+                self._done = threading.Event()
+                self._proc = psutil.Process()
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+
+            def _sample(self):
+                while not self._done.wait(0.02):
+                    rss = self._proc.memory_info().rss
+                    self.peaks[self.current] = max(self.peaks.get(self.current, 0), rss)
+
+            @contextlib.contextmanager
+            def step(self, what):
+                self.current = what
+                with super().step(what):
+                    yield
+                self.current = "between steps"
+
+            def stop(self):
+                self._done.set()
+                self._thread.join()
+
+        return Sampled()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="sd15-full", choices=("sd15-full", "sd21-full", "sd15", "sd2"))
@@ -48,17 +89,20 @@ def main() -> int:
     from sdrt.export.exporter import export_artifacts
     from sdrt.export.progress import Progress
 
-    progress = Progress()
+    progress = _SampledProgress()
     t0 = time.perf_counter()
-    export_artifacts(ExportConfig(model_dir=model, out_dir=work / f"artifacts-{args.variant}",
-                                  verify=args.verify, force=True), progress)
+    try:
+        export_artifacts(ExportConfig(model_dir=model, out_dir=work / f"artifacts-{args.variant}",
+                                      verify=args.verify, force=True), progress)
+    finally:
+        progress.stop()
     total = time.perf_counter() - t0
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
     print(f"\nexport of {args.variant} ({'with' if args.verify else 'without'} verification)")
-    print(f"{'step':<52}{'seconds':>9}")
+    print(f"{'step':<52}{'seconds':>9}{'peak RSS GiB':>14}")
     for step, seconds in progress.durations.items():
-        print(f"{step:<52}{seconds:>9.1f}")
+        print(f"{step:<52}{seconds:>9.1f}{progress.peaks.get(step, 0) / 2**30:>14.2f}")
     per_stage: dict[str, float] = {}
     for step, seconds in progress.durations.items():
         stage = step.split(":")[0]

@@ -135,14 +135,10 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
         gc.collect()
 
         with progress.step(f"{name}: constant folding and shape inference"):
-            model = graphs.clean(graphs.load(raw / "model.onnx"))
-            shutil.rmtree(raw)
             fp32 = work / (stage.onnx_file if precision is Precision.FP32 else "fp32.onnx")
             data = None if not stage.data_file else (stage.data_file if precision is Precision.FP32 else "fp32.onnx.data")
-            graphs.save(model, fp32, data)
-            del model
-            gc.collect()
-            graphs.infer_shapes_in_place(fp32)
+            graphs.clean_file(raw / "model.onnx", fp32, data)
+            shutil.rmtree(raw)
         final = work / stage.onnx_file
         tolerance = FP32_TOLERANCE
         if precision is not Precision.FP32:

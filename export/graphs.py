@@ -8,10 +8,11 @@ TensorRT diffusion demo uses and it emits plain opset-17 graphs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -23,6 +24,8 @@ OPSET = 17
 # Tensors up to this size stay inside the .onnx file even when weights go to the data
 # file: shape inference must read shape constants, and cannot read external data.
 SMALL_TENSOR_BYTES = 1024
+# Weights start at 64-byte offsets in the data file, so a memory-mapping reader can use them in place.
+DATA_ALIGNMENT = 64
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -84,6 +87,30 @@ def export_raw(graph: torch.nn.Module, spec: StageSpec, inputs: dict[str, np.nda
         )
 
 
+def clean_file(raw: Path, dst: Path, data_file: str | None) -> None:
+    """Clean the traced graph at `raw` and write it to `dst`, its weights in `data_file`
+    beside `dst` when given (else inline), then infer shapes.
+
+    Weights are never all in memory at once: torch wrote a >2 GB graph with one
+    external file per weight, which stay on disk during clean-up and are then streamed
+    into the single data file. (Loading the 3.4 GB SD U-Net and letting onnx save it
+    held two to three copies and pushed the export past 8 GB.)
+    """
+    model = onnx.load(str(raw), load_external_data=False)
+    # onnx-graphsurgeon reads a weight's value only when folding needs it, through
+    # onnx.numpy_helper.to_array, which resolves external files against the working
+    # folder; export is single-threaded, so pointing it at the trace's folder is safe.
+    with contextlib.chdir(raw.parent) if hasattr(contextlib, "chdir") else _chdir(raw.parent):
+        model = clean(model)
+    if data_file:
+        _write_external(model, raw.parent, dst.parent / data_file, data_file)
+    else:
+        onnx.external_data_helper.load_external_data_for_model(model, str(raw.parent))
+    onnx.save_model(model, str(dst))
+    del model
+    infer_shapes_in_place(dst)
+
+
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding and dead-node removal with onnx-graphsurgeon, as NVIDIA's demo
     does (its `Optimizer`: cleanup, fold_constants, cleanup). Shape inference runs on
@@ -98,22 +125,60 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     return gs.export_onnx(graph)
 
 
-def save(model: onnx.ModelProto, path: Path, data_file: str | None) -> None:
-    """Save `model` at `path`, its weights in `data_file` beside it when given."""
-    if data_file:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_file, size_threshold=SMALL_TENSOR_BYTES, convert_attribute=False)
-    else:
-        onnx.save_model(model, str(path))
+def _write_external(model: onnx.ModelProto, src_dir: Path, data_path: Path, location: str) -> None:
+    """Move every initializer over SMALL_TENSOR_BYTES into one data file, one tensor
+    at a time, whether its bytes are inline or in a per-weight file under `src_dir`."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    offset = 0
+    with open(data_path, "wb") as out:
+        for tensor in _initializers(model.graph):
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                with open(src_dir / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    data = f.read(info.length) if info.length else f.read()
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) > SMALL_TENSOR_BYTES:
+                data = tensor.raw_data
+            else:
+                continue
+            pad = -offset % DATA_ALIGNMENT
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(data)
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            offset += len(data)
+            del data
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:  # subgraphs (If/Loop bodies), should an exporter emit them
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _initializers(sub)
+
+
+@contextlib.contextmanager
+def _chdir(path: Path) -> Iterator[None]:  # contextlib.chdir is 3.11+; JetPack 6 has 3.10
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def infer_shapes_in_place(path: Path) -> None:
     # infer_shapes_path reads the graph, not the external weights, so memory stays small.
     onnx.shape_inference.infer_shapes_path(str(path), str(path), strict_mode=True)
-
-
-def load(path: Path) -> onnx.ModelProto:
-    return onnx.load(str(path), load_external_data=True)
 
 
 def io_signature(path: Path) -> dict[str, list[tuple[str, tuple[Any, ...], str]]]:

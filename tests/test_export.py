@@ -149,14 +149,39 @@ def test_graph_cleanup_leaves_outputs_unchanged(stage, tiny_sd15, tmp_path):
     facts = ckpt.facts()
     spec = stage_specs(facts, ShapeConfig(facts.native_image_size, facts.native_image_size))[stage]
     inputs = random_inputs(spec, facts, seed=7)
-    graphs.export_raw(graphs.wrap(stage, load_module(ckpt, stage)), spec, inputs, tmp_path / "raw.onnx")
-    raw = onnx.load(str(tmp_path / "raw.onnx"))
-    cleaned = graphs.clean(onnx.load(str(tmp_path / "raw.onnx")))
-    graphs.save(cleaned, tmp_path / "clean.onnx", None)
-    graphs.infer_shapes_in_place(tmp_path / "clean.onnx")
-    assert len(cleaned.graph.node) <= len(raw.graph.node)
-    before = _session(tmp_path / "raw.onnx").run(None, inputs)
+    (tmp_path / "raw").mkdir()
+    graphs.export_raw(graphs.wrap(stage, load_module(ckpt, stage)), spec, inputs, tmp_path / "raw" / "model.onnx")
+    graphs.clean_file(tmp_path / "raw" / "model.onnx", tmp_path / "clean.onnx", stage.data_file)
+    raw = onnx.load(str(tmp_path / "raw" / "model.onnx"), load_external_data=False)
+    cleaned = onnx.load(str(tmp_path / "clean.onnx"), load_external_data=False)
+    assert len(cleaned.graph.node) < len(raw.graph.node)
+    assert not any(n.op_type in ("Constant", "Identity") for n in cleaned.graph.node)
+    before = _session(tmp_path / "raw" / "model.onnx").run(None, inputs)
     after = _session(tmp_path / "clean.onnx").run(None, inputs)
+    np.testing.assert_allclose(after[0], before[0], rtol=0, atol=1e-6)
+
+
+def test_cleanup_streams_per_weight_files_into_the_one_data_file(tiny_sd15, tmp_path):
+    """Torch writes a graph over 2 GB with one external file per weight; clean-up must
+    gather them into unet.onnx.data without changing outputs."""
+    from sdrt.export import graphs
+    from sdrt.export.checkpoint import load_module
+    from sdrt.export.verify import random_inputs
+
+    ckpt = open_checkpoint(tiny_sd15)
+    facts = ckpt.facts()
+    spec = stage_specs(facts, ShapeConfig(facts.native_image_size, facts.native_image_size))[Stage.UNET]
+    inputs = random_inputs(spec, facts, seed=3)
+    graphs.export_raw(graphs.wrap(Stage.UNET, load_module(ckpt, Stage.UNET)), spec, inputs, tmp_path / "inline.onnx")
+    (tmp_path / "raw").mkdir()
+    onnx.save_model(onnx.load(str(tmp_path / "inline.onnx")), str(tmp_path / "raw" / "model.onnx"),
+                    save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert len(list((tmp_path / "raw").iterdir())) > 100
+    (tmp_path / "out").mkdir()
+    graphs.clean_file(tmp_path / "raw" / "model.onnx", tmp_path / "out" / "unet.onnx", "unet.onnx.data")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["unet.onnx", "unet.onnx.data"]
+    before = _session(tmp_path / "inline.onnx").run(None, inputs)
+    after = _session(tmp_path / "out" / "unet.onnx").run(None, inputs)
     np.testing.assert_allclose(after[0], before[0], rtol=0, atol=1e-6)
 
 

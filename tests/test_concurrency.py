@@ -90,3 +90,20 @@ def test_bad_and_failing_calls_do_not_disturb_the_others(pipe):
     assert isinstance(results[4], InvalidInput)
     # The lock was released by every failing call: a further call completes.
     assert np.array_equal(pipe(**jobs[0]).pixels, serial[jobs[0]["seed"]])
+
+
+@pytest.mark.slow
+def test_500_generations_in_one_process_stop_growing_after_warm_up(tmp_path):
+    """Long life (benchmarks/soak.py): resident memory at the end within 5% of the
+    figure after 50 warm-up generations."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
+    report = tmp_path / "soak.json"
+    subprocess.run([sys.executable, str(script), "--generations", "500", "--warmup", "50", "--json", str(report)],
+                   check=True, timeout=1800)
+    figures = json.loads(report.read_text())
+    assert figures["growth_after_warmup_percent"] < 5.0, figures

@@ -247,3 +247,44 @@ def test_engine_cache_killed_mid_write_never_vouches_for_other_bytes(tmp_path, k
     key = _cache_keys()[2]
     cache.store_plan(tmp_path, key, bytes([2]) * size, cache.BuildInfo(0, 3, 0.0))
     assert cache.check(tmp_path, key).current and cache.load_plan(tmp_path, key) == bytes([2]) * size
+
+
+# -- the ONNX Runtime optimized-graph cache ---------------------------------------
+
+def test_generate_killed_while_writing_the_ort_cache_leaves_a_folder_that_loads_and_matches(
+        sd15_artifacts, tmp_path):
+    """`sdrt generate` writes ORT's optimized graphs under .sdrt-cache/ on first load;
+    killed while doing so, the next load must give exactly the uncached result."""
+    import numpy as np
+
+    from sdrt.engines.onnxruntime import CACHE_DIR, CACHE_TEMP_PREFIX
+    from sdrt.runtime.pipeline import Pipeline
+
+    folder = tmp_path / "artifacts"
+    shutil.copytree(sd15_artifacts, folder, ignore=shutil.ignore_patterns(".sdrt-cache"))
+    cache = folder / CACHE_DIR
+
+    def writing(_: Path) -> bool:
+        return cache.is_dir() and any(p.name.startswith(CACHE_TEMP_PREFIX) for p in cache.iterdir())
+
+    cmd = [sys.executable, "-m", "sdrt.runtime.cli", "generate", str(folder), "--prompt", "a fox", "--steps", "2",
+           "--seed", "3", "--out", str(tmp_path / "x.png")]
+    with open(tmp_path / "gen.log", "wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        try:
+            deadline = time.monotonic() + CHILD_TIMEOUT_S
+            while proc.poll() is None and not writing(folder) and time.monotonic() < deadline:
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "generate finished before its cache write could be interrupted"
+    assert not (tmp_path / "x.png").exists()
+    with Pipeline.load(folder, cache=False) as plain:
+        want = plain("a fox", steps=2, seed=3).pixels
+    for _ in range(2):   # the first load repairs or rebuilds the cache, the second reads it
+        with Pipeline.load(folder) as cached:
+            assert np.array_equal(cached("a fox", steps=2, seed=3).pixels, want)

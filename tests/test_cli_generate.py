@@ -1,0 +1,143 @@
+"""`sdrt generate`, `sdrt info` and `sdrt demo` as a user runs them."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdrt.runtime import Pipeline
+from sdrt.runtime.cli import main
+from sdrt.runtime.images import read_parameters
+
+
+def _generate(folder, out, *extra):
+    return main(["generate", str(folder), "--prompt", "a watercolor fox", "--negative-prompt", "blurry",
+                 "--steps", "3", "--guidance", "6.5", "--scheduler", "euler_a", "--seed", "42",
+                 "--out", str(out), *extra])
+
+
+def test_generate_writes_the_png_with_a_parameters_chunk_and_prints_timings(sd15_artifacts, tmp_path, capsys):
+    out = tmp_path / "fox.png"
+    assert _generate(sd15_artifacts, out) == 0
+    printed = capsys.readouterr()
+    assert f"wrote {out}" in printed.out
+    for row in ("text encoder", "U-Net per step (median)", "scheduler+host per step", "VAE decoder", "total"):
+        assert row in printed.out
+    assert "step 3/3" in printed.err   # progress with elapsed time on stderr
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        pixels = np.asarray(im)
+    pipe = Pipeline.load(sd15_artifacts)
+    assert im.size == (pipe.width, pipe.height)
+    assert read_parameters(out) == (
+        "a watercolor fox\nNegative prompt: blurry\n"
+        f"Steps: 3, Sampler: euler_a, CFG scale: 6.5, Seed: 42, Size: {pipe.width}x{pipe.height}, "
+        f"Model: {Path(pipe.manifest.source).name}")
+    # The file holds the same image the API gives for the same settings.
+    api = pipe("a watercolor fox", negative_prompt="blurry", steps=3, guidance=6.5, scheduler="euler_a", seed=42)
+    np.testing.assert_array_equal(pixels, np.asarray(api.images[0]))
+
+
+def test_existing_output_is_not_overwritten_without_force(sd15_artifacts, tmp_path, capsys):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"user's file")
+    assert _generate(sd15_artifacts, out) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"sdrt generate: error: {out} already exists; pass --force to overwrite it"
+    assert out.read_bytes() == b"user's file"
+    assert _generate(sd15_artifacts, out, "--force") == 0
+    assert read_parameters(out).startswith("a watercolor fox")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--scheduler", "k_lms"], "unknown scheduler 'k_lms': choose one of ddim, pndm"),
+    (["--steps", "0"], "steps must be from 1 to 1000, got 0"),
+    (["--steps", "100000"], "steps must be from 1 to 1000, got 100000"),
+    (["--guidance", "nan"], "guidance must be a finite number from 0 to 100, got nan"),
+    (["--seed", str(2**64)], f"seed must be from 0 to 2**64-1 ({2**64 - 1}), got {2**64}"),
+    (["--seed", "-3"], "seed must be from 0 to 2**64-1"),
+    (["--out", "picture.jpg"], "must end in .png"),
+])
+def test_bad_settings_exit_2_with_one_line_naming_the_value(sd15_artifacts, tmp_path, capsys, args, words):
+    rc = main(["generate", str(sd15_artifacts), "--prompt", "x", "--out", str(tmp_path / "o.png"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and words in err, err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_missing_and_incomplete_folders_exit_2(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    assert main(["info", str(tmp_path)]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+
+
+def test_errors_from_the_installed_command_have_no_traceback(tmp_path):
+    # As a user sees it: a real process, its exit status and its whole stderr.
+    proc = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "generate", str(tmp_path / "missing"),
+                           "--prompt", "x"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"sdrt generate: error: artifact folder {tmp_path / 'missing'} "
+                                                f"does not exist"]
+
+
+def test_info_prints_facts_shapes_stages_and_files(sd15_artifacts, capsys):
+    assert main(["info", str(sd15_artifacts), "--check"]) == 0
+    out = capsys.readouterr().out
+    pipe = Pipeline.load(sd15_artifacts)
+    m = pipe.manifest
+    assert f"{m.shape.width}x{m.shape.height}" in out and f"batch {m.shape.batch}" in out
+    assert f"{m.facts.prediction_type} prediction" in out
+    for stage, spec in m.specs.items():
+        assert f"{stage.value:<13} {m.precisions[stage].value}" in out
+        for t in spec.inputs + spec.outputs:
+            assert f"{t.name:<22} {t.dtype.value:<8} {list(t.shape)}" in out
+    for rel in m.files:
+        assert rel in out
+    assert "SHA-256 verified" in out
+
+
+def test_parameters_text_follows_the_a1111_convention():
+    from sdrt.runtime.images import parameters_text
+    assert parameters_text("a fox", "", 25, "euler_a", 7.5, 42, 768, 512, "sd15") == (
+        "a fox\nSteps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 768x512, Model: sd15")
+    assert parameters_text("a\nfox", "blur", 4, "ddim", 1.0, None, 64, 64) == (
+        "a\nfox\nNegative prompt: blur\nSteps: 4, Sampler: ddim, CFG scale: 1, Size: 64x64")
+
+
+def test_demo_reuses_a_complete_export_in_its_folder(sd15_artifacts, tmp_path, capsys):
+    out = tmp_path / "demo"
+    shutil.copytree(sd15_artifacts, out / "artifacts")
+    assert main(["demo", "--out", str(out), "--steps", "2", "--seed", "3"]) == 0
+    printed = capsys.readouterr()
+    assert "reusing the export" in printed.err and "exporting" not in printed.err
+    assert f"wrote {out / 'demo.png'}" in printed.out and "U-Net per step" in printed.out
+    assert read_parameters(out / "demo.png").startswith("a watercolor fox\nSteps: 2, Sampler: pndm")
+    # Its own image is replaced on the next run; the folder is the demo's.
+    assert main(["demo", "--out", str(out), "--steps", "2", "--seed", "4"]) == 0
+    assert "Seed: 4" in read_parameters(out / "demo.png")
+
+
+def test_demo_does_not_overwrite_an_image_in_a_folder_it_did_not_make(tmp_path, capsys):
+    (tmp_path / "demo.png").write_bytes(b"user's")
+    assert main(["demo", "--out", str(tmp_path)]) == 2
+    assert "demo.png already exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "demo.png").read_bytes() == b"user's"
+
+
+@pytest.mark.slow
+def test_demo_makes_exports_and_generates_then_reuses_its_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "3", "--seed", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "exporting" in printed.err and f"wrote {out / 'demo.png'}" in printed.out
+    assert read_parameters(out / "demo.png").startswith("a watercolor fox\nSteps: 3")
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    assert "reusing the export" in capsys.readouterr().err

@@ -31,14 +31,18 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
-from sdrt.engines.errors import ArtifactError
+from sdrt.engines.errors import ArtifactError, BackendUnavailable
 from sdrt.engines.files import TEMP_PREFIX, atomic_path
 from sdrt.engines.specs import Precision, Stage
 
-FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
+try:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+except ImportError:  # `sdrt build` on a runtime-only install (Jetson) needs only verify_tolerance
+    onnx = None
+
+FLOAT, HALF = 1, 10   # TensorProto.FLOAT, TensorProto.FLOAT16: fixed by the ONNX spec
 
 # Kept in fp32: normalisations (variance overflows fp16), softmax (exp of large
 # logits), the pieces of a hand-written layer norm, and the sinusoidal timestep
@@ -81,6 +85,8 @@ def convert_stage(src: Path, dst: Path, stage: Stage) -> None:
     normal path). Both files are written atomically, the data file first.
     """
     src, dst, stage = Path(src), Path(dst), Stage(stage)
+    if onnx is None:
+        raise BackendUnavailable("fp16 conversion needs the onnx package: pip install 'sdrt[export]'")
     if not src.is_file():
         raise ArtifactError(f"{src}: no such ONNX file to convert to fp16")
     model = convert_model(onnx.load(str(src), load_external_data=False), base_dir=src.parent)

@@ -33,7 +33,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .base import Engine
+from . import files
 from .errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType
+from .manifest import FileRecord, check_files, file_record
 from .onnx_files import check_external_data
 from .specs import Stage, StageSpec
 
@@ -44,6 +46,7 @@ except ImportError:  # pragma: no cover - onnxruntime is a runtime dependency
 
 CACHE_DIR = Path(".sdrt-cache") / "ort"
 CACHE_TEMP_PREFIX = ".tmp-"
+ENTRY_RECORDS = "files.json"
 
 # Short provider names accepted from the CLI and the API.
 PROVIDER_ALIASES = {
@@ -163,6 +166,7 @@ def _open_session(folder: Path, stage: Stage, manifest: Any, providers: list[str
     cached_model = entry / stage.onnx_file
     if cached_model.is_file():
         try:
+            _check_entry(entry)
             return _session(cached_model, session_options(threads, optimize=False), providers), True
         except ArtifactError:
             shutil.rmtree(entry, ignore_errors=True)   # a damaged entry: rebuild it below
@@ -190,11 +194,31 @@ def _session_saving_optimized(model: Path, entry: Path, stage: Stage, threads: i
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        _record_entry(tmp)
         with contextlib.suppress(OSError):
             os.replace(tmp, entry)   # atomic; fails harmlessly if a concurrent loader won
         return session
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record_entry(entry: Path) -> None:
+    """Record each cached file's size and SHA-256, and stamp them as just hashed: a
+    cached graph is loaded instead of the manifest-checked one, so a bit flipped in it
+    must be caught the same way, not silently change every image."""
+    records = {f.name: file_record(entry, f.name) for f in sorted(entry.iterdir()) if f.is_file()}
+    files.atomic_write_json(entry / ENTRY_RECORDS, {k: v.to_json() for k, v in records.items()})
+    check_files(entry, records)   # writes the stamps, so the next load does not re-hash
+
+
+def _check_entry(entry: Path) -> None:
+    """Sizes always, hashes unless stamped (engines.manifest.check_files); ArtifactError if damaged."""
+    try:
+        data = json.loads((entry / ENTRY_RECORDS).read_text(encoding="utf-8"))
+        records = {str(k): FileRecord(str(v["sha256"]), int(v["size"])) for k, v in data.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ArtifactError(f"{entry}: cache entry without a readable {ENTRY_RECORDS} ({e})") from None
+    check_files(entry, records)
 
 
 def _remove_stale_entries(cache: Path, stage: Stage, keep: str) -> None:

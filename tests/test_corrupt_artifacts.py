@@ -180,3 +180,20 @@ def test_undamaged_copy_loads(folder):
     """The control for every case above: the same copy, undamaged, loads."""
     with Pipeline.load(folder) as pipe:
         assert pipe.height == load_manifest(folder).shape.height
+
+
+def test_flipped_byte_in_the_ort_cache_is_caught_and_the_entry_rebuilt(folder):
+    """ORT's optimized graphs in .sdrt-cache are loaded instead of the checked files,
+    so they are checked the same way: a damaged entry is rebuilt, never used."""
+    import numpy as np
+
+    from sdrt.engines.onnxruntime import CACHE_DIR
+
+    with Pipeline.load(folder, cache=False) as plain:
+        want = plain("a fox", steps=2, seed=3).pixels
+    with Pipeline.load(folder) as first:   # writes the cache
+        assert np.array_equal(first("a fox", steps=2, seed=3).pixels, want)
+    (data,) = (folder / CACHE_DIR).glob(f"{Stage.UNET.value}-*/{Stage.UNET.onnx_file}.data")
+    _flip_byte(data, at=0.5)
+    with Pipeline.load(folder) as again:
+        assert np.array_equal(again("a fox", steps=2, seed=3).pixels, want)

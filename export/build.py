@@ -27,6 +27,7 @@ from typing import Any, Iterator, Sequence
 from sdrt.engines import cache
 from sdrt.engines.errors import ArtifactError, InvalidInput
 from sdrt.engines.manifest import Manifest, load_manifest
+from sdrt.engines.onnx_files import check_external_data
 from sdrt.engines.specs import Precision, Stage
 
 from .progress import Progress
@@ -142,6 +143,7 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
 def build_plan(trt: Any, onnx_path: Path, config: BuildConfig) -> bytes:
     """Parse one static-shape ONNX file into a strongly typed network and build it.
     Loads and saves the timing cache at `config.timing_cache_path`."""
+    check_external_data(onnx_path)   # TensorRT's parser reads any location it is given: refuse escapes first
     log = _logger(trt)
     builder = trt.Builder(log)
     # STRONGLY_TYPED: types come from the ONNX file. Required on 10.x, implied on 11.

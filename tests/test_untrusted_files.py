@@ -340,3 +340,13 @@ def test_code_in_a_pickle_only_checkpoint_never_runs_without_the_flag(tiny_sd15,
     assert main(["export", str(model), "--out", str(tmp_path / "out")]) == 2
     assert "--allow-pickle-code-execution" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_tensorrt_build_refuses_escape_before_touching_tensorrt(tmp_path, outside):
+    """`sdrt build` checks the graph before TensorRT's parser (which reads whatever
+    location it is given) sees it; the fake `trt` would fail if it were reached."""
+    from sdrt.export.build import build_plan
+
+    path = _matmul_model(tmp_path / "m", "../outside/secret.bin", write_data=False)
+    with pytest.raises(ArtifactError, match="outside"):
+        build_plan(object(), path, None)

@@ -25,7 +25,8 @@ CHART_PARTS = (
     ("other", "other"),
 )
 FRAMEWORK_LABELS = {"sdrt": "sdrt (ONNX Runtime)", "diffusers": "diffusers (PyTorch)",
-                    "openvino": "OpenVINO (engines only)"}
+                    "openvino": "OpenVINO f32 (engines only)",
+                    "openvino_bf16": "OpenVINO default bf16 (engines only)"}
 
 
 def per_run(runs: Sequence[dict[str, list[float]]], figure: str) -> list[float]:

@@ -67,7 +67,7 @@ class Case:
     backend: str = "onnxruntime"
 
 
-def default_cases(runs: int | None, warmup: int | None) -> dict[str, Case]:
+def default_cases(runs: int | None, warmup: int | None, openvino_bf16: bool = False) -> dict[str, Case]:
     cases = {
         "builtin": Case("built-in model (runtime overhead)", "sd15", None, None, 25, 20, 3,
                         ("sdrt", "diffusers", "openvino")),
@@ -77,7 +77,9 @@ def default_cases(runs: int | None, warmup: int | None) -> dict[str, Case]:
                     ("sdrt", "diffusers"), device="cuda", precision="fp16",
                     backend="tensorrt" if _has("tensorrt") else "onnxruntime"),
     }
-    return {k: replace(c, runs=runs or c.runs, warmup=c.warmup if warmup is None else warmup)
+    extra = ("openvino_bf16",) if openvino_bf16 else ()
+    return {k: replace(c, runs=runs or c.runs, warmup=c.warmup if warmup is None else warmup,
+                       frameworks=c.frameworks + (extra if "openvino" in c.frameworks else ()))
             for k, c in cases.items()}
 
 
@@ -181,7 +183,7 @@ def run_case(name: str, case: Case, work: Path, settings: dict[str, Any], progre
             measured = i >= case.warmup
             order = list(case.frameworks[i % len(case.frameworks):]) + list(case.frameworks[:i % len(case.frameworks)])
             for fw in order:
-                save = str(work / f"image-{name}-{fw}.npy") if i == case.warmup and fw != "openvino" else None
+                save = str(work / f"image-{name}-{fw}.npy") if i == case.warmup and fw in ("sdrt", "diffusers") else None
                 reply = workers[fw].ask(cmd="run", save=save)
                 out["workers"][fw]["peak_rss_bytes"] = reply["peak_rss_bytes"]
                 if measured:
@@ -266,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="threads for every framework (default: the CPUs this process may use)")
     p.add_argument("--scheduler", default="euler", help="sdrt scheduler name; diffusers gets the matching class")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--openvino-bf16", action="store_true",
+                   help="also time OpenVINO at its default precision (bf16 on CPUs with native bf16)")
     p.add_argument("--force", action="store_true", help="overwrite earlier results in --out")
     args = p.parse_args(argv)
 
@@ -282,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
 
     progress = Progress()
     settings = {"prompt": args.prompt, "guidance": 7.5, "scheduler": args.scheduler, "threads": args.threads}
-    cases = default_cases(args.runs, args.warmup)
+    cases = default_cases(args.runs, args.warmup, args.openvino_bf16)
+    if not _has("openvino"):   # an optional benchmark dependency: compare without it
+        progress("openvino is not installed (pip install 'sdrt[bench]'): comparing sdrt and diffusers only")
+        cases = {k: replace(c, frameworks=tuple(f for f in c.frameworks if not f.startswith("openvino")))
+                 for k, c in cases.items()}
     report: dict[str, Any] = {
         "schema": "sdrt-side-by-side", "schema_version": 1,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -17,7 +17,7 @@ Every worker reports the same stage names (see `sdrt.runtime.bench.FIGURES`), in
 seconds: text_encoder (summed per generation), unet_step, host_step, step,
 vae_decoder, end_to_end. A stage a framework does not run is absent.
 
-Run as: python benchmarks/workers.py KIND SETTINGS_JSON   (KIND: sdrt, diffusers, openvino)
+Run as: python benchmarks/workers.py KIND SETTINGS_JSON   (KIND: sdrt, diffusers, openvino, openvino_bf16)
 """
 
 from __future__ import annotations
@@ -185,6 +185,8 @@ class OpenVinoWorker:
     like-for-like comparison.
     """
 
+    precision = "f32"
+
     def __init__(self, s: dict[str, Any]):
         self.s = s
 
@@ -198,7 +200,7 @@ class OpenVinoWorker:
         manifest = read_manifest(folder)
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": self.s["threads"],
-                  "INFERENCE_PRECISION_HINT": "f32"}
+                  "INFERENCE_PRECISION_HINT": self.precision}
         rng = np.random.default_rng(0)
         self.requests, self.inputs = {}, {}
         for stage in Stage:
@@ -225,6 +227,19 @@ class OpenVinoWorker:
                            "engines_total": [time.perf_counter() - t0]}}
 
 
+class OpenVinoDefaultWorker(OpenVinoWorker):
+    """OpenVINO as a CPU user gets it by default: bf16 on CPUs with native bf16
+    (AVX512_BF16, AMX), f32 elsewhere. Informational: its numerics differ from fp32."""
+
+    precision = "bf16"
+
+    def load(self) -> dict[str, Any]:
+        import openvino as ov
+        if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            self.precision = "f32"
+        return super().load()
+
+
 def _example(spec: Any, rng: np.random.Generator) -> np.ndarray:
     """An input of the spec's shape and dtype with plausible values (timing does not
     depend on them, but NaN-free realistic ranges keep every kernel on its normal path)."""
@@ -249,7 +264,8 @@ def _stage_lists(text: float, steps, unet, vae: float, wall: float) -> dict[str,
     }
 
 
-WORKERS = {"sdrt": SdrtWorker, "diffusers": DiffusersWorker, "openvino": OpenVinoWorker}
+WORKERS = {"sdrt": SdrtWorker, "diffusers": DiffusersWorker, "openvino": OpenVinoWorker,
+           "openvino_bf16": OpenVinoDefaultWorker}
 
 
 def main(argv: list[str]) -> int:

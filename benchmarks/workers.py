@@ -171,7 +171,10 @@ class DiffusersWorker:
         ends = m["step1"]
         steps = [b - a for a, b in zip([m["loop0"][0]] + ends[:-1], ends)]
         vae = m["vae1"][0] - m["vae0"][0]
-        return {"stages": _stage_lists(text, steps, unet, vae, wall)}
+        reply = {"stages": _stage_lists(text, steps, unet, vae, wall)}
+        if self.device != "cpu":
+            reply["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
+        return reply
 
 
 class OpenVinoWorker:

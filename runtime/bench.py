@@ -244,23 +244,24 @@ def add_generation(samples: dict[str, list[float]], timings: Any, wall_s: float)
 
 
 class _GpuMemory:
-    """Peak GPU memory in use, sampled after each generation, on the TensorRT backend
-    only (the CUDA layer is optional; None where it is absent)."""
+    """Peak GPU memory in use on the device, on the TensorRT backend only (None
+    elsewhere). CUDA keeps no per-process peak, so this is cudaMemGetInfo's used
+    bytes (total - free, all processes on the device) sampled after loading and after
+    every generation: the engines' buffers are allocated once at load, so the
+    samples see the steady state."""
 
     def __init__(self, backend: Backend):
         self.peak: int | None = None
-        self._used = None
+        self._query = None
         if backend is Backend.TENSORRT:
-            try:
-                from sdrt.engines import cuda
-                self._used = getattr(cuda, "device_memory_used", None)
-            except ImportError:
-                self._used = None
+            from sdrt.engines import cuda
+            self._query = lambda: cuda.check(cuda.cudart().cudaMemGetInfo(), "cudaMemGetInfo")
         self.sample()
 
     def sample(self) -> None:
-        if self._used is not None:
-            used = int(self._used())
+        if self._query is not None:
+            free, total = self._query()
+            used = int(total) - int(free)
             self.peak = used if self.peak is None else max(self.peak, used)
 
 

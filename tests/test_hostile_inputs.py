@@ -146,6 +146,13 @@ CLI_CASES = [
     ("build {new}", "does not exist"),
     ("build {file}", "is not a folder"),
     ("build {empty}", "has no manifest.json"),
+    ("build {art} --workspace-gb 0", "workspace must be more than 0"),
+    ("build {art} --workspace-gb nan", "got nan"),
+    ("build {art} --workspace-gb x", "--workspace-gb: invalid float value: 'x'"),
+    ("build {art} --opt-level 9", "--opt-level: invalid choice: 9"),
+    ("build {art} --stages foo", "--stages: invalid choice: 'foo'"),
+    ("build {art} --device=-1", "device must be a GPU index (0, 1, ...), got -1"),
+    ("build {art} --device x", "--device: invalid int value: 'x'"),
     # the dispatcher
     ("bogus", "invalid choice: 'bogus'"),
 ]
@@ -529,3 +536,18 @@ def test_any_generate_command_line_exits_0_or_2_and_writes_only_its_output(place
     assert sorted(p.name for p in tmp_path.iterdir()) == (["fuzz.png"] if code == 0 else []) or \
         set(p.name for p in tmp_path.iterdir()) <= {"fuzz.png"}
     assert _snapshot(places["art"]) == before
+
+
+@pytest.mark.parametrize("argv", [["build", "{art}"], ["generate", "{art}", "--prompt", "x", "--backend", "tensorrt"],
+                                  ["bench", "{art}", "--backend", "tensorrt"]], ids=lambda a: "_".join(a[:1] + a[3:]))
+def test_tensorrt_where_it_cannot_run_is_one_line_saying_so(argv, places, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed here")
+    monkeypatch.chdir(tmp_path)
+    before = _snapshot(places["art"])
+    assert main([a.format(art=places["art"]) for a in argv]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "TensorRT" in lines[0].replace("tensorrt", "TensorRT"), lines
+    assert _snapshot(places["art"]) == before and not list(tmp_path.iterdir())

@@ -120,7 +120,7 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
     return names
 
 
-def session_options(threads: int | None, optimize: bool) -> "ort.SessionOptions":
+def session_options(threads: int | None, optimize: bool, spinning: bool = False) -> "ort.SessionOptions":
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -131,17 +131,24 @@ def session_options(threads: int | None, optimize: bool) -> "ort.SessionOptions"
     opts.intra_op_num_threads = threads or 0
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3   # errors only: ORT's warnings about unused initializers are noise
+    if not spinning:
+        # Idle worker threads sleep instead of busy-waiting between ops. Spinning saves
+        # microseconds per op on an idle machine but collapses when the cores are shared:
+        # tiny SD 1.5, 25 steps, 2 threads, load ~5 on 2 cores: 0.15-0.18 s without
+        # spinning, 0.35-0.68 s with it. Full-size ops are long enough not to notice.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
 def open_engines(folder: str | os.PathLike[str], manifest: Any, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, cache: bool = True,
+                 threads: int | None = None, cache: bool = True, spinning: bool = False,
                  stages: Sequence[Stage] | None = None) -> dict[Stage, Engine]:
     """Open the stages of an artifact folder (all three unless `stages` is given).
 
     providers: None / "cpu" (default) or "cuda" (needs onnxruntime-gpu), or full ORT names.
     threads: intra-op threads; None = one per physical core.
     cache: save the optimized graph once and reuse it (see the module docstring).
+    spinning: let idle ORT threads busy-wait (lower latency on a dedicated machine only).
     """
     folder = Path(folder)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
@@ -151,40 +158,40 @@ def open_engines(folder: str | os.PathLike[str], manifest: Any, providers: Seque
     engines: dict[Stage, Engine] = {}
     for stage in stages or list(Stage):
         start = time.perf_counter()
-        session, cached = _open_session(folder, stage, manifest, names, threads, cache)
+        session, cached = _open_session(folder, stage, manifest, names, threads, cache, spinning)
         _check_session(session, specs[stage], folder / stage.onnx_file)
         engines[stage] = OrtEngine(specs[stage], session, time.perf_counter() - start, cached)
     return engines
 
 
 def _open_session(folder: Path, stage: Stage, manifest: Any, providers: list[str], threads: int | None,
-                  cache: bool) -> tuple["ort.InferenceSession", bool]:
+                  cache: bool, spinning: bool) -> tuple["ort.InferenceSession", bool]:
     model = folder / stage.onnx_file
     if not cache:
-        return _session(model, session_options(threads, optimize=True), providers), False
+        return _session(model, session_options(threads, optimize=True, spinning=spinning), providers), False
     entry = folder / CACHE_DIR / f"{stage.value}-{_cache_key(manifest, stage, providers)}"
     cached_model = entry / stage.onnx_file
     if cached_model.is_file():
         try:
             _check_entry(entry)
-            return _session(cached_model, session_options(threads, optimize=False), providers), True
+            return _session(cached_model, session_options(threads, optimize=False, spinning=spinning), providers), True
         except ArtifactError:
             shutil.rmtree(entry, ignore_errors=True)   # a damaged entry: rebuild it below
     try:
-        return _session_saving_optimized(model, entry, stage, threads, providers), False
+        return _session_saving_optimized(model, entry, stage, threads, providers, spinning), False
     except OSError:
         # Read-only or full disk: the cache is an optimization, never a reason to fail.
-        return _session(model, session_options(threads, optimize=True), providers), False
+        return _session(model, session_options(threads, optimize=True, spinning=spinning), providers), False
 
 
 def _session_saving_optimized(model: Path, entry: Path, stage: Stage, threads: int | None,
-                              providers: list[str]) -> "ort.InferenceSession":
+                              providers: list[str], spinning: bool) -> "ort.InferenceSession":
     """Create the session with full optimization, saving the optimized graph as `entry`."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_entries(entry.parent, stage, keep=entry.name)
     tmp = Path(tempfile.mkdtemp(prefix=CACHE_TEMP_PREFIX, dir=entry.parent))
     try:
-        opts = session_options(threads, optimize=True)
+        opts = session_options(threads, optimize=True, spinning=spinning)
         opts.optimized_model_filepath = str(tmp / stage.onnx_file)
         # Weights go to a side file so graphs over protobuf's 2 GB limit can be saved.
         opts.add_session_config_entry("session.optimized_model_external_initializers_file_name",

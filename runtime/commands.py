@@ -189,7 +189,7 @@ def format_info(folder: Path, m: Any, checked: bool = False) -> str:
     out = [f"artifact folder {folder}"]
     if m.source:
         out.append(f"  source        {m.source}")
-    out.append(f"  model         {f.family}, {f.prediction_type} prediction, latent channels {f.latent_channels}, "
+    out.append(f"  model         {f.family}, prediction {f.prediction_type}, latent channels {f.latent_channels}, "
                f"VAE scale {f.vae_scale_factor} (scaling factor {f.vae_scaling_factor:g}), "
                f"text {f.text_max_length} x {f.text_hidden_size}")
     out.append(f"  image         {s.width}x{s.height} (native {f.native_image_size}), batch {s.batch}, "

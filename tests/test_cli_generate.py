@@ -94,7 +94,7 @@ def test_info_prints_facts_shapes_stages_and_files(sd15_artifacts, capsys):
     pipe = Pipeline.load(sd15_artifacts)
     m = pipe.manifest
     assert f"{m.shape.width}x{m.shape.height}" in out and f"batch {m.shape.batch}" in out
-    assert f"{m.facts.prediction_type} prediction" in out
+    assert f"prediction {m.facts.prediction_type}" in out
     for stage, spec in m.specs.items():
         assert f"{stage.value:<13} {m.precisions[stage].value}" in out
         for t in spec.inputs + spec.outputs:

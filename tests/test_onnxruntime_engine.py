@@ -219,3 +219,14 @@ def test_threads_must_be_positive(folder):
     path, manifest = folder
     with pytest.raises(InvalidInput, match="threads must be a positive integer"):
         open_engines(path, manifest, Backend.ONNXRUNTIME, threads=0)
+
+
+def test_sessions_do_not_busy_wait_unless_asked(folder):
+    # Spinning threads collapse latency on shared cores (see session_options).
+    path, manifest = folder
+    key = "session.intra_op.allow_spinning"
+    quiet = open_engines(path, manifest, Backend.ONNXRUNTIME, cache=False, stages=[Stage.UNET])[Stage.UNET]
+    spin = open_engines(path, manifest, Backend.ONNXRUNTIME, cache=False, spinning=True, stages=[Stage.UNET])[Stage.UNET]
+    assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(Exception, match="does not have configuration"):   # ORT's default: spin
+        spin.session.get_session_options().get_session_config_entry(key)

@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--provider", default=None,
                    help="ONNX Runtime provider: cpu (default) or cuda (needs onnxruntime-gpu)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
+    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="TensorRT: run the U-Net without capturing it as a CUDA graph")
+    g.add_argument("--shared-device-memory", action="store_true",
+                   help="TensorRT: one activation memory block for all stages (small Jetson boards)")
     g.set_defaults(handler=run_generate)
 
     i = sub.add_parser("info", help="describe an artifact folder",
@@ -83,6 +87,8 @@ def run_generate(args: argparse.Namespace) -> int:
         options["providers"] = args.provider
     if args.threads is not None:
         options["threads"] = args.threads
+    if Backend.parse(args.backend) is Backend.TENSORRT:
+        options.update(cuda_graph=args.cuda_graph, shared_device_memory=args.shared_device_memory)
     manifest = read_manifest(args.artifact_dir)   # fail fast on a missing or incomplete folder
     _check_generation_args(args, manifest.shape.batch)
     paths = output_paths(args.out, manifest.shape.batch)

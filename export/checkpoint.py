@@ -110,8 +110,8 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
         pickled_only.append((c, pickles[0]))
     if pickled_only and not allow_pickle:
         raise InvalidInput(
-            f"{folder}: {', '.join(f'{c}/{name}' for c, name in pickled_only)} holds pickle-based weights, and loading them would "
-            f"execute code from the file; convert the checkpoint to safetensors, or pass "
+            f"{folder}: {', '.join(f'{c}/{name}' for c, name in pickled_only)} holds pickle-based "
+            f"weights, and loading them would execute code from the file; convert the checkpoint to safetensors, or pass "
             f"--allow-pickle-code-execution if you trust its source")
     return Checkpoint(folder, configs, scheduler, tokenizer_config, frozenset(c for c, _ in pickled_only))
 
@@ -119,13 +119,10 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
 def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
     """The torch module of one stage, in fp32 and eval mode (torch imported here)."""
     import torch
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
 
-    # Their load-time notices (progress bars, "install accelerate") would drown export's own progress lines.
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    from .tiny import quiet_libraries
+
+    quiet_libraries()
     if stage is Stage.TEXT_ENCODER:
         from transformers import CLIPTextModel
 

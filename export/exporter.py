@@ -114,7 +114,7 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
                   verify: bool, progress: Progress) -> Any:
     from . import graphs
     from .checkpoint import load_module
-    from .verify import FP32_TOLERANCE, compare, random_inputs, run_onnx, torch_reference
+    from .verify import FP32_TOLERANCE, compare, random_inputs, run_onnx
 
     stage = spec.stage
     name = stage.value
@@ -123,14 +123,10 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
         with progress.step(f"{name}: loading weights"):
             graph = graphs.wrap(stage, load_module(ckpt, stage))
         inputs = random_inputs(spec, facts)
-        reference = None
-        if verify:
-            with progress.step(f"{name}: torch reference run"):
-                reference = torch_reference(graph, spec, inputs)
         raw = work / "raw"
         raw.mkdir()
         with progress.step(f"{name}: tracing to ONNX (opset {graphs.OPSET})"):
-            graphs.export_raw(graph, spec, inputs, raw / "model.onnx")
+            reference = graphs.export_raw(graph, spec, inputs, raw / "model.onnx")
         del graph
         gc.collect()
 
@@ -151,7 +147,7 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
         _check_signature(final, spec)
 
         check = None
-        if verify and reference is not None:
+        if verify:
             with progress.step(f"{name}: verifying in ONNX Runtime"):
                 got = run_onnx(final, inputs)
             check = compare(stage, precision, got, reference, tolerance)

@@ -24,6 +24,7 @@ from sdrt.engines.errors import AlreadyExists, InvalidInput
 from sdrt.engines.files import TEMP_PREFIX
 
 from . import vocab
+from .progress import Progress
 
 VARIANTS = ("sd15", "sd2", "sd15-full", "sd21-full")
 MAX_SEED = 2**32 - 1
@@ -121,6 +122,18 @@ def _variant(name: str) -> Variant:
     raise InvalidInput(f"unknown tiny-model variant {name!r}: choose one of {', '.join(VARIANTS)}")
 
 
+def quiet_libraries() -> None:
+    """diffusers/transformers progress bars and load-time notices (torchvision,
+    accelerate) would drown sdrt's own progress lines."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def write_tokenizer(folder: Path, pad_token: str) -> None:
     """vocab.json, merges.txt and configs as the SD checkpoints ship them, plus the
     `tokenizers` library's tokenizer.json (what a torch-free runtime loads)."""
@@ -141,7 +154,7 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
 
 
 def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed: int = 0,
-                    force: bool = False) -> Path:
+                    force: bool = False, progress: Progress | None = None) -> Path:
     """Write the built-in checkpoint `variant` to `out_dir` and return its path.
 
     The folder appears complete or not at all: it is written beside `out_dir` under a
@@ -157,30 +170,35 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
             raise AlreadyExists(f"{out_dir} already exists; choose another folder or pass --force")
         if not (out_dir / "model_index.json").is_file():
             raise AlreadyExists(f"{out_dir} exists and is not a diffusers checkpoint; refusing to replace it")
+    progress = progress or Progress(enabled=variant.endswith("-full"))  # the tiny ones take seconds
+    quiet_libraries()
     import torch
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.schedulers import DDIMScheduler, PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     # One seed per component, so changing one component's config leaves the others' bytes alone.
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**spec.unet)
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**spec.vae)
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text))
+    with progress.step(f"{variant}: drawing random weights (seed {seed})"):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**spec.unet)
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(**spec.vae)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text))
     sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[spec.scheduler["_class_name"]]
     scheduler = sched_cls.from_config({k: v for k, v in spec.scheduler.items() if k != "_class_name"})
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary shared folder
         write_tokenizer(tmp / "tokenizer", spec.pad_token)
         pipe = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
             unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
-        pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
+        with progress.step(f"{variant}: writing {out_dir}"):
+            pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
         for name in ("unet", "vae", "text_encoder", "scheduler", "model_index.json"):
             os.replace(tmp / "pipe" / name, tmp / name)
         shutil.rmtree(tmp / "pipe")

@@ -70,16 +70,6 @@ def random_inputs(spec: StageSpec, facts: ModelFacts, seed: int = 0) -> dict[str
     return out
 
 
-def torch_reference(graph: Any, spec: StageSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import torch
-
-    with torch.no_grad():
-        result = graph(*(torch.from_numpy(inputs[t.name]) for t in spec.inputs))
-    if isinstance(result, torch.Tensor):
-        result = (result,)
-    return {t.name: r.detach().float().numpy() for t, r in zip(spec.outputs, result)}
-
-
 def run_onnx(path: Path, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     import onnxruntime as ort
 

@@ -185,6 +185,25 @@ def test_cleanup_streams_per_weight_files_into_the_one_data_file(tiny_sd15, tmp_
     np.testing.assert_allclose(after[0], before[0], rtol=0, atol=1e-6)
 
 
+def test_trace_returns_the_modules_eager_outputs_as_the_reference(tiny_sd2, tmp_path):
+    """Verification compares ONNX with the outputs torch computed while tracing; they
+    must be what diffusers' VAE computes for the same latent."""
+    from sdrt.export import graphs
+    from sdrt.export.checkpoint import load_module
+    from sdrt.export.verify import random_inputs
+
+    ckpt = open_checkpoint(tiny_sd2)
+    facts = ckpt.facts()
+    spec = stage_specs(facts, ShapeConfig(64, 64))[Stage.VAE_DECODER]
+    inputs = random_inputs(spec, facts, seed=11)
+    reference = graphs.export_raw(graphs.wrap(Stage.VAE_DECODER, load_module(ckpt, Stage.VAE_DECODER)), spec,
+                                  inputs, tmp_path / "vae.onnx")
+    _, _, vae = _diffusers_modules(tiny_sd2)
+    with torch.no_grad():
+        want = vae.decode(torch.from_numpy(inputs["latent"])).sample.numpy()
+    np.testing.assert_allclose(reference["images"], want, rtol=0, atol=1e-6)
+
+
 def test_batch_2_without_cfg_at_a_non_square_size_gives_the_specs_shapes(tiny_sd2, export_into, tmp_path):
     out = export_into(tiny_sd2, tmp_path / "a", batch=2, cfg=False, height=64, width=128)
     manifest = load_manifest(out)

@@ -191,6 +191,7 @@ def _session_saving_optimized(model: Path, entry: Path, stage: Stage, threads: i
     _remove_stale_entries(entry.parent, stage, keep=entry.name)
     tmp = Path(tempfile.mkdtemp(prefix=CACHE_TEMP_PREFIX, dir=entry.parent))
     try:
+        tmp.chmod(0o755)   # mkdtemp's 0700 would hide a shared artifact folder's cache from other users
         opts = session_options(threads, optimize=True, spinning=spinning)
         opts.optimized_model_filepath = str(tmp / stage.onnx_file)
         # Weights go to a side file so graphs over protobuf's 2 GB limit can be saved.

@@ -121,7 +121,6 @@ class TrtEngine(Engine):
         super().__init__(spec)
         self._engine, self._context, self._runtime = engine, context, runtime
         self._shared = shared
-        shared.users += 1
         self._stream = shared.stream
         tensors = list(spec.inputs) + list(spec.outputs)
         self._device = {t.name: cuda.DeviceBuffer.for_spec(t) for t in tensors}
@@ -137,6 +136,7 @@ class TrtEngine(Engine):
         self._last_ms: float | None = None
         self.last_compute_ms: float | None = None
         self.uploads = 0                     # bytes copied host -> device, for tests and benchmarks
+        shared.users += 1                    # last: a failed __init__ holds no share
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._context is None:
@@ -203,6 +203,7 @@ class TrtEngine(Engine):
             ev.close()
         self._context = None    # before the memory it points into
         self._engine = None
+        self._runtime = None    # after the engine it deserialized
         for buf in list(self._device.values()) + list(self._host.values()):
             buf.close()
         self._shared.release()

@@ -443,3 +443,26 @@ def test_tensorrt_pipeline_matches_onnxruntime(sd15_artifacts, tmp_path):
     np.testing.assert_allclose(got.pixels, want.pixels, atol=2e-2)
     np.testing.assert_array_equal(got.pixels, again.pixels)
     assert got.timings.unet and all(t > 0 for t in got.timings.unet)
+
+
+def test_shared_device_memory_contexts_use_one_user_managed_block():
+    calls = []
+
+    class Context:
+        def set_device_memory(self, ptr, size):
+            calls.append(("set_device_memory", ptr, size))
+
+    class Engine:
+        device_memory_size_v2 = 4096
+
+        def create_execution_context(self, strategy=None):
+            calls.append(("create", strategy))
+            return Context()
+
+    fake_trt = SimpleNamespace(ExecutionContextAllocationStrategy=SimpleNamespace(USER_MANAGED="user-managed"))
+    shared = SimpleNamespace(block=SimpleNamespace(ptr=0xABC000))
+    trt_backend._context(fake_trt, Engine(), shared)
+    assert calls == [("create", "user-managed"), ("set_device_memory", 0xABC000, 4096)]
+    calls.clear()
+    trt_backend._context(fake_trt, Engine(), SimpleNamespace(block=None))
+    assert calls == [("create", None)]   # default: TensorRT allocates per context

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
@@ -208,7 +207,7 @@ class _Converter:
         return shared
 
     def _classify(self) -> set[str]:
-        """Names of the nodes that compute in fp16 (all the others stay fp32)."""
+        """ids of the nodes that compute in fp16 (all the others stay fp32)."""
         nodes = list(self.g.node)
         fp32 = {id(n) for n in nodes if n.op_type in self.keep}
         # Upstream of Sin/Cos, walking only the float edges a node computes on.
@@ -335,13 +334,3 @@ def _to_half(arr: np.ndarray, name: str) -> TensorProto:
     # Clip to fp16's finite range: a -3.4e38 attention-mask constant must become
     # -65504, not -inf (-inf - -inf is NaN in a masked softmax row).
     return numpy_helper.from_array(np.clip(arr, -FP16_MAX, FP16_MAX).astype(np.float16), name)
-
-
-def precision_summary(model: onnx.ModelProto) -> dict[str, int]:
-    """Count of nodes per compute dtype (for the build/export log)."""
-    types = _tensor_types(onnx.shape_inference.infer_shapes(model))
-    counts: dict[str, int] = defaultdict(int)
-    for n in model.graph.node:
-        out = types.get(n.output[0]) if n.output else None
-        counts["fp16" if out == HALF else "fp32" if out == FLOAT else "other"] += 1
-    return dict(counts)

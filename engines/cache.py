@@ -134,7 +134,7 @@ def check(folder: str | Path, key: EngineKey, verify_hash: bool = True) -> Cache
         built = Platform(**meta["platform"])
         built_key = EngineKey(Stage(meta["stage"]), Precision(meta["precision"]), str(meta["onnx_sha256"]), built)
         size, sha = int(meta["plan_size"]), str(meta["plan_sha256"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         return CacheCheck(Status.DAMAGED, f"{name}: unreadable engine record {sidecar.name} ({e})")
     if built_key != key:
         return CacheCheck(Status.STALE, f"{name}: {explain_mismatch(built_key, key)}")

@@ -91,7 +91,7 @@ class Manifest:
             stated = {s.value: {k: data["stages"][s.value][k] for k in ("inputs", "outputs")} for s in Stage}
         except ArtifactError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
             raise ArtifactError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
         # The stated tensor specs must be the ones the facts and shapes imply; a
         # hand-edited shape would otherwise only fail deep inside an engine.
@@ -129,8 +129,8 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
             f"or this is not an sdrt artifact folder); run `sdrt export` again")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: unreadable manifest ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # RecursionError: nesting
+        raise ArtifactError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: malformed manifest (not a JSON object)")
     return Manifest.from_json(data, where=str(path))
@@ -199,7 +199,7 @@ class _Stamps:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self.entries: dict[str, Any] = data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             self.entries = {}
 
     @staticmethod

@@ -224,7 +224,7 @@ def _check_entry(entry: Path) -> None:
     try:
         data = json.loads((entry / ENTRY_RECORDS).read_text(encoding="utf-8"))
         records = {str(k): FileRecord(str(v["sha256"]), int(v["size"])) for k, v in data.items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ArtifactError(f"{entry}: cache entry without a readable {ENTRY_RECORDS} ({e})") from None
     check_files(entry, records)
 

@@ -293,8 +293,8 @@ def _read_scheduler_config(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is missing: the artifact folder is incomplete; export it again")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: unreadable scheduler config ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # RecursionError: nesting
+        raise ArtifactError(f"{path}: unreadable scheduler config ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict):
         raise ArtifactError(f"{path}: malformed scheduler config (not a JSON object)")
     return data

@@ -84,6 +84,17 @@ def _set_height_consistently(m: dict) -> None:
                 t["shape"][2] *= 2
 
 
+def _rerecord(folder: Path, rel: str, text: str) -> None:
+    """Replace a file and record it in the manifest, as a consistent but hostile folder would."""
+    import dataclasses
+
+    from sdrt.engines.manifest import file_record, read_manifest, write_manifest
+
+    (folder / rel).write_text(text)
+    manifest = read_manifest(folder)
+    write_manifest(folder, dataclasses.replace(manifest, files={**manifest.files, rel: file_record(folder, rel)}))
+
+
 def _tokenizer_file(folder: Path) -> str:
     return next(n for n in json.loads((folder / MANIFEST_NAME).read_text())["files"] if n.startswith("tokenizer/"))
 
@@ -128,6 +139,22 @@ CASES = [
     ("manifest lists a file outside the folder", lambda f: _edit_manifest(
         f, lambda m: m["files"].update({"../outside.onnx": {"sha256": "0" * 64, "size": 1}})),
      "points outside", "../outside.onnx"),
+    ("manifest model fact of zero", lambda f: _edit_manifest(f, lambda m: m["model"].update(vae_scale_factor=0)),
+     "vae_scale_factor must be a positive integer, got 0", MANIFEST_NAME),
+    ("manifest scaling factor NaN", lambda f: _edit_manifest(
+        f, lambda m: m["model"].update(vae_scaling_factor=float("nan"))),
+     "vae_scaling_factor must be a positive finite number, got nan", MANIFEST_NAME),
+    ("manifest prediction type unknown", lambda f: _edit_manifest(
+        f, lambda m: m["model"].update(prediction_type="sample")),
+     "prediction_type must be epsilon or v_prediction, got 'sample'", MANIFEST_NAME),
+    ("manifest nested 100000 deep", lambda f: (f / MANIFEST_NAME).write_text("[" * 100_000 + "]" * 100_000),
+     "unreadable manifest", MANIFEST_NAME),
+    ("scheduler config nested 100000 deep (manifest re-recorded)",
+     lambda f: _rerecord(f, "scheduler/scheduler_config.json", "[" * 100_000 + "]" * 100_000),
+     "unreadable scheduler config", "scheduler_config.json"),
+    ("scheduler config not JSON (manifest re-recorded)",
+     lambda f: _rerecord(f, "scheduler/scheduler_config.json", "{'python': 'dict'}"),
+     "unreadable scheduler config", "scheduler_config.json"),
     ("manifest path with a NUL byte", lambda f: _edit_manifest(
         f, lambda m: m["files"].update({"a\u0000b": {"sha256": "0" * 64, "size": 1}})),
      "", MANIFEST_NAME),
@@ -197,3 +224,14 @@ def test_flipped_byte_in_the_ort_cache_is_caught_and_the_entry_rebuilt(folder):
     _flip_byte(data, at=0.5)
     with Pipeline.load(folder) as again:
         assert np.array_equal(again("a fox", steps=2, seed=3).pixels, want)
+
+
+def test_damaged_stamps_file_only_costs_a_rehash(folder):
+    """The stamps are a cache of hash results: garbage there (even nested past the
+    recursion limit) means re-hashing, never a refusal and never trust."""
+    (folder / STAMPS_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    load_manifest(folder)
+    _flip_byte(folder / Stage.UNET.data_file)
+    (folder / STAMPS_NAME).write_text("{}")
+    with pytest.raises(ArtifactError, match="content hash does not match"):
+        load_manifest(folder)

@@ -121,6 +121,16 @@ def package_versions(names: Sequence[str]) -> dict[str, str | None]:
     return out
 
 
+def _busy_warning() -> str | None:
+    """Other work on the machine skews every figure; say so rather than report quietly."""
+    info = machine_info()
+    load, cpus = info["load_average"], info["usable_cpus"] or 1
+    if load and load[0] > 0.5 * cpus:
+        return (f"warning: load average {load[0]:.1f} on {cpus} CPUs before starting: other work is "
+                f"running, so these figures will be slower and noisier than on an idle machine")
+    return None
+
+
 class Progress:
     """Concise progress lines with elapsed time on stderr."""
 
@@ -170,6 +180,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda m: N
     config.validate()
     from sdrt.runtime.pipeline import Pipeline  # imports the backend: keep `sdrt --help` fast
 
+    busy = _busy_warning()
+    if busy:
+        progress(busy)
     progress(f"loading {config.artifact_dir} on {config.backend.value}")
     t0 = time.perf_counter()
     pipe = Pipeline.load(config.artifact_dir, backend=config.backend.value)

@@ -11,6 +11,7 @@ renamed into place only after it passed verification.
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import shutil
 import tempfile
@@ -104,7 +105,7 @@ def _check_config(config: ExportConfig) -> dict[Stage, Precision]:
 
 def _precision_module() -> Any:
     try:
-        from . import precision
+        precision = importlib.import_module("sdrt.export.precision")
     except ImportError as e:
         raise BackendUnavailable(f"fp16 export is not available in this build ({e}); export with --precision fp32") from None
     return precision

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from sdrt.engines.manifest import load_manifest
-from sdrt.engines.specs import ShapeConfig, Stage, stage_specs
+from sdrt.engines.specs import Precision, ShapeConfig, Stage, stage_specs
 from sdrt.export.checkpoint import open_checkpoint
 
 ATOL = 1e-4  # the issue's fp32 bound, per stage
@@ -232,3 +232,21 @@ def test_batch_2_with_cfg_doubles_the_text_and_unet_batch(tiny_sd15, export_into
 def test_size_multiple_follows_the_unets_down_blocks(tiny_sd15):
     facts = open_checkpoint(tiny_sd15).facts()
     assert facts.unet_size_multiple == 8 and facts.image_size_multiple == 64
+
+
+def test_vae_precision_fp16_converts_only_the_vae_and_records_it(tiny_sd2, export_into, tmp_path):
+    out = export_into(tiny_sd2, tmp_path / "h", vae_precision=Precision.FP16)
+    manifest = load_manifest(out)
+    assert {s: p.value for s, p in manifest.precisions.items()} == {
+        Stage.TEXT_ENCODER: "fp32", Stage.UNET: "fp32", Stage.VAE_DECODER: "fp16"}
+    assert manifest.verification["vae_decoder"]["precision"] == "fp16" and manifest.verification["vae_decoder"]["passed"]
+
+    def weight_types(stage):
+        model = onnx.load(str(out / stage.onnx_file))
+        return {i.data_type for i in model.graph.initializer if len(i.dims) > 1}
+
+    assert onnx.TensorProto.FLOAT16 in weight_types(Stage.VAE_DECODER)
+    assert onnx.TensorProto.FLOAT16 not in weight_types(Stage.TEXT_ENCODER)
+    # I/O stays float32: the graphs still have the specs' signature.
+    session = _session(out / "vae_decoder.onnx")
+    assert session.get_inputs()[0].type == "tensor(float)" and session.get_outputs()[0].type == "tensor(float)"

@@ -148,3 +148,9 @@ def test_cli_parser_does_not_import_torch():
             "bad = [m for m in ('torch', 'diffusers', 'transformers', 'onnx') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fp16_without_the_precision_module_is_refused_before_any_work(capsys, tiny_sd15, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sdrt.export.precision", None)  # import now fails, as in a build without it
+    _fails(capsys, ["export", str(tiny_sd15), "--out", str(tmp_path / "o"), "--precision", "fp16"], "fp16", "fp32")
+    assert not (tmp_path / "o").exists()

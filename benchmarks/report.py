@@ -165,10 +165,13 @@ def chart(report: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     cases = [(n, c) for n, c in report["cases"].items() if "parts" in c]
+    cold = report["cases"].get("cold", {}).get("cold_start", {})
     colors = {label: color for (label, _), color in
               zip(CHART_PARTS, ("#4c72b0", "#dd8452", "#c44e52", "#55a868", "#8c8c8c"))}
-    fig, axes = plt.subplots(len(cases), 1, figsize=(10, 1.2 + 1.6 * max(len(cases), 1) + 0.4 * len(cases)),
-                             squeeze=False)
+    panels = len(cases) + (1 if cold else 0)
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 1.2 + 2.0 * panels), squeeze=False)
+    if cold:
+        _cold_panel(axes[-1, 0], cold)
     for ax, (name, case) in zip(axes[:, 0], cases):
         fws = [fw for fw in case["frameworks"] if fw in case["parts"]][::-1]
         for y, fw in enumerate(fws):
@@ -185,9 +188,32 @@ def chart(report: dict[str, Any], path: str) -> None:
         ax.set_xlabel("seconds per image (medians)")
         ax.set_xlim(0, ax.get_xlim()[1] * 1.15)
         ax.spines[["top", "right"]].set_visible(False)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles, labels = (axes[0, 0] if cases else axes[-1, 0]).get_legend_handles_labels()
     seen = dict(zip(labels, handles))
     fig.legend(seen.values(), seen.keys(), loc="lower center", ncol=len(seen), frameon=False, fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _cold_panel(ax, cold: dict[str, Any]) -> None:
+    """New process to loaded pipeline (solid) and to the first image (light), per model."""
+    rows = []
+    for model, runs in cold.items():
+        for label, key in (("sdrt", "sdrt"), ("sdrt, first load (builds cache)",
+                                               "sdrt, first load after export (builds cache)"),
+                           ("diffusers", "diffusers")):
+            if isinstance(runs, dict) and key in runs:
+                rows.append((f"{model}: {label}", runs[key]["ready_s"], runs[key]["first_image_s"]))
+    rows = rows[::-1]
+    for y, (label, ready, first) in enumerate(rows):
+        ax.barh(y, first, color="#d9d9d9", height=0.6)
+        ax.barh(y, ready, color="#6a3d9a", height=0.6)
+        ax.text(first, y, f"  ready {ready:.2f} s, image {first:.1f} s", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(r[1] for r in rows) / 3, max(r[2] for r in rows) * 8)
+    ax.set_title("cold start: new process to loaded pipeline (purple) and to the first image (grey)",
+                 fontsize=10, loc="left")
+    ax.set_xlabel("seconds (log scale)")
+    ax.spines[["top", "right"]].set_visible(False)

@@ -303,39 +303,47 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for name in chosen:
-        if name == "gpu":
-            if not _gpu_available():
-                report["cases"]["gpu"] = {"title": cases["gpu"].title, "skipped": "no CUDA GPU on this machine"}
-                continue
-            report["cases"]["gpu"] = run_case("gpu", cases["gpu"], args.work, settings, progress)
-        elif name == "cold":
-            cold: dict[str, Any] = {"title": "cold start, new process to first image", "cold_start": {}}
-            progress("import time of sdrt.runtime")
-            cold["import"] = import_time()
-            for key in ("builtin", "full"):
-                case = cases[key]
-                model, artifacts = prepare(case, args.work, progress)
-                repeats = args.cold_repeats if key == "builtin" else 1
-                res = cold_start(artifacts, model, dict(settings, steps=case.steps), repeats, progress)
-                res["steps"] = case.steps
-                cold["cold_start"][key] = res
-            report["cases"]["cold"] = cold
-        else:
-            report["cases"][name] = run_case(name, cases[name], args.work, settings, progress)
+        try:
+            report["cases"][name] = _run_named(name, cases, args, settings, progress)
+        except (RuntimeError, OSError) as e:   # a worker failed: keep the other cases
+            progress(f"{name}: FAILED: {e}")
+            report["cases"][name] = {"title": name, "skipped": f"failed: {str(e).splitlines()[0]}",
+                                     "error": str(e)}
         _write(report, args.out)   # after every case, so a long suite keeps what it has
     report["goals"] = goals(report)
     report["elapsed_s"] = time.perf_counter() - t0
     _write(report, args.out)
     print(rep.markdown(report))
-    progress(f"wrote {', '.join(str(args.out / n) for n in OUTPUT_NAMES)}")
+    progress(f"wrote {', '.join(str(args.out / n) for n in OUTPUT_NAMES if (args.out / n).exists())}")
     return 0
+
+
+def _run_named(name: str, cases: dict[str, Case], args: argparse.Namespace, settings: dict[str, Any],
+               progress) -> dict[str, Any]:
+    if name == "gpu":
+        if not _gpu_available():
+            return {"title": cases["gpu"].title, "skipped": "no CUDA GPU on this machine"}
+        return run_case("gpu", cases["gpu"], args.work, settings, progress)
+    if name != "cold":
+        return run_case(name, cases[name], args.work, settings, progress)
+    cold: dict[str, Any] = {"title": "cold start, new process to first image", "cold_start": {}}
+    progress("import time of sdrt.runtime")
+    cold["import"] = import_time()
+    for key in ("builtin", "full"):
+        case = cases[key]
+        model, artifacts = prepare(case, args.work, progress)
+        repeats = args.cold_repeats if key == "builtin" else 1
+        res = cold_start(artifacts, model, dict(settings, steps=case.steps), repeats, progress)
+        res["steps"] = case.steps
+        cold["cold_start"][key] = res
+    return cold
 
 
 def _write(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "side_by_side.json", report)
     atomic_write_text(out / "side_by_side.md", rep.markdown(report))
-    if any("parts" in c for c in report["cases"].values()):
+    if any("parts" in c or "cold_start" in c for c in report["cases"].values()):
         with atomic_path(out / "side_by_side.png") as tmp:
             rep.chart(report, str(tmp))
 

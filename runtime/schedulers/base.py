@@ -17,6 +17,7 @@ from sdrt.engines.errors import InvalidInput
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "linspace", "trailing")
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
 @runtime_checkable
@@ -47,16 +48,28 @@ def resolve(config: Mapping[str, Any], defaults: Mapping[str, Any], scheduler: s
     where = f"scheduler {scheduler!r}"
 
     n = cfg["num_train_timesteps"]
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise InvalidInput(f"{where}: num_train_timesteps must be an integer >= 2, got {n!r}")
+    # The upper bound keeps a hostile config from allocating gigabytes of tables
+    # (10**9 steps asked for 7.5 GiB per table); SD checkpoints use 1000.
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_TRAIN_TIMESTEPS:
+        raise InvalidInput(f"{where}: num_train_timesteps must be an integer from 2 to {MAX_TRAIN_TIMESTEPS}, "
+                           f"got {n!r:.40}")
     if cfg.get("trained_betas") is not None:
-        tb = np.asarray(cfg["trained_betas"], dtype=np.float64)
+        try:
+            tb = np.asarray(cfg["trained_betas"], dtype=np.float64)
+        except (TypeError, ValueError):
+            tb = np.full(1, np.nan)
         if tb.shape != (n,) or not np.all((tb > 0) & (tb < 1)):
             raise InvalidInput(f"{where}: trained_betas must be {n} values in (0, 1), "
                                f"got shape {tb.shape}")
     elif cfg["beta_schedule"] not in BETA_SCHEDULES:
         raise InvalidInput(f"{where}: unknown beta_schedule {cfg['beta_schedule']!r}; "
                            f"accepted: {', '.join(BETA_SCHEDULES)}")
+    elif cfg["beta_schedule"] != "squaredcos_cap_v2":
+        for key in ("beta_start", "beta_end"):
+            b = cfg.get(key)
+            # NaN or >= 1 here surfaced as a NaN "from the U-Net" steps later.
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < 1:
+                raise InvalidInput(f"{where}: {key} must be a number in (0, 1), got {b!r:.40}")
     if cfg["prediction_type"] not in prediction_types:
         raise InvalidInput(f"{where}: prediction_type {cfg['prediction_type']!r} is not supported; "
                            f"accepted: {', '.join(prediction_types)}")

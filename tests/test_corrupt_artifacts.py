@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from sdrt.engines.errors import ArtifactError, MissingFile
+from sdrt.engines.errors import ArtifactError, InvalidInput, MissingFile
 from sdrt.engines.manifest import MANIFEST_NAME, STAMPS_NAME, load_manifest
 from sdrt.engines.specs import Stage
 from sdrt.runtime.cli import main
@@ -235,3 +235,24 @@ def test_damaged_stamps_file_only_costs_a_rehash(folder):
     (folder / STAMPS_NAME).write_text("{}")
     with pytest.raises(ArtifactError, match="content hash does not match"):
         load_manifest(folder)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("num_train_timesteps", 10**6, "num_train_timesteps must be an integer from 2 to 100000, got 1000000"),
+    ("num_train_timesteps", "1000", "num_train_timesteps must be an integer"),
+    ("beta_start", float("nan"), "beta_start must be a number in (0, 1), got nan"),
+    ("beta_end", 2.0, "beta_end must be a number in (0, 1), got 2.0"),
+    ("trained_betas", ["a"] * 1000, "trained_betas must be 1000 values in (0, 1)"),
+    ("beta_schedule", "cubic", "unknown beta_schedule 'cubic'"),
+    ("steps_offset", 10**6, "steps_offset must be an integer in 0..999"),
+], ids=["timesteps=1e6", "timesteps=str", "beta_start=nan", "beta_end=2", "trained_betas=str", "schedule",
+        "steps_offset"])
+def test_hostile_scheduler_config_is_refused_before_any_step(folder, key, value, words):
+    """A consistent manifest vouching for a hostile scheduler config: the sampler
+    tables refuse it (no gigabyte tables, no NaN blamed on the U-Net later)."""
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    _rerecord(folder, "scheduler/scheduler_config.json", json.dumps({**config, key: value}))
+    steps = []
+    with Pipeline.load(folder, cache=False) as pipe, pytest.raises(InvalidInput) as e:
+        pipe("a fox", steps=2, scheduler="ddim", seed=0, on_step=lambda i, n: steps.append(i))
+    assert words in str(e.value) and steps == []

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sdrt.engines.base import Backend
-from sdrt.engines.errors import AlreadyExists, BackendUnavailable, InvalidInput
+from sdrt.engines.errors import AlreadyExists, BackendUnavailable, InvalidInput, InvalidInput
 from sdrt.engines.manifest import MANIFEST_NAME, read_manifest
 from sdrt.engines.specs import Stage
 
@@ -83,6 +83,8 @@ def _generation_args(p: argparse.ArgumentParser, names: str, prompt_required: bo
 def run_generate(args: argparse.Namespace) -> int:
     from .images import output_paths
     options: dict[str, Any] = {}
+    if (args.provider is not None or args.threads is not None) and Backend.parse(args.backend) is not Backend.ONNXRUNTIME:
+        raise InvalidInput(f"--provider and --threads apply to the onnxruntime backend, not {args.backend}")
     if args.provider is not None:
         options["providers"] = args.provider
     if args.threads is not None:
@@ -107,7 +109,10 @@ def _generate_and_save(folder: Path, args: argparse.Namespace, paths: list[Path]
     start = time.perf_counter()
     _progress(start, f"loading {folder}")
     pipe = Pipeline.load(folder, backend=args.backend, **options)
-    _progress(start, f"loaded; generating {args.steps} steps")
+    cached = [getattr(e, "cached", None) for e in pipe.engines.values()]
+    how = ("optimized graphs from the cache" if all(cached) else
+           "graphs optimized now; later loads reuse them" if any(c is False for c in cached) else "")
+    _progress(start, f"loaded{f' ({how})' if how else ''}; generating {args.steps} steps")
     every = max(1, args.steps // 5)
 
     def on_step(i: int, n: int) -> None:

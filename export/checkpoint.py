@@ -17,6 +17,9 @@ from sdrt.engines.specs import ModelFacts, Stage
 
 # Components export reads weights from, and the stage each one becomes.
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
+STAGE_COMPONENT = {Stage.TEXT_ENCODER: "text_encoder", Stage.UNET: "unet", Stage.VAE_DECODER: "vae"}
+WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+SUFFIX_WORDS = ("safetensors", "bin", "ckpt", "pt", "pth", "pkl")
 # Pickle-based formats: loading them runs arbitrary code from the file.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
@@ -30,10 +33,7 @@ class Checkpoint:
     configs: dict[str, dict[str, Any]]   # component -> its config.json
     scheduler: dict[str, Any]
     tokenizer_config: dict[str, Any]
-    pickled: frozenset[str] = frozenset()   # components whose only weights are pickles (allowed by the user)
-
-    def use_safetensors(self, component: str) -> bool:
-        return component not in self.pickled
+    weights: dict[str, "Weights"]          # component -> the weights export loads
 
     def facts(self) -> ModelFacts:
         unet, vae, text = self.configs["unet"], self.configs["vae"], self.configs["text_encoder"]
@@ -99,21 +99,41 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
     tok_cfg_path = folder / "tokenizer" / "tokenizer_config.json"
     tokenizer_config = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
 
-    pickled_only = []
-    for c in WEIGHT_COMPONENTS:
-        files = [p for p in (folder / c).iterdir() if p.is_file()]
-        if any(p.name.endswith(".safetensors") for p in files):
-            continue
-        pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
-        if not pickles:
-            raise MissingFile(f"{folder / c} has no weights (expected a .safetensors file)")
-        pickled_only.append((c, pickles[0]))
-    if pickled_only and not allow_pickle:
+    weights = {c: _find_weights(folder, c) for c in WEIGHT_COMPONENTS}
+    pickled = [(c, w.file) for c, w in weights.items() if not w.safetensors]
+    if pickled and not allow_pickle:
         raise InvalidInput(
-            f"{folder}: {', '.join(f'{c}/{name}' for c, name in pickled_only)} holds pickle-based "
-            f"weights, and loading them would execute code from the file; convert the checkpoint to safetensors, or pass "
+            f"{folder}: {', '.join(f'{c}/{name}' for c, name in pickled)} holds pickle-based weights, and "
+            f"loading them would execute code from the file; convert the checkpoint to safetensors, or pass "
             f"--allow-pickle-code-execution if you trust its source")
-    return Checkpoint(folder, configs, scheduler, tokenizer_config, frozenset(c for c, _ in pickled_only))
+    return Checkpoint(folder, configs, scheduler, tokenizer_config, weights)
+
+
+@dataclass(frozen=True)
+class Weights:
+    file: str                 # one weight file (or shard index) of the component, for messages
+    safetensors: bool
+    variant: str | None       # diffusers/transformers "variant" (e.g. fp16 in model.fp16.safetensors)
+
+
+def _find_weights(folder: Path, component: str) -> Weights:
+    """Which weights a component folder holds: safetensors first, in the plain or a
+    variant naming (`diffusion_pytorch_model.fp16.safetensors`, common on the Hub)."""
+    names = sorted(p.name for p in (folder / component).iterdir() if p.is_file())
+    for safetensors, suffixes in ((True, (".safetensors",)), (False, PICKLE_SUFFIXES)):
+        found = [n for n in names if n.endswith(suffixes) or any(f"{x}.index" in n for x in suffixes)]
+        if not found:
+            continue
+        plain = [n for n in found if n.split(".")[0] in WEIGHT_STEMS and n.split(".")[1] in SUFFIX_WORDS]
+        if plain:
+            return Weights(plain[0], safetensors, None)
+        variants = sorted({n.split(".")[1] for n in found if n.split(".")[0] in WEIGHT_STEMS and n.count(".") >= 2})
+        if variants:
+            variant = "fp16" if "fp16" in variants else variants[0]
+            return Weights(next(n for n in found if n.split(".")[1] == variant), safetensors, variant)
+        return Weights(found[0], safetensors, None)
+    raise MissingFile(f"{folder / component} has no weights (expected diffusion_pytorch_model.safetensors "
+                      f"or model.safetensors)")
 
 
 def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
@@ -123,22 +143,30 @@ def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
     from .tiny import quiet_libraries
 
     quiet_libraries()
-    if stage is Stage.TEXT_ENCODER:
-        from transformers import CLIPTextModel
+    component = STAGE_COMPONENT[stage]
+    w = ckpt.weights[component]
+    from safetensors import SafetensorError
 
-        model = CLIPTextModel.from_pretrained(ckpt.folder / "text_encoder", use_safetensors=ckpt.use_safetensors("text_encoder"),
-                                              dtype=torch.float32)
-    elif stage is Stage.UNET:
-        from diffusers import UNet2DConditionModel
+    kw: dict[str, Any] = dict(use_safetensors=w.safetensors, variant=w.variant)
+    try:
+        if stage is Stage.TEXT_ENCODER:
+            from transformers import CLIPTextModel
 
-        model = UNet2DConditionModel.from_pretrained(ckpt.folder, subfolder="unet", torch_dtype=torch.float32,
-                                                     use_safetensors=ckpt.use_safetensors("unet"))
-    else:
-        from diffusers import AutoencoderKL
+            model = CLIPTextModel.from_pretrained(ckpt.folder / component, dtype=torch.float32, **kw)
+        elif stage is Stage.UNET:
+            from diffusers import UNet2DConditionModel
 
-        model = AutoencoderKL.from_pretrained(ckpt.folder, subfolder="vae", torch_dtype=torch.float32,
-                                              use_safetensors=ckpt.use_safetensors("vae"))
-    return model.eval().requires_grad_(False)
+            model = UNet2DConditionModel.from_pretrained(ckpt.folder, subfolder=component, torch_dtype=torch.float32, **kw)
+        else:
+            from diffusers import AutoencoderKL
+
+            model = AutoencoderKL.from_pretrained(ckpt.folder, subfolder=component, torch_dtype=torch.float32, **kw)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        # A truncated or mismatched weight file: name it, in one line.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidInput(f"{ckpt.folder / component}: cannot load {w.file} ({type(e).__name__}: {first})") from None
+    # fp16 variants load as fp16 weights; export traces and verifies in fp32.
+    return model.float().eval().requires_grad_(False)
 
 
 def _require(folder: Path, rel: str) -> Path:

@@ -154,3 +154,27 @@ def test_fp16_without_the_precision_module_is_refused_before_any_work(capsys, ti
     monkeypatch.setitem(sys.modules, "sdrt.export.precision", None)  # import now fails, as in a build without it
     _fails(capsys, ["export", str(tiny_sd15), "--out", str(tmp_path / "o"), "--precision", "fp16"], "fp16", "fp32")
     assert not (tmp_path / "o").exists()
+
+
+def test_truncated_weight_file_is_a_one_line_error(capsys, tiny_sd15, tmp_path):
+    ckpt = tmp_path / "truncated"
+    shutil.copytree(tiny_sd15, ckpt)
+    weights = ckpt / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    _fails(capsys, ["export", str(ckpt), "--out", str(tmp_path / "o")], "model.safetensors", "cannot load")
+    with pytest.raises(ArtifactError):
+        load_manifest(tmp_path / "o")
+
+
+def test_fp16_variant_weights_are_loaded_and_exported_in_fp32(tiny_sd2, tmp_path):
+    """Hub checkpoints often ship only `*.fp16.safetensors`; export upcasts them."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "variant"
+    shutil.copytree(tiny_sd2, ckpt)
+    plain = ckpt / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(plain).items()}, ckpt / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    plain.unlink()
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "o")]) == 0
+    manifest = load_manifest(tmp_path / "o")
+    assert manifest.precisions and manifest.verification["unet"]["passed"]

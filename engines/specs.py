@@ -90,20 +90,22 @@ class ModelFacts:
         missing = names - set(data) - {"family"}
         if missing:
             raise InvalidInput(f"model facts lack {sorted(missing)}")
-        facts = cls(**{k: v for k, v in data.items() if k in names})
-        # A hand-edited or hostile manifest must fail here, not as a ZeroDivisionError
-        # in stage_specs or a NaN image from a scaling factor of nan.
-        for f in fields(cls):
-            value = getattr(facts, f.name)
+        return cls(**{k: v for k, v in data.items() if k in names}).validate()
+
+    def validate(self) -> "ModelFacts":
+        """A hand-edited or hostile manifest or checkpoint config must fail here, not as
+        a ZeroDivisionError in stage_specs or a NaN image from a scaling factor of nan."""
+        for f in fields(self):
+            value = getattr(self, f.name)
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidInput(f"model fact {f.name} must be a positive integer, got {value!r:.40}")
-        scaling = facts.vae_scaling_factor
+        scaling = self.vae_scaling_factor
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < float("inf"):
             raise InvalidInput(f"model fact vae_scaling_factor must be a positive finite number, got {scaling!r:.40}")
-        if facts.prediction_type not in ("epsilon", "v_prediction"):
+        if self.prediction_type not in ("epsilon", "v_prediction"):
             raise InvalidInput(f"model fact prediction_type must be epsilon or v_prediction, "
-                               f"got {facts.prediction_type!r:.40}")
-        return facts
+                               f"got {self.prediction_type!r:.40}")
+        return self
 
 
 @dataclass(frozen=True)

@@ -102,11 +102,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _generate_and_save(folder: Path, args: argparse.Namespace, paths: list[Path], options: Mapping[str, Any],
-                       model: str) -> None:
+                       model: str, start: float | None = None) -> None:
     from .images import parameters_text, write_pngs
     from .pipeline import Pipeline
 
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
     _progress(start, f"loading {folder}")
     pipe = Pipeline.load(folder, backend=args.backend, **options)
     cached = [getattr(e, "cached", None) for e in pipe.engines.values()]
@@ -117,7 +117,7 @@ def _generate_and_save(folder: Path, args: argparse.Namespace, paths: list[Path]
 
     def on_step(i: int, n: int) -> None:
         if i % every == 0 or i == n:
-            _progress(start, f"step {i}/{n}")
+            _progress(start, f"U-Net call {i}/{n}")
 
     result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                   scheduler=args.scheduler, seed=args.seed, on_step=on_step)
@@ -180,7 +180,8 @@ def _ms(seconds: float) -> str:
 
 
 def _progress(start: float, message: str) -> None:
-    print(f"[{time.perf_counter() - start:7.1f} s] {message}", file=sys.stderr, flush=True)
+    # The same format as export's progress lines, so `sdrt demo` reads as one log.
+    print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         _progress(start, f"reusing the export in {artifact_dir}")
     args.backend = Backend.ONNXRUNTIME.value
-    _generate_and_save(artifact_dir, args, output_paths(image, 1), {}, model="sdrt-tiny-sd15")
+    _generate_and_save(artifact_dir, args, output_paths(image, 1), {}, model="sdrt-tiny-sd15", start=start)
     _progress(start, "demo done")
     return 0
 

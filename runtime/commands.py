@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -119,8 +120,12 @@ def _generate_and_save(folder: Path, args: argparse.Namespace, paths: list[Path]
         if i % every == 0 or i == n:
             _progress(start, f"U-Net call {i}/{n}")
 
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-                  scheduler=args.scheduler, seed=args.seed, on_step=on_step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+                      scheduler=args.scheduler, seed=args.seed, on_step=on_step)
+    for w in caught:   # e.g. a truncated prompt: one line for a user, not a source listing
+        print(f"sdrt {args.command}: warning: {w.message}", file=sys.stderr)
     c = result.config
     text = parameters_text(c.prompt, c.negative_prompt, c.steps, c.scheduler, c.guidance, result.seed,
                            pipe.width, pipe.height, model)

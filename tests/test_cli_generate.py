@@ -45,6 +45,14 @@ def test_generate_writes_the_png_with_a_parameters_chunk_and_prints_timings(sd15
     np.testing.assert_array_equal(pixels, np.asarray(api.images[0]))
 
 
+def test_truncated_prompt_is_one_warning_line_saying_how_many_tokens_were_dropped(sd15_artifacts, tmp_path, capsys):
+    prompt = "word " * 100   # 100 tokens + start/end: 25 over CLIP's 77
+    assert main(["generate", str(sd15_artifacts), "--prompt", prompt, "--steps", "1",
+                 "--out", str(tmp_path / "long.png")]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warned) == 1 and warned[0].startswith("sdrt generate: warning: 25 token(s)")
+
+
 def test_existing_output_is_not_overwritten_without_force(sd15_artifacts, tmp_path, capsys):
     out = tmp_path / "mine.png"
     out.write_bytes(b"user's file")

@@ -21,7 +21,7 @@ from typing import Any
 
 from sdrt.engines import files
 from sdrt.engines.errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType, NumericsError
-from sdrt.engines.manifest import Manifest, file_record, write_manifest
+from sdrt.engines.manifest import FileRecord, Manifest, file_record, write_manifest
 from sdrt.engines.specs import Precision, ShapeConfig, Stage, StageSpec, stage_specs
 
 from . import outdir
@@ -53,8 +53,9 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
 
     specs = stage_specs(facts, shape)
     checks = []
+    known: dict[str, FileRecord] = {}   # records computed while writing
     for stage in STAGE_ORDER:
-        check = _export_stage(ckpt, facts, specs[stage], precisions[stage], out_dir, config.verify, progress)
+        check = _export_stage(ckpt, facts, specs[stage], precisions[stage], out_dir, config.verify, progress, known)
         if check is not None:
             checks.append(check)
             if not check.passed:
@@ -75,7 +76,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     for stage in STAGE_ORDER:
         names += [n for n in (stage.onnx_file, stage.data_file) if n]
     with progress.step("hashing files"):
-        records = {name: file_record(out_dir, name) for name in names + copied}
+        records = {name: known.get(name) or file_record(out_dir, name) for name in names + copied}
     manifest = Manifest(
         facts=facts, shape=shape, precisions=precisions, files=records, tools=_tool_versions(),
         verification={c.stage.value: c.to_json() for c in checks},
@@ -112,7 +113,7 @@ def _precision_module() -> Any:
 
 
 def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Precision, out_dir: Path,
-                  verify: bool, progress: Progress) -> Any:
+                  verify: bool, progress: Progress, known: dict[str, FileRecord]) -> Any:
     from . import graphs
     from .checkpoint import load_module
     from .verify import FP32_TOLERANCE, compare, random_inputs, run_onnx
@@ -134,7 +135,7 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
         with progress.step(f"{name}: constant folding and shape inference"):
             fp32 = work / (stage.onnx_file if precision is Precision.FP32 else "fp32.onnx")
             data = None if not stage.data_file else (stage.data_file if precision is Precision.FP32 else "fp32.onnx.data")
-            graphs.clean_file(raw / "model.onnx", fp32, data)
+            data_sha256 = graphs.clean_file(raw / "model.onnx", fp32, data)
             shutil.rmtree(raw)
         final = work / stage.onnx_file
         tolerance = FP32_TOLERANCE
@@ -161,6 +162,8 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
                     raise ArtifactError(f"{name}: export produced no {fname}")
                 graphs.fsync_file(work / fname)
                 os.replace(work / fname, out_dir / fname)
+        if data_sha256 and precision is Precision.FP32:
+            known[stage.data_file] = FileRecord(data_sha256, (out_dir / stage.data_file).stat().st_size)
         return check
     finally:
         shutil.rmtree(work, ignore_errors=True)

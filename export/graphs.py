@@ -9,6 +9,7 @@ TensorRT diffusion demo uses and it emits plain opset-17 graphs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -108,7 +109,7 @@ def export_raw(graph: torch.nn.Module, spec: StageSpec, inputs: dict[str, np.nda
     return {t.name: a for t, a in zip(spec.outputs, captured)}
 
 
-def clean_file(raw: Path, dst: Path, data_file: str | None) -> None:
+def clean_file(raw: Path, dst: Path, data_file: str | None) -> str | None:
     """Clean the traced graph at `raw` and write it to `dst`, its weights in `data_file`
     beside `dst` when given (else inline), then infer shapes.
 
@@ -124,12 +125,13 @@ def clean_file(raw: Path, dst: Path, data_file: str | None) -> None:
     with contextlib.chdir(raw.parent) if hasattr(contextlib, "chdir") else _chdir(raw.parent):
         model = clean(model)
     if data_file:
-        _write_external(model, raw.parent, dst.parent / data_file, data_file)
+        data_sha256 = _write_external(model, raw.parent, dst.parent / data_file, data_file)
     else:
         onnx.external_data_helper.load_external_data_for_model(model, str(raw.parent))
     onnx.save_model(model, str(dst))
     del model
     infer_shapes_in_place(dst)
+    return data_sha256 if data_file else None
 
 
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -146,12 +148,14 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     return gs.export_onnx(graph)
 
 
-def _write_external(model: onnx.ModelProto, src_dir: Path, data_path: Path, location: str) -> None:
+def _write_external(model: onnx.ModelProto, src_dir: Path, data_path: Path, location: str) -> str:
     """Move every initializer over SMALL_TENSOR_BYTES into one data file, one tensor
-    at a time, whether its bytes are inline or in a per-weight file under `src_dir`."""
+    at a time, whether its bytes are inline or in a per-weight file under `src_dir`.
+    Returns the file's SHA-256, computed on the way (re-reading 3.4 GB costs seconds)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     offset = 0
+    digest = hashlib.sha256()
     with open(data_path, "wb") as out:
         for tensor in _initializers(model.graph):
             if uses_external_data(tensor):
@@ -165,8 +169,10 @@ def _write_external(model: onnx.ModelProto, src_dir: Path, data_path: Path, loca
                 continue
             pad = -offset % DATA_ALIGNMENT
             out.write(b"\0" * pad)
+            digest.update(b"\0" * pad)
             offset += pad
             out.write(data)
+            digest.update(data)
             tensor.ClearField("raw_data")
             del tensor.external_data[:]
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
@@ -177,6 +183,7 @@ def _write_external(model: onnx.ModelProto, src_dir: Path, data_path: Path, loca
             del data
         out.flush()
         os.fsync(out.fileno())
+    return digest.hexdigest()
 
 
 def _initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

@@ -3,6 +3,7 @@ one home of shape facts, engines/specs.py."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -131,6 +132,9 @@ def test_manifest_lists_every_file_the_runtime_reads(sd15_artifacts):
             "tokenizer/tokenizer.json"} <= listed
     assert {"sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime"} <= set(manifest.tools)
     assert all(p.value == "fp32" for p in manifest.precisions.values())
+    for rel, record in manifest.files.items():  # hashed independently of the manifest's stamps
+        data = (sd15_artifacts / rel).read_bytes()
+        assert (record.sha256, record.size) == (hashlib.sha256(data).hexdigest(), len(data)), rel
 
 
 def test_copied_runtime_files_equal_the_checkpoints(tiny_sd15, sd15_artifacts):

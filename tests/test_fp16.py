@@ -190,3 +190,30 @@ def test_fp16_export_records_each_stage_precision(tiny_sd15, export_into, tmp_pa
     for stage in Stage:
         check = manifest.verification[stage.value]
         assert check["passed"] and check["precision"] == manifest.precisions[stage].value
+
+
+def test_weight_shared_by_fp16_and_fp32_nodes_gets_one_copy_per_dtype(tmp_path):
+    """S is LayerNormalization's scale (kept fp32) and also a factor in fp16: both consumers
+    get it in their own dtype, the graph stays valid, and the result matches fp32."""
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float32), "W")
+    s = numpy_helper.from_array(rng.uniform(0.5, 1.5, 8).astype(np.float32), "S")
+    b = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "B")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["h"]),
+         helper.make_node("Mul", ["h", "S"], ["m"]),
+         helper.make_node("LayerNormalization", ["m", "S", "B"], ["y"], axis=-1)],
+        "shared", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])], [w, s, b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    converted = fp16.convert_model(model)
+    fp16.save_model(converted, tmp_path / "g.onnx", external_data=False)   # runs the strict checker
+    dtypes = {t.name: t.data_type for t in converted.graph.initializer}
+    assert dtypes["W"] == TensorProto.FLOAT16 and dtypes["S"] == TensorProto.FLOAT
+    assert TensorProto.FLOAT16 in {dtypes[n] for n in dtypes if n.startswith("S/")}
+    x = rng.standard_normal((2, 8)).astype(np.float32)
+    ref = ReferenceEvaluator(model).run(None, {"x": x})[0]
+    got = ReferenceEvaluator(str(tmp_path / "g.onnx")).run(None, {"x": x})[0]
+    assert got.dtype == np.float32 and rel_error(got, ref) < REL_BOUND

@@ -254,3 +254,33 @@ def test_vae_precision_fp16_converts_only_the_vae_and_records_it(tiny_sd2, expor
     # I/O stays float32: the graphs still have the specs' signature.
     session = _session(out / "vae_decoder.onnx")
     assert session.get_inputs()[0].type == "tensor(float)" and session.get_outputs()[0].type == "tensor(float)"
+
+
+def test_a_config_outside_the_built_in_pair_exports_and_matches_diffusers(tiny_sd15, export_into, tmp_path):
+    """Three U-Net levels (latent multiple 4), a three-level VAE (4 pixels per latent),
+    another text width and head layout: nothing may be hard-wired to the built-ins."""
+    import shutil
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = tmp_path / "odd"
+    shutil.copytree(tiny_sd15, model)
+    torch.manual_seed(1)
+    UNet2DConditionModel(
+        sample_size=12, block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=40, attention_head_dim=(2, 4, 4), use_linear_projection=True,
+    ).save_pretrained(model / "unet")
+    AutoencoderKL(block_out_channels=(8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=4, layers_per_block=1,
+                  scaling_factor=0.13025).save_pretrained(model / "vae")
+    CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=40, intermediate_size=80, num_hidden_layers=1,
+                                 num_attention_heads=5, max_position_embeddings=77)).save_pretrained(model / "text_encoder")
+    facts = open_checkpoint(model).facts()
+    assert (facts.vae_scale_factor, facts.unet_size_multiple, facts.native_image_size) == (4, 4, 48)
+    out = export_into(model, tmp_path / "a", width=64)
+    assert load_manifest(out).specs[Stage.VAE_DECODER].outputs[0].shape == (1, 3, 48, 64)
+    errors = _check_against_diffusers(model, out, seed=9)
+    assert all(e <= ATOL for e in errors.values()), errors

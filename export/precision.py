@@ -68,10 +68,11 @@ def verify_tolerance(stage: Stage, precision: Precision) -> tuple[float, float]:
     """(atol, rtol) for export's check `max|onnx - torch| <= atol + rtol * max|torch|`
     (export/verify.py), ONNX Runtime CPU against the fp32 torch module.
 
-    fp32: kernel order only. fp16: the tiny models measure max|diff| 1.5e-3..4.8e-3 at
-    output scales 1.3..3.5 (max_rel <= 2.7e-3, see .notes/tensorrt.md); the bound is
-    ~4x that, for the deeper real models, and still far below what a wrong graph
-    (an O(1) error) or fp16 overflow (inf) produces.
+    fp32: kernel order only. fp16, measured: the tiny models' max|diff| is 1.5e-3..4.8e-3
+    at output scales 1.3..3.5 (max_rel <= 2.7e-3); the full-size SD 1.5 architecture
+    (random weights) 1.6e-3 at scale 1.5 for the U-Net. The bound, 1e-2 + 1e-2 * scale,
+    leaves room for real checkpoints' larger activations and is still far below what a
+    wrong graph (an O(1) error) or fp16 overflow (inf) produces.
     """
     Stage(stage)
     return (1e-4, 1e-4) if Precision(precision) is Precision.FP32 else (1e-2, 1e-2)

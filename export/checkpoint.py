@@ -36,6 +36,18 @@ class Checkpoint:
     weights: dict[str, "Weights"]          # component -> the weights export loads
 
     def facts(self) -> ModelFacts:
+        """The configs' facts, range-checked (ModelFacts.validate): a NaN scaling factor or
+        a non-numeric size fails here, naming the folder, not as an export that loads nowhere."""
+        try:
+            return self._facts().validate()
+        except InvalidInput as e:
+            if str(self.folder) in str(e):
+                raise
+            raise InvalidInput(f"{self.folder}: {e} (from its unet/vae/text_encoder/tokenizer configs)") from None
+        except (TypeError, ValueError, KeyError, IndexError, ArithmeticError) as e:
+            raise InvalidInput(f"{self.folder}: unusable config value ({type(e).__name__}: {e})") from None
+
+    def _facts(self) -> ModelFacts:
         unet, vae, text = self.configs["unet"], self.configs["vae"], self.configs["text_encoder"]
         if unet.get("in_channels") != vae.get("latent_channels", 4):
             raise InvalidInput(
@@ -179,7 +191,7 @@ def _require(folder: Path, rel: str) -> Path:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # RecursionError: nesting
         raise InvalidInput(f"{path}: unreadable JSON ({e})") from None
     if not isinstance(data, dict):
         raise InvalidInput(f"{path}: expected a JSON object")

@@ -551,3 +551,36 @@ def test_tensorrt_where_it_cannot_run_is_one_line_saying_so(argv, places, tmp_pa
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and "TensorRT" in lines[0].replace("tensorrt", "TensorRT"), lines
     assert _snapshot(places["art"]) == before and not list(tmp_path.iterdir())
+
+
+def _config_edit(component: str, **values):
+    def edit(model: Path) -> None:
+        path = model / component / "config.json"
+        import json
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+    return edit
+
+
+@pytest.mark.parametrize("edit,words", [
+    (_config_edit("vae", scaling_factor=float("nan")), "vae_scaling_factor must be a positive finite number, got nan"),
+    (_config_edit("vae", scaling_factor="x"), "could not convert string to float: 'x'"),
+    (_config_edit("unet", sample_size="x"), "invalid literal for int()"),
+    (_config_edit("unet", sample_size=0), "unet_sample_size must be a positive integer, got 0"),
+    (_config_edit("vae", block_out_channels=[]), "vae_scale_factor must be a positive integer"),
+    (_config_edit("text_encoder", max_position_embeddings=0), "text_max_length must be a positive integer, got 0"),
+    (lambda m: (m / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000), "unreadable JSON"),
+    (lambda m: (m / "scheduler" / "scheduler_config.json").write_text("{"), "unreadable JSON"),
+    (lambda m: (m / "tokenizer" / "vocab.json").unlink(), "tokenizer/vocab.json is missing"),
+], ids=["vae scaling nan", "vae scaling str", "sample_size str", "sample_size 0", "no VAE blocks",
+        "no text positions", "config nested deep", "scheduler not JSON", "no vocab"])
+def test_export_of_a_hostile_checkpoint_is_one_line_before_any_work(edit, words, tiny_sd15, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd15, model)
+    edit(model)
+    capsys.readouterr()
+    assert main(["export", str(model), "--out", str(tmp_path / "out")]) == 2
+    lines = _error_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and words in lines[0] and str(model) in lines[0], lines
+    assert not (tmp_path / "out").exists()

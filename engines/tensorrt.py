@@ -53,6 +53,9 @@ def import_tensorrt() -> Any:
         import tensorrt as trt
     except ImportError as e:
         raise BackendUnavailable(f"TensorRT is not installed ({e}): see README, GPU section") from None
+    except OSError as e:   # the Python package is there but libnvinfer is not (or is the wrong CUDA)
+        raise BackendUnavailable(f"TensorRT is installed but cannot load its libraries ({e}): "
+                                 f"see README, GPU section") from None
     return trt
 
 

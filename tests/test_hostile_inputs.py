@@ -584,3 +584,29 @@ def test_export_of_a_hostile_checkpoint_is_one_line_before_any_work(edit, words,
     lines = _error_lines(capsys.readouterr().err)
     assert len(lines) == 1 and words in lines[0] and str(model) in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(workspace_gb=float("nan")), "workspace must be more than 0 and at most 1024 GB, got nan"),
+    (dict(workspace_gb=0), "got 0"),
+    (dict(workspace_gb="4"), "got '4'"),
+    (dict(opt_level=9), "optimization level must be an integer from 0 to 5, got 9"),
+    (dict(opt_level=2.5), "got 2.5"),
+    (dict(stages=()), "no stages to build"),
+    (dict(device=-1), "device must be a GPU index (0, 1, ...), got -1"),
+    (dict(device=True), "got True"),
+], ids=["workspace=nan", "workspace=0", "workspace='4'", "opt_level=9", "opt_level=2.5", "stages=()", "device=-1",
+        "device=True"])
+def test_api_bad_build_config_raises_invalid_input_before_tensorrt(places, kwargs, words):
+    from sdrt.export.build import BuildConfig, build_engines
+
+    with pytest.raises(InvalidInput) as e:
+        build_engines(BuildConfig(artifact_dir=places["art"], **kwargs))
+    assert type(e.value) is InvalidInput and words in str(e.value), str(e.value)
+
+
+def test_api_unknown_build_stage_names_the_accepted_ones():
+    from sdrt.export.build import parse_stages
+
+    with pytest.raises(InvalidInput, match="unknown stage 'unet2': choose from text_encoder, unet, vae_decoder"):
+        parse_stages(["unet", "unet2"])

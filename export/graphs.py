@@ -94,6 +94,9 @@ def export_raw(graph: torch.nn.Module, spec: StageSpec, inputs: dict[str, np.nda
             # The trace bakes Python-side shape checks in as constants: intended, shapes
             # are static. (Reading the outputs in `keep` also warns, and adds nothing to the graph.)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # The legacy exporter is chosen on purpose (see the module docstring); its
+            # deprecation notice would repeat on every export.
+            warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 graph, args, str(path),
                 input_names=[t.name for t in spec.inputs],

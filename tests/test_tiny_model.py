@@ -129,3 +129,21 @@ def test_make_tiny_model_refuses_existing_folder_and_unknown_variant(tmp_path):
 def test_model_index_lists_no_safety_checker(tiny_sd15):
     index = json.loads((tiny_sd15 / "model_index.json").read_text())
     assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+
+
+@pytest.mark.parametrize("variant,unet,vae,text", [
+    # Parameter counts of the published checkpoints (runwayml/stable-diffusion-v1-5,
+    # stabilityai/stable-diffusion-2-1: U-Net, AutoencoderKL, CLIP text encoder).
+    ("sd15-full", 859_520_964, 83_653_863, 123_060_480),
+    ("sd21-full", 865_910_724, 83_653_863, 340_387_840),
+])
+def test_full_size_variants_have_the_published_architectures(variant, unet, vae, text):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdrt.export.tiny import _variant
+
+    spec = _variant(variant)
+    with torch.device("meta"):  # shapes only: no 3 GB of weights drawn
+        modules = (UNet2DConditionModel(**spec.unet), AutoencoderKL(**spec.vae), CLIPTextModel(CLIPTextConfig(**spec.text)))
+    assert [sum(p.numel() for p in m.parameters()) for m in modules] == [unet, vae, text]

@@ -2,10 +2,11 @@
 artifacts plus everything the runtime reads, with manifest.json written last.
 
 Per stage, memory is kept to about one copy of the weights at a time: the torch
-module computes its reference outputs, is traced, and is freed before the ONNX graph
-is loaded for clean-up; the graph is saved and freed before ONNX Runtime loads it for
-verification. Every stage is built in a temporary folder inside the output folder and
-renamed into place only after it passed verification.
+module is traced (the trace's own forward pass gives the torch reference outputs) and
+freed before clean-up, which streams the weights from disk to disk; ONNX Runtime then
+loads the saved graph for verification. Every stage is built in a temporary folder
+inside the output folder and renamed into place only after it passed verification;
+the manifest, the mark of a complete folder, is written last.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
                 raise NumericsError(
                     f"verification failed: {stage.value} differs from torch by up to {check.max_abs:.3g} "
                     f"(allowed {check.bound:.3g} = {check.atol:g} + {check.rtol:g} x output scale "
-                    f"{check.scale:.3g}); no manifest written")
+                    f"{check.scale:.3g}); no manifest written (--no-verify skips this check)")
     if checks:
         from .verify import table
 

@@ -112,6 +112,9 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
     tokenizer_config = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
 
     weights = {c: _find_weights(folder, c) for c in WEIGHT_COMPONENTS}
+    for c, w in weights.items():
+        if w.safetensors and w.file.endswith(".index.json"):
+            _check_shards(folder / c / w.file)
     pickled = [(c, w.file) for c, w in weights.items() if not w.safetensors]
     if pickled and not allow_pickle:
         raise InvalidInput(
@@ -146,6 +149,22 @@ def _find_weights(folder: Path, component: str) -> Weights:
         return Weights(found[0], safetensors, None)
     raise MissingFile(f"{folder / component} has no weights (expected diffusion_pytorch_model.safetensors "
                       f"or model.safetensors)")
+
+
+def _check_shards(index: Path) -> None:
+    """A safetensors shard index names its shards; diffusers and transformers load
+    whatever it names, with torch.load for any name not ending in .safetensors and
+    from any path joined onto the folder. Each shard must be a .safetensors file
+    directly in the index's folder, or the pickle policy and the folder are bypassed."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InvalidInput(f"{index}: no weight_map naming the shards")
+    for name in sorted({str(v) for v in weight_map.values()}):
+        if Path(name).name != name or name.startswith(".") or not name.endswith(".safetensors"):
+            raise InvalidInput(f"{index}: shard {name!r} is not a .safetensors file in {index.parent}; refused "
+                               f"(a pickle or a path outside the checkpoint would be loaded)")
+        if not (index.parent / name).is_file():
+            raise MissingFile(f"{index}: shard {name} is missing")
 
 
 def load_module(ckpt: Checkpoint, stage: Stage) -> Any:

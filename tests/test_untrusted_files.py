@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -349,3 +350,50 @@ def test_tensorrt_build_refuses_escape_before_touching_tensorrt(tmp_path, outsid
     path = _matmul_model(tmp_path / "m", "../outside/secret.bin", write_data=False)
     with pytest.raises(ArtifactError, match="outside"):
         build_plan(object(), path, None)
+
+
+def _sharded(src: Path, dst: Path, shard_names: tuple[str, str]) -> Path:
+    """Copy a checkpoint with the U-Net split into two safetensors shards + an index."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    unet = dst / "unet"
+    state = load_file(unet / "diffusion_pytorch_model.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    keys = sorted(state)
+    halves = (keys[: len(keys) // 2], keys[len(keys) // 2:])
+    weight_map = {}
+    for name, part in zip(("part-1.safetensors", "part-2.safetensors"), halves):
+        save_file({k: state[k].contiguous() for k in part}, unet / name)
+    for shard, part in zip(shard_names, halves):
+        weight_map.update({k: shard for k in part})
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dst
+
+
+def test_sharded_safetensors_checkpoint_loads_like_the_single_file(tiny_sd15, tmp_path):
+    """The positive control for the refusals below."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sdrt.export.checkpoint import load_module, open_checkpoint
+
+    model = _sharded(tiny_sd15, tmp_path / "model", ("part-1.safetensors", "part-2.safetensors"))
+    state = load_module(open_checkpoint(model), Stage.UNET).state_dict()
+    reference = load_file(tiny_sd15 / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(state[k], v) for k, v in reference.items())
+
+
+@pytest.mark.parametrize("shard", ["../../outside.safetensors", "/etc/passwd", "part-2.bin", "sub/part-2.safetensors"])
+def test_shard_index_naming_a_pickle_or_a_path_out_is_refused(tiny_sd15, tmp_path, shard):
+    """diffusers would torch.load a non-.safetensors shard, or read a path joined onto
+    the folder; the index must not smuggle either past the pickle refusal."""
+    from sdrt.engines.errors import InvalidInput
+    from sdrt.export.checkpoint import open_checkpoint
+
+    model = _sharded(tiny_sd15, tmp_path / "model", ("part-1.safetensors", shard))
+    with pytest.raises(InvalidInput, match=f"shard {re.escape(repr(shard))} is not a .safetensors file"):
+        open_checkpoint(model)

@@ -114,7 +114,9 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
     progress.say(f"building for {platform.describe()} in {cache.engine_dir(folder)}")
     cache.engine_dir(folder).mkdir(parents=True, exist_ok=True)
     from sdrt.engines.files import remove_temp_files
-    remove_temp_files(cache.engine_dir(folder))   # left by a killed build
+    removed = remove_temp_files(cache.engine_dir(folder))   # left by a killed build
+    if removed:
+        progress.say(f"removed {len(removed)} temporary file(s) left by an interrupted build")
 
     report = BuildReport()
     for stage, state in decide(folder, manifest, platform, config).items():
@@ -124,6 +126,8 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
             continue
         if state.status is not cache.Status.MISSING:
             progress.say(f"{state.reason}: rebuilding")
+        elif cache.plan_path(folder, stage).is_file():
+            progress.say(f"{stage.value}: engine file without its record (left by an interrupted build): rebuilding")
         key = cache.expected_key(manifest, stage, platform)
         start = time.perf_counter()
         with progress.step(f"{stage.value}: building {key.precision.value} engine "

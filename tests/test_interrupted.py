@@ -288,3 +288,40 @@ def test_generate_killed_while_writing_the_ort_cache_leaves_a_folder_that_loads_
     for _ in range(2):   # the first load repairs or rebuilds the cache, the second reads it
         with Pipeline.load(folder) as cached:
             assert np.array_equal(cached("a fox", steps=2, seed=3).pixels, want)
+
+
+def test_build_after_a_killed_build_says_so_and_rebuilds(sd15_artifacts, tmp_path, monkeypatch):
+    """`sdrt build` over the leftovers of a killed build (a half-written temporary plan
+    and a plan whose record was never written) says what it found and rebuilds; the
+    engines are then current. TensorRT and CUDA are faked: only the cache path runs."""
+    import io
+
+    from sdrt.engines import cache, cuda, tensorrt
+    from sdrt.engines.files import TEMP_PREFIX
+    from sdrt.export import build
+    from sdrt.export.progress import Progress
+
+    folder = tmp_path / "artifacts"
+    shutil.copytree(sd15_artifacts, folder, ignore=shutil.ignore_patterns(".sdrt-cache"))
+    platform = cache.Platform("10.3.0", "Fake GPU", "8.7")
+    monkeypatch.setattr(tensorrt, "import_tensorrt", lambda: object())
+    monkeypatch.setattr(tensorrt, "current_platform", lambda trt, device: platform)
+    monkeypatch.setattr(cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(build, "build_plan", lambda trt, onnx_path, config: f"plan of {onnx_path.name}".encode())
+    engines = cache.engine_dir(folder)
+    engines.mkdir()
+    (engines / f"{TEMP_PREFIX}half.plan").write_bytes(b"half a plan")               # killed mid-write
+    cache.plan_path(folder, Stage.UNET).write_bytes(b"plan with no record")          # killed before the sidecar
+
+    out = io.StringIO()
+    report = build.build_engines(build.BuildConfig(artifact_dir=folder, verify=False), Progress(stream=out))
+    said = out.getvalue()
+    assert "temporary file(s) left by an interrupted build" in said, said
+    assert "unet: engine file without its record (left by an interrupted build): rebuilding" in said, said
+    assert sorted(s.value for s in report.built) == sorted(s.value for s in Stage)
+    manifest = load_manifest(folder)
+    for stage in Stage:
+        key = cache.expected_key(manifest, stage, platform)
+        assert cache.check(folder, key).current
+        assert cache.load_plan(folder, key) == f"plan of {stage.onnx_file}".encode()
+    assert not list(engines.glob(TEMP_PREFIX + "*"))

@@ -197,7 +197,10 @@ def run_info(args: argparse.Namespace) -> int:
     from sdrt.engines.manifest import load_manifest
     folder: Path = args.artifact_dir
     m = load_manifest(folder) if args.check else read_manifest(folder)
-    print(format_info(folder, m, checked=args.check))
+    from .cli import one_line
+    # Names and strings come from the manifest: escape control characters, so a hostile
+    # file name cannot rewrite the terminal (ANSI escapes) or fake extra lines.
+    print("\n".join(one_line(line) for line in format_info(folder, m, checked=args.check).splitlines()))
     return 0
 
 

@@ -256,3 +256,12 @@ def test_hostile_scheduler_config_is_refused_before_any_step(folder, key, value,
     with Pipeline.load(folder, cache=False) as pipe, pytest.raises(InvalidInput) as e:
         pipe("a fox", steps=2, scheduler="ddim", seed=0, on_step=lambda i, n: steps.append(i))
     assert words in str(e.value) and steps == []
+
+
+def test_info_escapes_control_characters_from_the_manifest(folder, capsys):
+    """`sdrt info` prints names and strings a downloaded manifest chose: an ANSI escape
+    in them must come out escaped, not act on the terminal."""
+    _edit_manifest(folder, lambda m: m.update(source="/models/\x1b[2Jfake\x07"))
+    assert main(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "/models/\\x1b[2Jfake\\x07" in out

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import resource
 import sys
 import tempfile
@@ -66,6 +67,11 @@ class _SampledProgress:
         return Sampled()
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="sd15-full", choices=("sd15-full", "sd21-full", "sd15", "sd2"))
@@ -90,6 +96,8 @@ def main() -> int:
     from sdrt.export.progress import Progress
 
     progress = _SampledProgress()
+    load_before = os.getloadavg()[0]
+    cpu0 = _cpu_seconds()
     t0 = time.perf_counter()
     try:
         export_artifacts(ExportConfig(model_dir=model, out_dir=work / f"artifacts-{args.variant}",
@@ -97,6 +105,7 @@ def main() -> int:
     finally:
         progress.stop()
     total = time.perf_counter() - t0
+    cpu = _cpu_seconds() - cpu0
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
     print(f"\nexport of {args.variant} ({'with' if args.verify else 'without'} verification)")
@@ -110,7 +119,11 @@ def main() -> int:
     for stage, seconds in per_stage.items():
         print(f"{'total ' + stage:<52}{seconds:>9.1f}")
     print(f"{'wall time, whole export':<52}{total:>9.1f}")
+    print(f"{'CPU time, whole export (user + system)':<52}{cpu:>9.1f}")
     print(f"peak RSS of the export process: {peak_gib:.2f} GiB")
+    # On a shared machine wall time depends on the neighbours; the load average says how busy it was.
+    print(f"load average (1 min) before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} CPUs")
     return 0
 
 

@@ -166,7 +166,7 @@ def test_truncated_weight_file_is_a_one_line_error(capsys, tiny_sd15, tmp_path):
         load_manifest(tmp_path / "o")
 
 
-def test_fp16_variant_weights_are_loaded_and_exported_in_fp32(tiny_sd2, tmp_path):
+def test_fp16_variant_weights_are_loaded_and_exported_in_fp32(tiny_sd2, tmp_path, capsys):
     """Hub checkpoints often ship only `*.fp16.safetensors`; export upcasts them."""
     from safetensors.torch import load_file, save_file
 
@@ -178,3 +178,7 @@ def test_fp16_variant_weights_are_loaded_and_exported_in_fp32(tiny_sd2, tmp_path
     assert main(["export", str(ckpt), "--out", str(tmp_path / "o")]) == 0
     manifest = load_manifest(tmp_path / "o")
     assert manifest.precisions and manifest.verification["unet"]["passed"]
+    # The verification table is the command's output (progress went to stderr).
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert [(r[0], r[-1]) for r in rows if r and r[0] in ("text_encoder", "unet", "vae_decoder")] == [
+        ("text_encoder", "ok"), ("unet", "ok"), ("vae_decoder", "ok")]

@@ -48,6 +48,9 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     if Precision.FP16 in precisions.values():
         _precision_module()  # fail before any work if fp16 cannot be done here
     out_dir = Path(config.out_dir)
+    if out_dir.exists() and out_dir.resolve() == ckpt.folder.resolve():
+        # --force would replace the checkpoint's own tokenizer/ and scheduler/ folders.
+        raise InvalidInput(f"--out {out_dir} is the model folder itself; choose a separate artifact folder")
     outdir.prepare(out_dir, config.force, progress)
     progress.say(f"exporting {ckpt.folder} ({facts.family}, {facts.prediction_type}) at "
                  f"{shape.width}x{shape.height}, batch {shape.batch}{' with CFG' if shape.cfg else ''} to {out_dir}")

@@ -74,6 +74,12 @@ def test_folder_with_unrelated_files_is_refused_without_force(capsys, tiny_sd15,
     assert (out / "holiday.jpg").read_bytes() == b"precious"
 
 
+def test_exporting_into_the_model_folder_is_refused_even_with_force(capsys, tiny_sd15):
+    before = sorted(p.name for p in tiny_sd15.rglob("*"))
+    _fails(capsys, ["export", str(tiny_sd15), "--out", str(tiny_sd15), "--force"], "model folder itself")
+    assert sorted(p.name for p in tiny_sd15.rglob("*")) == before
+
+
 def test_pickle_only_checkpoint_is_refused_unless_allowed(capsys, tiny_sd15, tmp_path):
     import torch
     from safetensors.torch import load_file

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -327,3 +328,29 @@ def test_build_after_a_killed_build_says_so_and_rebuilds(sd15_artifacts, tmp_pat
         assert cache.check(folder, key).current
         assert cache.load_plan(folder, key) == f"plan of {stage.onnx_file}".encode()
     assert not list(engines.glob(TEMP_PREFIX + "*"))
+
+
+def test_ctrl_c_during_generate_exits_130_and_writes_no_image(sd15_artifacts, tmp_path):
+    """SIGINT in the middle of denoising: exit 130 with one line, no PNG and no
+    temporary file left beside it."""
+    out = tmp_path / "image.png"
+    cmd = [sys.executable, "-m", "sdrt.runtime.cli", "generate", str(sd15_artifacts), "--prompt", "a fox",
+           "--steps", "1000", "--seed", "1", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stderr:   # progress lines: interrupt once the steps are running
+            lines.append(line)
+            if re.search(r"(step|call) \d+/\d+", line):
+                proc.send_signal(signal.SIGINT)
+                break
+        lines += proc.stderr.readlines()
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    errors = [ln for ln in lines if not re.match(r"\[\s*[\d.]+ ?s\] ", ln)]
+    assert proc.returncode == 130, "".join(lines)
+    assert errors == ["sdrt generate: interrupted\n"], "".join(lines)
+    assert not list(tmp_path.iterdir())

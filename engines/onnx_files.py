@@ -115,8 +115,8 @@ def _tensor(buf: memoryview, start: int, end: int, out: list[ExternalRef]) -> No
                     text = bytes(buf[a2:b2]).decode("utf-8", "replace")
                     key, value = (text, value) if n2 == 1 else (key, text)
             entries[key] = value
-    if not location_is_external and not entries:
-        return
+    if not location_is_external and "location" not in entries:
+        return   # stray key/value pairs on an inline tensor: backends ignore them
     if "location" not in entries:
         raise _Malformed(f"tensor {name!r} is marked external but names no location")
     try:

@@ -28,6 +28,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=path.suffix, dir=path.parent)
+    # mkstemp creates 0600; give the file the mode an ordinary open() would, so an
+    # artifact folder can be shared with the user a service runs as.
+    os.fchmod(fd, 0o666 & ~_UMASK)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -73,6 +76,17 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while n := f.readinto(buf):
             digest.update(view[:n])
     return digest.hexdigest()
+
+
+def _read_umask() -> int:
+    # Read once at import: os.umask can only be read by setting it, which is not
+    # safe while other threads create files.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
 
 
 def _fsync(path: Path) -> None:

@@ -190,7 +190,8 @@ def chart(report: dict[str, Any], path: str) -> None:
         ax.spines[["top", "right"]].set_visible(False)
     handles, labels = (axes[0, 0] if cases else axes[-1, 0]).get_legend_handles_labels()
     seen = dict(zip(labels, handles))
-    fig.legend(seen.values(), seen.keys(), loc="lower center", ncol=len(seen), frameon=False, fontsize=9)
+    if seen:
+        fig.legend(seen.values(), seen.keys(), loc="lower center", ncol=len(seen), frameon=False, fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

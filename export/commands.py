@@ -71,14 +71,9 @@ def _export(args: argparse.Namespace) -> int:
     )
     manifest = export_artifacts(config)
     if manifest.verification:
-        print(_verification_table(manifest.verification))
+        from .verify import table_from_json
+
+        print(table_from_json(manifest.verification))
     print(f"artifacts: {args.out_dir}", file=sys.stdout)
     return 0
 
-
-def _verification_table(verification: dict) -> str:
-    lines = [f"{'stage':<14}{'precision':<11}{'max abs':>11}{'max rel':>11}{'bound':>11}  result"]
-    for stage, v in verification.items():
-        lines.append(f"{stage:<14}{v['precision']:<11}{v['max_abs']:>11.3g}{v['max_rel']:>11.3g}"
-                     f"{v['tolerance']['bound']:>11.3g}  {'ok' if v['passed'] else 'FAILED'}")
-    return "\n".join(lines)

@@ -97,8 +97,13 @@ def compare(stage: Stage, precision: Precision, got: Mapping[str, np.ndarray], w
 
 
 def table(checks: list[StageCheck]) -> str:
+    return table_from_json({c.stage.value: c.to_json() for c in checks})
+
+
+def table_from_json(verification: Mapping[str, Any]) -> str:
+    """The verification table, from the manifest's `verification` record."""
     lines = [f"{'stage':<14}{'precision':<11}{'max abs':>11}{'max rel':>11}{'bound':>11}  result"]
-    for c in checks:
-        lines.append(f"{c.stage.value:<14}{c.precision.value:<11}{c.max_abs:>11.3g}{c.max_rel:>11.3g}"
-                     f"{c.bound:>11.3g}  {'ok' if c.passed else 'FAILED'}")
+    for stage, v in verification.items():
+        lines.append(f"{stage:<14}{v['precision']:<11}{v['max_abs']:>11.3g}{v['max_rel']:>11.3g}"
+                     f"{v['tolerance']['bound']:>11.3g}  {'ok' if v['passed'] else 'FAILED'}")
     return "\n".join(lines)

@@ -93,7 +93,6 @@ def main() -> int:
 
     from sdrt.export.config import ExportConfig
     from sdrt.export.exporter import export_artifacts
-    from sdrt.export.progress import Progress
 
     progress = _SampledProgress()
     load_before = os.getloadavg()[0]

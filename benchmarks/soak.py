@@ -15,7 +15,6 @@ sampled curve shows whether it is still climbing. Progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile

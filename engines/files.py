@@ -55,6 +55,21 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+def read_json_object(path: str | os.PathLike[str], error: type[Exception], what: str) -> dict[str, Any]:
+    """Read a JSON file that must hold an object; any fault is `error` naming the file.
+
+    RecursionError is caught too: a hostile file nested 100,000 deep makes the JSON
+    parser raise it rather than JSONDecodeError.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise error(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: malformed {what} (not a JSON object but {type(data).__name__})")
+    return data
+
+
 def remove_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
     """Delete temporaries left by an interrupted write in `folder` (not recursive)."""
     removed = []

@@ -127,12 +127,7 @@ def read_manifest(folder: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(
             f"{folder} is incomplete: it has no {MANIFEST_NAME} (export did not finish, "
             f"or this is not an sdrt artifact folder); run `sdrt export` again")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # RecursionError: nesting
-        raise ArtifactError(f"{path}: unreadable manifest ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: malformed manifest (not a JSON object)")
+    data = files.read_json_object(path, ArtifactError, "manifest")
     return Manifest.from_json(data, where=str(path))
 
 

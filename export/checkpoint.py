@@ -7,12 +7,12 @@ milliseconds with a message naming the missing file.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sdrt.engines.errors import InvalidInput, MissingFile
+from sdrt.engines.files import read_json_object
 from sdrt.engines.specs import ModelFacts, Stage
 
 # Components export reads weights from, and the stage each one becomes.
@@ -208,10 +208,4 @@ def _require(folder: Path, rel: str) -> Path:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # RecursionError: nesting
-        raise InvalidInput(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise InvalidInput(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, InvalidInput, "JSON")

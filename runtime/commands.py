@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from sdrt.engines.base import Backend
-from sdrt.engines.errors import AlreadyExists, BackendUnavailable, InvalidInput, InvalidInput
+from sdrt.engines.errors import AlreadyExists, BackendUnavailable, InvalidInput
 from sdrt.engines.manifest import MANIFEST_NAME, read_manifest
-from sdrt.engines.specs import Stage
 
 from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 

@@ -17,7 +17,6 @@ the same pixels:
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import threading
@@ -31,6 +30,7 @@ from PIL import Image
 
 from sdrt.engines.base import Backend, Engine, open_engines
 from sdrt.engines.errors import ArtifactError, InvalidInput, InvalidType, NumericsError
+from sdrt.engines.files import read_json_object
 from sdrt.engines.manifest import Manifest, load_manifest
 from sdrt.engines.specs import (ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT, SAMPLE, TEXT_EMBEDDINGS,
                                 TIMESTEP, Stage)
@@ -291,13 +291,7 @@ class Pipeline:
 def _read_scheduler_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: the artifact folder is incomplete; export it again")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # RecursionError: nesting
-        raise ArtifactError(f"{path}: unreadable scheduler config ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: malformed scheduler config (not a JSON object)")
-    return data
+    return read_json_object(path, ArtifactError, "scheduler config")
 
 
 def _check_finite(array: np.ndarray, where: str, hint: str = "") -> None:

@@ -11,7 +11,6 @@ encoder's length.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
 from sdrt.engines.errors import ArtifactError, InvalidType, MissingFile
+from sdrt.engines.files import read_json_object
 
 # CLIP's pre-tokenizer pattern (OpenAI's clip/simple_tokenizer.py, as transformers writes it).
 _CLIP_SPLIT = (r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]"""
@@ -133,13 +133,7 @@ def _has_model(folder: Path) -> bool:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:   # RecursionError: nesting
-        raise ArtifactError(f"{path}: cannot read tokenizer file ({e})") from None
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, ArtifactError, "tokenizer file")
 
 
 def _vocab_and_merges(folder: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:

@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 from sdrt.engines.errors import (AlreadyExists, ArtifactError, BackendUnavailable, InvalidInput, InvalidType,
                                  MissingFile, NumericsError)
@@ -461,8 +460,6 @@ _seed = st.one_of(st.integers(-(2**70), 2**70), st.just(np.uint64(2**64 - 1)), _
 
 @st.composite
 def _latents_strategy(draw):
-    from sdrt.engines.specs import LATENT, Stage  # noqa: F401 (shape comes from the pipeline)
-
     kind = draw(st.sampled_from(["none", "right", "wrong_shape", "wrong_dtype", "junk"]))
     if kind == "none":
         return None

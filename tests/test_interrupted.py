@@ -15,7 +15,6 @@ The TensorRT engine cache's write path is killed the same way, with fake plans.
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil

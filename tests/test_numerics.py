@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from sdrt.engines.errors import NumericsError
 from sdrt.engines.manifest import file_record, read_manifest, write_manifest

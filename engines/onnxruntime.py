@@ -73,12 +73,20 @@ class OrtEngine(Engine):
         self.load_seconds = load_seconds
         self.cached = cached          # True when the optimized graph came from the cache
         self._output_names = [t.name for t in spec.outputs]
+        self._last: float | None = None
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
             raise InvalidInput(f"{self.spec.stage.value} engine is closed")
+        start = time.perf_counter()
         outputs = self.session.run(self._output_names, dict(inputs))
+        self._last = time.perf_counter() - start
         return dict(zip(self._output_names, outputs))
+
+    def last_time(self) -> float | None:
+        """Seconds inside ONNX Runtime's run in the last call: the input checks and the
+        caller's array work are host time, not engine time (sdrt bench's host_step)."""
+        return self._last
 
     @property
     def providers(self) -> list[str]:

@@ -215,26 +215,33 @@ class Pipeline:
         x = (x * np.float32(sampler.init_noise_sigma)).astype(np.float32)
         state = sampler.init_state()
         step_times, unet_times = [], []
-        n = len(sampler.timesteps)
-        for i, t in enumerate(sampler.timesteps):
+        guidance = np.float32(config.guidance)
+        timesteps = np.asarray(sampler.timesteps, dtype=np.float32).reshape(-1, 1)   # row i: call i's input
+        n = len(timesteps)
+        for i in range(n):
             t0 = time.perf_counter()
             model_in = np.asarray(sampler.scale_model_input(x, i), dtype=np.float32)
             sample = np.concatenate([model_in, model_in]) if cfg_graph else model_in
             u0 = time.perf_counter()
-            out = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: np.array([t], dtype=np.float32),
+            raw = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: timesteps[i],
                                          ENCODER_HIDDEN_STATES: embeddings})[LATENT]
             unet_times.append(self._engine_time(Stage.UNET, u0))
-            _check_finite(out, f"the U-Net at step {i + 1} of {n} (timestep {float(t):g})")
+            out = raw
             if cfg_graph:
-                uncond, cond = out[:b], out[b:]
-                out = uncond + np.float32(config.guidance) * (cond - uncond) if use_cfg else cond
+                uncond, cond = raw[:b], raw[b:]
+                out = uncond + guidance * (cond - uncond) if use_cfg else cond
             noise = rng.standard_normal(x.shape, dtype=np.float32) if sampler.stochastic else None
             x, state = sampler.step(state, i, x, out, noise)
             x = np.asarray(x, dtype=np.float32)
+            # One check per step, on the new latents: a NaN/Inf from the U-Net enters every
+            # sampler's update (NaN * 0 is NaN), so it always shows here; then say whose it was.
+            if not np.isfinite(x).all():
+                where = f"step {i + 1} of {n} (timestep {float(timesteps[i, 0]):g})"
+                _check_finite(raw, f"the U-Net at {where}")
+                _check_finite(x, f"the sampler at {where}")
             step_times.append(time.perf_counter() - t0)
             if on_step is not None:
                 on_step(i + 1, n)
-        _check_finite(x, "the sampler (final latents)")
 
         # Decoding.
         t0 = time.perf_counter()

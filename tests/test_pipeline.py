@@ -257,3 +257,52 @@ def test_nan_from_a_stage_is_a_numerics_error_naming_it(sd15_artifacts, stage, w
     pipe.engines[stage] = _Poisoned(pipe.engines[stage], call=2 if stage is Stage.UNET else 0)
     with pytest.raises(NumericsError, match=words):
         pipe(PROMPT, steps=4, scheduler="euler", seed=0)
+
+
+class _Constant(_Poisoned):
+    """Wraps an engine so one call's outputs become a constant."""
+
+    def __init__(self, engine, call, value):
+        super().__init__(engine, call)
+        self.value = value
+
+    def __call__(self, inputs):
+        out = self.engine(inputs)
+        self.calls += 1
+        return {k: np.full_like(v, self.value) for k, v in out.items()} if self.calls - 1 == self.bad_call else out
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "lcm"])
+@pytest.mark.parametrize("where", ["middle", "last"])
+def test_unet_nan_reaches_the_check_for_every_sampler_at_any_call(sd15_artifacts, scheduler, where):
+    """The pipeline checks the latents once per step; that is enough only if a NaN from
+    the U-Net enters every sampler's update, the last one (coefficients 0 or 1) included."""
+    pipe = Pipeline.load(sd15_artifacts)
+    calls = len(pipe._sampler(scheduler, 4).timesteps)
+    bad = 1 if where == "middle" else calls - 1
+    pipe.engines[Stage.UNET] = _Poisoned(pipe.engines[Stage.UNET], call=bad)
+    with pytest.raises(NumericsError, match=rf"the U-Net at step {bad + 1} of {calls} "):
+        pipe(PROMPT, steps=4, scheduler=scheduler, seed=0)
+
+
+def test_finite_unet_output_overflowing_in_the_sampler_is_blamed_on_the_sampler(sd15_artifacts):
+    pipe = Pipeline.load(sd15_artifacts)
+    # Finite, but sigma * output overflows float32 in Euler's first update.
+    pipe.engines[Stage.UNET] = _Constant(pipe.engines[Stage.UNET], call=0, value=3e38)
+    with pytest.raises(NumericsError, match="the sampler at step 1 of 4"):
+        pipe(PROMPT, steps=4, guidance=1.0, scheduler="euler", seed=0)
+
+
+def test_onnxruntime_engine_time_is_the_run_itself_not_the_callers_checks(sd15_artifacts):
+    import time
+
+    pipe = Pipeline.load(sd15_artifacts)
+    engine = pipe.engines[Stage.UNET]
+    assert engine.last_time() is None
+    inputs = {t.name: np.zeros(t.shape, t.dtype.numpy) for t in engine.spec.inputs}
+    start = time.perf_counter()
+    engine(inputs)
+    wall = time.perf_counter() - start
+    assert 0 < engine.last_time() < wall
+    result = pipe(PROMPT, steps=3, scheduler="euler", seed=0)
+    assert all(0 < u < s for u, s in zip(result.timings.unet, result.timings.steps))

@@ -1,9 +1,13 @@
 """The artifact manifest: what an artifact folder holds and how to trust it.
 
 `manifest.json` is written last by export, so a folder without one is incomplete by
-definition. It records the source model's facts and the chosen shapes (from which
-`specs.stage_specs` derives every tensor), each stage's precision, a SHA-256 and size
-for every file the runtime reads, tool versions and export's verification results.
+definition. It records the model family, the source model's facts and the chosen
+shapes (from which `specs.stage_specs` derives every tensor), the artifact's stage
+list with each stage's specs and precision, a SHA-256 and size for every file the
+runtime reads, tool versions and export's verification results.
+
+Format 2 lists the stages (format 1, written by sdrt 0.1, always had the same three:
+text encoder, U-Net, VAE decoder); both are read, and format 2 is written.
 
 Loading checks sizes always and content hashes unless a stamp proves the file is
 unchanged since it was last hashed (see `_Stamps`), so a normal load of a multi-GB
@@ -20,11 +24,15 @@ from typing import Any, Mapping
 
 from . import files
 from .errors import ArtifactError, MissingFile
+from .families import Family, family
 from .specs import ModelFacts, Precision, ShapeConfig, Stage, StageSpec, stage_specs
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sdrt-artifacts"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
+# What every format-1 folder holds, in order.
+FORMAT_1_STAGES = (Stage.TEXT_ENCODER, Stage.UNET, Stage.VAE_DECODER)
 STAMPS_NAME = ".sdrt-verified.json"
 
 
@@ -41,15 +49,28 @@ class FileRecord:
 class Manifest:
     facts: ModelFacts
     shape: ShapeConfig
-    precisions: Mapping[Stage, Precision]
+    precisions: Mapping[Stage, Precision]      # one entry per stage of the artifact, in stage order
     files: Mapping[str, FileRecord]            # path relative to the folder -> record
     tools: Mapping[str, str] = field(default_factory=dict)
     verification: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
+    format_version: int = FORMAT_VERSION       # what the folder was written as (1: sdrt 0.1)
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The artifact's own stages, in export order: what every stage loop iterates."""
+        return tuple(self.precisions)
+
+    @property
+    def family(self) -> Family:
+        return family(self.facts.family)
 
     @property
     def specs(self) -> dict[Stage, StageSpec]:
-        return stage_specs(self.facts, self.shape)
+        return stage_specs(self.facts, self.shape, self.stages)
+
+    def has(self, stage: Stage) -> bool:
+        return stage in self.precisions
 
     def to_json(self) -> dict[str, Any]:
         specs = self.specs
@@ -57,17 +78,19 @@ class Manifest:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "source": self.source,
+            "family": self.facts.family,
             "model": self.facts.to_json(),
             "shape": self.shape.to_json(),
-            "stages": {
-                s.value: {
+            "stages": [
+                {
+                    "name": s.value,
                     "file": s.onnx_file,
                     **({"data_file": s.data_file} if s.data_file else {}),
                     "precision": self.precisions[s].value,
                     **specs[s].to_json(),
                 }
-                for s in Stage
-            },
+                for s in self.stages
+            ],
             "files": {k: v.to_json() for k, v in sorted(self.files.items())},
             "tools": dict(self.tools),
             "verification": dict(self.verification),
@@ -78,17 +101,22 @@ class Manifest:
         try:
             if data.get("format") != FORMAT:
                 raise ArtifactError(f"{where}: not an sdrt manifest (format {data.get('format')!r})")
-            if data.get("format_version") != FORMAT_VERSION:
+            version = data.get("format_version")
+            if version not in READ_VERSIONS or isinstance(version, bool):
                 raise ArtifactError(
-                    f"{where}: format version {data.get('format_version')!r} is not supported "
-                    f"(this sdrt reads {FORMAT_VERSION}); export the model again")
+                    f"{where}: format version {version!r} is not supported "
+                    f"(this sdrt reads {', '.join(map(str, READ_VERSIONS))}); export the model again")
             facts = ModelFacts.from_json(data["model"])
             shape = ShapeConfig.from_json(data["shape"])
-            precisions = {s: Precision(data["stages"][s.value]["precision"]) for s in Stage}
+            stated = _stated_stages(data, version, where)
+            precisions = {s: Precision(entry["precision"]) for s, entry in stated.items()}
             records = {str(k): FileRecord(str(v["sha256"]), int(v["size"])) for k, v in data["files"].items()}
             manifest = cls(facts, shape, precisions, records, dict(data.get("tools", {})),
-                           dict(data.get("verification", {})), str(data.get("source", "")))
-            stated = {s.value: {k: data["stages"][s.value][k] for k in ("inputs", "outputs")} for s in Stage}
+                           dict(data.get("verification", {})), str(data.get("source", "")), version)
+            if version >= 2 and data.get("family") != facts.family:
+                raise ArtifactError(f"{where}: family {data.get('family')!r:.40} differs from the model's "
+                                    f"{facts.family!r:.40}")
+            manifest.family.check_stages(manifest.stages, where)
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
@@ -96,15 +124,35 @@ class Manifest:
         # The stated tensor specs must be the ones the facts and shapes imply; a
         # hand-edited shape would otherwise only fail deep inside an engine.
         for stage, spec in manifest.specs.items():
-            if stated[stage.value] != spec.to_json():
+            given = {k: stated[stage].get(k) for k in ("inputs", "outputs")}
+            if given != spec.to_json():
                 raise ArtifactError(
                     f"{where}: the {stage.value} tensor specs do not match its model and shape "
-                    f"settings (stated {stated[stage.value]}, expected {spec.to_json()})")
-        for stage in Stage:
+                    f"settings (stated {given}, expected {spec.to_json()})")
+        for stage in manifest.stages:
             for name in (stage.onnx_file, stage.data_file):
                 if name and name not in records:
                     raise ArtifactError(f"{where}: no file record for {name}")
         return manifest
+
+
+def _stated_stages(data: Mapping[str, Any], version: int, where: str) -> dict[Stage, Mapping[str, Any]]:
+    """Stage -> its manifest entry, in the artifact's order, for either format."""
+    if version == 1:
+        return {s: data["stages"][s.value] for s in FORMAT_1_STAGES}
+    entries = data["stages"]
+    if not isinstance(entries, list):
+        raise ArtifactError(f"{where}: 'stages' must be a list")
+    stated: dict[Stage, Mapping[str, Any]] = {}
+    for entry in entries:
+        try:
+            stage = Stage(entry["name"])
+        except ValueError:
+            raise ArtifactError(f"{where}: stage {entry['name']!r:.40} is not supported by this sdrt") from None
+        if stage in stated:
+            raise ArtifactError(f"{where}: stage {stage.value} is listed twice")
+        stated[stage] = entry
+    return stated
 
 
 def file_record(folder: Path, relpath: str) -> FileRecord:

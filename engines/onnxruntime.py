@@ -164,7 +164,7 @@ def open_engines(folder: str | os.PathLike[str], manifest: Any, providers: Seque
     names = resolve_providers(providers)
     specs = manifest.specs
     engines: dict[Stage, Engine] = {}
-    for stage in stages or list(Stage):
+    for stage in stages or manifest.stages:
         start = time.perf_counter()
         session, cached = _open_session(folder, stage, manifest, names, threads, cache, spinning)
         _check_session(session, specs[stage], folder / stage.onnx_file)

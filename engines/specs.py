@@ -1,21 +1,24 @@
 """The one home of every shape fact (see STYLE.md, habit 1).
 
 Export, the manifest, the engine builder, buffer allocation, input checks and tests
-all derive the three stages' tensor names, shapes and dtypes from here, from two
-small frozen records:
+all derive every stage's tensor names, shapes and dtypes from here, from two small
+frozen records:
 
 - `ModelFacts`: what the checkpoint's configs say (latent channels, VAE scale,
   text length and width, ...), read once at export and stored in the manifest;
 - `ShapeConfig`: what the user chose at export (height, width, batch, CFG).
 
-Tensor names follow NVIDIA's TensorRT diffusion demo so engines are interchangeable.
+Each stage kind has one spec function (`STAGE_SPECS`); which stages an artifact has
+comes from its model family (`families.py`) and the export options, never from a
+list written here. Tensor names follow NVIDIA's TensorRT diffusion demo so engines
+are interchangeable.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -28,8 +31,12 @@ MAX_BATCH = 64
 
 
 class Stage(str, enum.Enum):
+    """Every kind of stage sdrt knows. An artifact holds the stages its family and
+    export options chose (`Manifest.stages`); code iterates those, not this enum."""
+
     TEXT_ENCODER = "text_encoder"
     UNET = "unet"
+    VAE_ENCODER = "vae_encoder"
     VAE_DECODER = "vae_decoder"
 
     @property
@@ -71,7 +78,20 @@ class ModelFacts:
     unet_sample_size: int       # native latent side (64 for SD 1.5 -> 512 px)
     unet_size_multiple: int     # latent sides must be multiples of this (the U-Net's down-sampling)
     prediction_type: str        # "epsilon" or "v_prediction" (from the scheduler config)
-    family: str = "sd1"         # "sd1" or "sd2": informational
+    family: str = "sd1"         # the model family's name (families.FAMILIES)
+    # unet.in_channels: latent_channels for text-to-image U-Nets; 2 * latent_channels + 1
+    # for inpainting U-Nets (latents, mask, masked-image latents). 0 = latent_channels
+    # (format-1 manifests predate the field).
+    unet_in_channels: int = 0
+
+    def __post_init__(self) -> None:
+        if self.unet_in_channels == 0:
+            object.__setattr__(self, "unet_in_channels", self.latent_channels)
+
+    @property
+    def inpainting(self) -> bool:
+        """The U-Net takes the mask and the masked image's latents besides the latents."""
+        return self.unet_in_channels == inpaint_channels(self.latent_channels)
 
     @property
     def native_image_size(self) -> int:
@@ -87,7 +107,7 @@ class ModelFacts:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ModelFacts":
         names = {f.name for f in fields(cls)}
-        missing = names - set(data) - {"family"}
+        missing = names - set(data) - {"family", "unet_in_channels"}
         if missing:
             raise InvalidInput(f"model facts lack {sorted(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names}).validate()
@@ -105,7 +125,17 @@ class ModelFacts:
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise InvalidInput(f"model fact prediction_type must be epsilon or v_prediction, "
                                f"got {self.prediction_type!r:.40}")
+        accepted = (self.latent_channels, inpaint_channels(self.latent_channels))
+        if self.unet_in_channels not in accepted:
+            raise InvalidInput(f"model fact unet_in_channels must be {accepted[0]} (text-to-image) or {accepted[1]} "
+                               f"(inpainting) for {self.latent_channels} latent channels, got {self.unet_in_channels}")
         return self
+
+
+def inpaint_channels(latent_channels: int) -> int:
+    """An inpainting U-Net's input: latents, a 1-channel mask, the masked image's latents
+    (diffusers' StableDiffusionInpaintPipeline concatenates them in that order)."""
+    return 2 * latent_channels + 1
 
 
 @dataclass(frozen=True)
@@ -188,35 +218,74 @@ TIMESTEP = "timestep"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 LATENT = "latent"
 IMAGES = "images"
+LATENT_MEAN = "latent_mean"
+LATENT_STD = "latent_std"
+
+# Images the VAE encoder takes per call. image-to-image and inpainting take one input
+# image for all batch items, as diffusers does with a single image: it encodes it
+# once and repeats the latents (StableDiffusionImg2ImgPipeline.prepare_latents).
+VAE_ENCODER_BATCH = 1
+
+_F32, _I32 = DType.FLOAT32, DType.INT32
 
 
-def stage_specs(facts: ModelFacts, shape: ShapeConfig) -> dict[Stage, StageSpec]:
-    """Input and output specs of the three stages. Graph I/O is always float32/int32;
-    an fp16 graph casts at its boundary, so the runtime is the same for every precision."""
-    f32, i32 = DType.FLOAT32, DType.INT32
-    gb, b = shape.guided_batch, shape.batch
-    lh, lw = shape.height // facts.vae_scale_factor, shape.width // facts.vae_scale_factor
-    c, tl, th = facts.latent_channels, facts.text_max_length, facts.text_hidden_size
-    return {
-        Stage.TEXT_ENCODER: StageSpec(
-            Stage.TEXT_ENCODER,
-            inputs=(TensorSpec(INPUT_IDS, (gb, tl), i32),),
-            outputs=(TensorSpec(TEXT_EMBEDDINGS, (gb, tl, th), f32),),
-        ),
-        Stage.UNET: StageSpec(
-            Stage.UNET,
-            inputs=(
-                TensorSpec(SAMPLE, (gb, c, lh, lw), f32),
-                # One timestep for the whole batch, as float: Euler-family schedulers
-                # feed fractional timesteps.
-                TensorSpec(TIMESTEP, (1,), f32),
-                TensorSpec(ENCODER_HIDDEN_STATES, (gb, tl, th), f32),
-            ),
-            outputs=(TensorSpec(LATENT, (gb, c, lh, lw), f32),),
-        ),
-        Stage.VAE_DECODER: StageSpec(
-            Stage.VAE_DECODER,
-            inputs=(TensorSpec(LATENT, (b, c, lh, lw), f32),),
-            outputs=(TensorSpec(IMAGES, (b, facts.image_channels, shape.height, shape.width), f32),),
-        ),
-    }
+def _latent_hw(facts: ModelFacts, shape: ShapeConfig) -> tuple[int, int]:
+    return shape.height // facts.vae_scale_factor, shape.width // facts.vae_scale_factor
+
+
+def text_encoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
+    gb, tl, th = shape.guided_batch, facts.text_max_length, facts.text_hidden_size
+    return StageSpec(Stage.TEXT_ENCODER,
+                     inputs=(TensorSpec(INPUT_IDS, (gb, tl), _I32),),
+                     outputs=(TensorSpec(TEXT_EMBEDDINGS, (gb, tl, th), _F32),))
+
+
+def unet_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
+    gb, (lh, lw) = shape.guided_batch, _latent_hw(facts, shape)
+    tl, th = facts.text_max_length, facts.text_hidden_size
+    return StageSpec(Stage.UNET,
+                     inputs=(
+                         # An inpainting U-Net's sample is [latents, mask, masked-image latents].
+                         TensorSpec(SAMPLE, (gb, facts.unet_in_channels, lh, lw), _F32),
+                         # One timestep for the whole batch, as float: Euler-family schedulers
+                         # feed fractional timesteps.
+                         TensorSpec(TIMESTEP, (1,), _F32),
+                         TensorSpec(ENCODER_HIDDEN_STATES, (gb, tl, th), _F32),
+                     ),
+                     outputs=(TensorSpec(LATENT, (gb, facts.latent_channels, lh, lw), _F32),))
+
+
+def vae_encoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
+    """Image in [-1, 1] -> the latent distribution's mean and standard deviation; the
+    runtime draws the sample (mean + std * noise) from the seed, as diffusers'
+    `latent_dist.sample(generator)` does, so the noise stays torch-compatible."""
+    b, (lh, lw) = VAE_ENCODER_BATCH, _latent_hw(facts, shape)
+    latent = (b, facts.latent_channels, lh, lw)
+    return StageSpec(Stage.VAE_ENCODER,
+                     inputs=(TensorSpec(IMAGES, (b, facts.image_channels, shape.height, shape.width), _F32),),
+                     outputs=(TensorSpec(LATENT_MEAN, latent, _F32), TensorSpec(LATENT_STD, latent, _F32)))
+
+
+def vae_decoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
+    b, (lh, lw) = shape.batch, _latent_hw(facts, shape)
+    return StageSpec(Stage.VAE_DECODER,
+                     inputs=(TensorSpec(LATENT, (b, facts.latent_channels, lh, lw), _F32),),
+                     outputs=(TensorSpec(IMAGES, (b, facts.image_channels, shape.height, shape.width), _F32),))
+
+
+# Stage kind -> its spec function. Adding a stage kind is one entry here plus its
+# spec function (and its export wrapper in export/graphs.py).
+STAGE_SPECS: dict[Stage, Callable[[ModelFacts, ShapeConfig], StageSpec]] = {
+    Stage.TEXT_ENCODER: text_encoder_spec,
+    Stage.UNET: unet_spec,
+    Stage.VAE_ENCODER: vae_encoder_spec,
+    Stage.VAE_DECODER: vae_decoder_spec,
+}
+
+
+def stage_specs(facts: ModelFacts, shape: ShapeConfig,
+                stages: Iterable[Stage] | None = None) -> dict[Stage, StageSpec]:
+    """Input and output specs of `stages` (default: every stage kind), in that order.
+    Graph I/O is always float32/int32; an fp16 graph casts at its boundary, so the
+    runtime is the same for every precision."""
+    return {stage: STAGE_SPECS[stage](facts, shape) for stage in (STAGE_SPECS if stages is None else stages)}

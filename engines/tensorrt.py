@@ -234,7 +234,7 @@ def open_engines(folder: str | Path, manifest: Any, cuda_graph: bool = True, sha
     platform = current_platform(trt, device)
     runtime = trt.Runtime(logger(trt))
     specs = manifest.specs
-    wanted = list(stages or Stage)
+    wanted = list(stages or manifest.stages)
     loaded = {}
     for stage in wanted:
         plan = cache.load_plan(folder, cache.expected_key(manifest, stage, platform))

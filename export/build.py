@@ -43,7 +43,7 @@ class BuildConfig:
     opt_level: int = 3                      # builder optimization level: 0 (fast build) .. 5 (slow build)
     timing_cache: Path | None = None        # None: ARTIFACT_DIR/engines/timing.cache
     force: bool = False                     # rebuild even current engines
-    stages: tuple[Stage, ...] = tuple(Stage)
+    stages: tuple[Stage, ...] = ()         # empty: every stage of the artifact
     verify: bool = True
     device: int = 0
 
@@ -54,8 +54,6 @@ class BuildConfig:
         o = self.opt_level
         if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o <= MAX_OPT_LEVEL:
             raise InvalidInput(f"optimization level must be an integer from 0 to {MAX_OPT_LEVEL}, got {o!r}")
-        if not self.stages:
-            raise InvalidInput(f"no stages to build: choose from {', '.join(s.value for s in Stage)}")
         if isinstance(self.device, bool) or not isinstance(self.device, int) or self.device < 0:
             raise InvalidInput(f"device must be a GPU index (0, 1, ...), got {self.device!r}")
         return self
@@ -70,10 +68,9 @@ class BuildConfig:
 
 
 def parse_stages(names: Sequence[str] | None) -> tuple[Stage, ...]:
-    if not names:
-        return tuple(Stage)
+    """Stage names from the command line; empty means every stage of the artifact."""
     stages = []
-    for name in names:
+    for name in names or ():
         try:
             stage = Stage(name)
         except ValueError:
@@ -94,10 +91,22 @@ class BuildReport:
         return all(c.passed for c in self.checks)
 
 
+def requested_stages(manifest: Manifest, config: BuildConfig) -> tuple[Stage, ...]:
+    """The stages to build: those asked for, each of which the artifact must have."""
+    if not config.stages:
+        return manifest.stages
+    absent = [s.value for s in config.stages if not manifest.has(s)]
+    if absent:
+        raise InvalidInput(f"this artifact has no {', '.join(absent)} stage: its stages are "
+                           f"{', '.join(s.value for s in manifest.stages)}")
+    return config.stages
+
+
 def decide(folder: Path, manifest: Manifest, platform: cache.Platform, config: BuildConfig
            ) -> dict[Stage, cache.CacheCheck]:
     """What each requested stage needs: CURRENT stages are reused unless --force."""
-    return {s: cache.check(folder, cache.expected_key(manifest, s, platform)) for s in config.stages}
+    return {s: cache.check(folder, cache.expected_key(manifest, s, platform))
+            for s in requested_stages(manifest, config)}
 
 
 def build_engines(config: BuildConfig, progress: Progress | None = None) -> BuildReport:
@@ -140,7 +149,7 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
         report.built.append(stage)
 
     if config.verify:
-        report.checks = verify_engines(folder, manifest, config.stages, config.device, progress)
+        report.checks = verify_engines(folder, manifest, requested_stages(manifest, config), config.device, progress)
     return report
 
 

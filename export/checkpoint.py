@@ -13,18 +13,37 @@ from typing import Any
 
 from sdrt.engines.errors import InvalidInput, MissingFile
 from sdrt.engines.files import read_json_object
-from sdrt.engines.specs import ModelFacts, Stage
+from sdrt.engines.specs import ModelFacts, Stage, inpaint_channels
 
-# Components export reads weights from, and the stage each one becomes.
+# Components export reads weights from, and the component each stage comes from.
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
-STAGE_COMPONENT = {Stage.TEXT_ENCODER: "text_encoder", Stage.UNET: "unet", Stage.VAE_DECODER: "vae"}
+STAGE_COMPONENT = {Stage.TEXT_ENCODER: "text_encoder", Stage.UNET: "unet", Stage.VAE_ENCODER: "vae",
+                   Stage.VAE_DECODER: "vae"}
+# diffusers pipeline classes whose checkpoints hold an SD 1.x/2.x text encoder, U-Net and VAE.
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
+                       "StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipelineLegacy")
+# Pipeline classes recognised by name, for a message that says what they are.
+KNOWN_UNSUPPORTED = {
+    "StableDiffusionXLPipeline": "SDXL (two text encoders and added time conditioning) is not supported yet",
+    "StableDiffusionXLImg2ImgPipeline": "SDXL (two text encoders and added time conditioning) is not supported yet",
+    "StableDiffusionXLInpaintPipeline": "SDXL (two text encoders and added time conditioning) is not supported yet",
+    "StableDiffusion3Pipeline": "Stable Diffusion 3 (an MMDiT transformer, not a U-Net) is not supported",
+    "FluxPipeline": "Flux (a transformer, not a U-Net) is not supported",
+    "StableUnCLIPPipeline": "unCLIP (an image-embedding-conditioned U-Net) is not supported",
+    "StableUnCLIPImg2ImgPipeline": "unCLIP (an image-embedding-conditioned U-Net) is not supported",
+    "StableDiffusionUpscalePipeline": "the x4 upscaler (a noise-level-conditioned U-Net) is not supported",
+    "StableDiffusionDepth2ImgPipeline": "depth-to-image (a depth-conditioned 5-channel U-Net) is not supported",
+    "LatentConsistencyModelPipeline": "LCM-distilled U-Nets (guidance embedding, time_cond_proj_dim) are not "
+                                      "supported yet",
+}
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 SUFFIX_WORDS = ("safetensors", "bin", "ckpt", "pt", "pth", "pkl")
 # Pickle-based formats: loading them runs arbitrary code from the file.
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
-# The tokenizer files a CLIP tokenizer needs; others present are copied too.
-TOKENIZER_REQUIRED = ("vocab.json", "merges.txt")
+# The tokenizer files a CLIP tokenizer needs, either set (transformers 5's save_pretrained
+# writes only tokenizer.json + tokenizer_config.json); others present are copied too.
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
 @dataclass(frozen=True)
@@ -49,10 +68,12 @@ class Checkpoint:
 
     def _facts(self) -> ModelFacts:
         unet, vae, text = self.configs["unet"], self.configs["vae"], self.configs["text_encoder"]
-        if unet.get("in_channels") != vae.get("latent_channels", 4):
+        latent = vae.get("latent_channels", 4)
+        if unet.get("in_channels") not in (latent, inpaint_channels(latent)) or unet.get("out_channels", 4) != latent:
             raise InvalidInput(
-                f"{self.folder}: unet in_channels {unet.get('in_channels')} differs from vae latent_channels "
-                f"{vae.get('latent_channels', 4)}; only text-to-image U-Nets are supported")
+                f"{self.folder}: unet in_channels {unet.get('in_channels')} / out_channels "
+                f"{unet.get('out_channels', 4)} do not fit vae latent_channels {latent}: sdrt runs text-to-image "
+                f"U-Nets (in {latent}, out {latent}) and inpainting U-Nets (in {inpaint_channels(latent)}, out {latent})")
         cross = unet.get("cross_attention_dim")
         if cross != text.get("hidden_size"):
             raise InvalidInput(
@@ -73,7 +94,7 @@ class Checkpoint:
         # SD checkpoint was trained at (and the ones TensorRT's demo accepts).
         multiple = 2 ** (len(unet["down_block_types"]) - 1)
         return ModelFacts(
-            latent_channels=int(unet["in_channels"]),
+            latent_channels=int(latent),
             vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
             vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
             image_channels=int(vae.get("out_channels", 3)),
@@ -83,6 +104,7 @@ class Checkpoint:
             unet_size_multiple=multiple,
             prediction_type=prediction,
             family="sd2" if unet.get("use_linear_projection") or prediction == "v_prediction" else "sd1",
+            unet_in_channels=int(unet["in_channels"]),
         )
 
     def tokenizer_files(self) -> list[Path]:
@@ -96,8 +118,10 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
         raise MissingFile(f"model folder {folder} does not exist")
     if not folder.is_dir():
         raise MissingFile(f"model path {folder} is not a folder (expected a diffusers checkpoint folder)")
-    _require(folder, "model_index.json")
+    model_index = _read_json(_require(folder, "model_index.json"))
+    _refuse_unsupported_pipeline(folder, model_index)
     configs = {c: _read_json(_require(folder, f"{c}/config.json")) for c in WEIGHT_COMPONENTS}
+    _refuse_unsupported_networks(folder, configs)
     for key in ("in_channels", "down_block_types", "cross_attention_dim"):
         if key not in configs["unet"]:
             raise InvalidInput(f"{folder / 'unet/config.json'} lacks {key!r}: not a Stable Diffusion U-Net")
@@ -106,8 +130,9 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
     if "hidden_size" not in configs["text_encoder"]:
         raise InvalidInput(f"{folder / 'text_encoder/config.json'} lacks 'hidden_size': not a CLIP text model")
     scheduler = _read_json(_require(folder, SCHEDULER_CONFIG))
-    for name in TOKENIZER_REQUIRED:
-        _require(folder, f"tokenizer/{name}")
+    if not any(all((folder / "tokenizer" / n).is_file() for n in names) for names in TOKENIZER_FILE_SETS):
+        raise MissingFile(f"{folder} is not a diffusers Stable Diffusion checkpoint: tokenizer/ has neither "
+                          f"tokenizer.json nor vocab.json + merges.txt")
     tok_cfg_path = folder / "tokenizer" / "tokenizer_config.json"
     tokenizer_config = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
 
@@ -122,6 +147,46 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
             f"loading them would execute code from the file; convert the checkpoint to safetensors, or pass "
             f"--allow-pickle-code-execution if you trust its source")
     return Checkpoint(folder, configs, scheduler, tokenizer_config, weights)
+
+
+def _refuse_unsupported_pipeline(folder: Path, model_index: dict[str, Any]) -> None:
+    """Refuse, before any work, a checkpoint whose pipeline class sdrt does not run,
+    naming the family and what is unsupported."""
+    cls = model_index.get("_class_name")
+    if cls in KNOWN_UNSUPPORTED:
+        raise InvalidInput(f"{folder}: {cls} checkpoint: {KNOWN_UNSUPPORTED[cls]}; sdrt exports Stable Diffusion "
+                           f"1.x/2.x checkpoints ({', '.join(SUPPORTED_PIPELINES[:3])})")
+    if "text_encoder_2" in model_index:
+        raise InvalidInput(f"{folder}: {cls or 'this'} checkpoint has a second text encoder (text_encoder_2): "
+                           f"{KNOWN_UNSUPPORTED['StableDiffusionXLPipeline']}")
+    if cls not in SUPPORTED_PIPELINES:
+        raise InvalidInput(f"{folder}: pipeline class {cls!r:.60} is not supported; sdrt exports Stable Diffusion "
+                           f"1.x/2.x checkpoints ({', '.join(SUPPORTED_PIPELINES[:3])})")
+
+
+# U-Net options that change its inputs beyond (sample, timestep, text), with what they mean.
+_UNET_CONDITIONS = {
+    "addition_embed_type": "added conditioning (SDXL's text_time, or image embeddings)",
+    "class_embed_type": "class conditioning (unCLIP, the x4 upscaler)",
+    "num_class_embeds": "class conditioning (class labels)",
+    "time_cond_proj_dim": "a guidance embedding (an LCM-distilled U-Net), not supported yet",
+    "encoder_hid_dim": "a projected encoder input (encoder_hid_dim)",
+    "projection_class_embeddings_input_dim": "projected class embeddings",
+}
+
+
+def _refuse_unsupported_networks(folder: Path, configs: dict[str, dict[str, Any]]) -> None:
+    unet, text = configs["unet"], configs["text_encoder"]
+    for key, what in _UNET_CONDITIONS.items():
+        if unet.get(key) is not None:
+            raise InvalidInput(f"{folder}: the U-Net takes {what} ({key}={unet[key]!r:.40}): sdrt runs Stable "
+                               f"Diffusion 1.x/2.x U-Nets conditioned on text alone")
+    if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        raise InvalidInput(f"{folder}: unet is a {unet.get('_class_name')!r:.60}, not a UNet2DConditionModel")
+    model_type = text.get("model_type", "clip_text_model")
+    if model_type != "clip_text_model":
+        raise InvalidInput(f"{folder}: the text encoder is a {model_type!r:.40} model, not a CLIP text model "
+                           f"(clip_text_model)")
 
 
 @dataclass(frozen=True)
@@ -188,7 +253,7 @@ def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
             from diffusers import UNet2DConditionModel
 
             model = UNet2DConditionModel.from_pretrained(ckpt.folder, subfolder=component, torch_dtype=torch.float32, **kw)
-        else:
+        else:   # both VAE stages: the export wrapper picks the encoder or the decoder
             from diffusers import AutoencoderKL
 
             model = AutoencoderKL.from_pretrained(ckpt.folder, subfolder=component, torch_dtype=torch.float32, **kw)

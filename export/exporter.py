@@ -23,23 +23,25 @@ from typing import Any
 
 from sdrt.engines import files
 from sdrt.engines.errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType, NumericsError
+from sdrt.engines.families import family
 from sdrt.engines.manifest import FileRecord, Manifest, file_record, write_manifest
-from sdrt.engines.specs import Precision, ShapeConfig, Stage, StageSpec, stage_specs
+from sdrt.engines.specs import ModelFacts, Precision, ShapeConfig, Stage, StageSpec, stage_specs
 
 from . import outdir
 from .checkpoint import SCHEDULER_CONFIG, Checkpoint, open_checkpoint
 from .config import ExportConfig
 from .progress import Progress
 
-STAGE_ORDER = (Stage.TEXT_ENCODER, Stage.UNET, Stage.VAE_DECODER)
 TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon")
 
 
 def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> Manifest:
     progress = progress or Progress()
-    precisions = _check_config(config)
+    _check_config(config)
     ckpt = open_checkpoint(Path(config.model_dir), allow_pickle=config.allow_pickle)
     facts = ckpt.facts()
+    stages = _stages(facts, config)
+    precisions = {s: config.stage_precision(s) for s in stages}
     native = facts.native_image_size
     shape = ShapeConfig(
         height=native if config.height is None else config.height,
@@ -56,10 +58,10 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     progress.say(f"exporting {ckpt.folder} ({facts.family}, {facts.prediction_type}) at "
                  f"{shape.width}x{shape.height}, batch {shape.batch}{' with CFG' if shape.cfg else ''} to {out_dir}")
 
-    specs = stage_specs(facts, shape)
+    specs = stage_specs(facts, shape, stages)
     checks = []
     known: dict[str, FileRecord] = {}   # records computed while writing
-    for stage in STAGE_ORDER:
+    for stage in stages:
         check = _export_stage(ckpt, facts, specs[stage], precisions[stage], out_dir, config.verify, progress, known)
         if check is not None:
             checks.append(check)
@@ -78,7 +80,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
 
     copied = _copy_runtime_files(ckpt, out_dir)
     names = []
-    for stage in STAGE_ORDER:
+    for stage in stages:
         names += [n for n in (stage.onnx_file, stage.data_file) if n]
     with progress.step("hashing files"):
         records = {name: known.get(name) or file_record(out_dir, name) for name in names + copied}
@@ -92,7 +94,16 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     return manifest
 
 
-def _check_config(config: ExportConfig) -> dict[Stage, Precision]:
+def _stages(facts: ModelFacts, config: ExportConfig) -> tuple[Stage, ...]:
+    """The family's stages, less the optional ones this export leaves out."""
+    left_out = set() if config.vae_encoder else {Stage.VAE_ENCODER}
+    if left_out and facts.inpainting:
+        raise InvalidInput("this is an inpainting checkpoint: its U-Net takes the masked image's latents, which "
+                           "need the VAE encoder; export without --no-vae-encoder")
+    return tuple(s for s in family(facts.family).stages if s not in left_out)
+
+
+def _check_config(config: ExportConfig) -> None:
     if not isinstance(config.model_dir, (str, os.PathLike)):
         raise InvalidType(f"model_dir must be a path, got {type(config.model_dir).__name__}")
     if not isinstance(config.out_dir, (str, os.PathLike)):
@@ -106,7 +117,6 @@ def _check_config(config: ExportConfig) -> dict[Stage, Precision]:
                 Precision(value)
             except ValueError:
                 raise InvalidInput(f"{name} {value!r} is not supported: choose one of {accepted}") from None
-    return {s: config.stage_precision(s) for s in Stage}
 
 
 def _precision_module() -> Any:

@@ -64,7 +64,29 @@ class VaeDecoderGraph(torch.nn.Module):
         return self.vae.decode(latent, return_dict=False)[0]
 
 
-WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.UNET: UNetGraph, Stage.VAE_DECODER: VaeDecoderGraph}
+class VaeEncoderGraph(torch.nn.Module):
+    """Image in [-1, 1] -> the latent distribution's mean and standard deviation, as
+    diffusers' DiagonalGaussianDistribution computes them (log-variance clamped to
+    [-30, 20]); the runtime draws mean + std * noise from the seed."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # AutoencoderKL.encode + DiagonalGaussianDistribution, with the moments split by
+        # static slices: torch.chunk traces to a Split whose output shapes stay symbolic.
+        moments = self.vae.encoder(images)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        c = self.vae.config.latent_channels
+        mean, logvar = moments[:, :c], torch.clamp(moments[:, c:], -30.0, 20.0)
+        return mean, torch.exp(0.5 * logvar)
+
+
+# Stage kind -> its export wrapper (the graph side of specs.STAGE_SPECS).
+WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.UNET: UNetGraph, Stage.VAE_ENCODER: VaeEncoderGraph,
+            Stage.VAE_DECODER: VaeDecoderGraph}
 
 
 def wrap(stage: Stage, module: torch.nn.Module) -> torch.nn.Module:
@@ -97,6 +119,8 @@ def export_raw(graph: torch.nn.Module, spec: StageSpec, inputs: dict[str, np.nda
             # The legacy exporter is chosen on purpose (see the module docstring); its
             # deprecation notice would repeat on every export.
             warnings.simplefilter("ignore", DeprecationWarning)
+            # The VAE encoder's step -1 Slice: `clean` folds it instead.
+            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
             torch.onnx.export(
                 graph, args, str(path),
                 input_names=[t.name for t in spec.inputs],
@@ -148,7 +172,18 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     graph.cleanup().toposort()
     graph.fold_constants(error_ok=False)
     graph.cleanup().toposort()
-    return gs.export_onnx(graph)
+    model = gs.export_onnx(graph)
+    if any(n.op_type == "Shape" for n in model.graph.node):
+        # Shapes the trace could not annotate (the VAE encoder's asymmetric F.pad traces
+        # to a Pad whose pads come from a step -1 Slice, which torch cannot fold) stay
+        # symbolic downstream; ONNX shape inference with data propagation recovers them,
+        # and a second fold turns the Shape ops into constants.
+        graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model, data_prop=True))
+        del model
+        graph.fold_constants(error_ok=False)
+        graph.cleanup().toposort()
+        model = gs.export_onnx(graph)
+    return model
 
 
 def _write_external(model: onnx.ModelProto, src_dir: Path, data_path: Path, location: str) -> str:

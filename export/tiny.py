@@ -26,7 +26,7 @@ from sdrt.engines.files import TEMP_PREFIX
 from . import vocab
 from .progress import Progress
 
-VARIANTS = ("sd15", "sd2", "sd15-full", "sd21-full")
+VARIANTS = ("sd15", "sd2", "sd15-inpaint", "sd15-full", "sd21-full")
 MAX_SEED = 2**32 - 1
 
 _DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -57,6 +57,7 @@ class Variant:
     scheduler: dict[str, Any]
     pad_token: str
     extra_unet: dict[str, Any] = field(default_factory=dict)
+    pipeline: str = "StableDiffusionPipeline"   # the diffusers class model_index.json names
 
 
 def _vae(block_out: tuple[int, ...], groups: int, layers: int, sample_size: int) -> dict[str, Any]:
@@ -70,16 +71,20 @@ def _vae(block_out: tuple[int, ...], groups: int, layers: int, sample_size: int)
 
 
 def _variant(name: str) -> Variant:
-    if name == "sd15":
+    if name in ("sd15", "sd15-inpaint"):
+        # sd15-inpaint: runwayml/stable-diffusion-inpainting's layout, whose U-Net takes
+        # 9 channels (latents, mask, masked-image latents).
+        inpaint = name == "sd15-inpaint"
         return Variant(
-            unet=dict(sample_size=16, in_channels=4, out_channels=4, down_block_types=_DOWN,
+            unet=dict(sample_size=16, in_channels=9 if inpaint else 4, out_channels=4, down_block_types=_DOWN,
                       up_block_types=_UP, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
                       norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4),
             vae=_vae((8, 16, 16, 16), groups=4, layers=1, sample_size=128),
             text=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                       hidden_act="quick_gelu", projection_dim=32),
-            scheduler=_SD15_SCHEDULER, pad_token=vocab.EOS)
+            scheduler=_SD15_SCHEDULER, pad_token=vocab.EOS,
+            pipeline="StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline")
     if name == "sd2":
         # SD 2.x differences: v-prediction, linear projections in the transformer
         # blocks, per-level head counts, a wider text encoder with GELU, "!" padding.
@@ -172,8 +177,9 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
             raise AlreadyExists(f"{out_dir} exists and is not a diffusers checkpoint; refusing to replace it")
     progress = progress or Progress(enabled=variant.endswith("-full"))  # the tiny ones take seconds
     quiet_libraries()
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers import DDIMScheduler, PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -193,7 +199,7 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary shared folder
         write_tokenizer(tmp / "tokenizer", spec.pad_token)
-        pipe = StableDiffusionPipeline(
+        pipe = getattr(diffusers, spec.pipeline)(
             vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
             unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)

@@ -62,6 +62,8 @@ def random_inputs(spec: StageSpec, facts: ModelFacts, seed: int = 0) -> dict[str
             out[t.name] = rng.integers(0, 49408, size=t.shape).astype(np.int32)
         elif spec.stage is Stage.UNET and t.name == "timestep":
             out[t.name] = np.array([rng.uniform(1, 999)], dtype=np.float32)  # fractional, like Euler's
+        elif spec.stage is Stage.VAE_ENCODER:
+            out[t.name] = rng.uniform(-1, 1, size=t.shape).astype(np.float32)   # preprocessed pixels
         elif spec.stage is Stage.VAE_DECODER:
             # The runtime divides N(0, 1)-scaled latents by the scaling factor.
             out[t.name] = (rng.standard_normal(t.shape) / facts.vae_scaling_factor).astype(np.float32)

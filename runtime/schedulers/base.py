@@ -1,22 +1,25 @@
 """What every sampler exposes, and how a checkpoint's scheduler_config.json becomes
 the settings of one sampler.
 
-A sampler is a frozen record of precomputed per-call tables plus three pure
-functions (`init_state`, `scale_model_input`, `step`): no mutable state lives in it,
-so one sampler can serve several generations or threads at once, and randomness
-enters only through the `noise` argument of `step`.
+A sampler is a frozen record of precomputed per-call tables (read-only arrays) plus
+four pure functions (`init_state`, `scale_model_input`, `step`, `add_noise`): no
+mutable state lives in it, so one sampler can serve several generations or threads
+at once, and randomness enters only through the `noise` arguments.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Protocol, runtime_checkable
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
 from sdrt.engines.errors import InvalidInput
 
+from .parametrization import PREDICTION_TYPES
+from .spacing import SPACINGS
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-SPACINGS = ("leading", "linspace", "trailing")
 MAX_TRAIN_TIMESTEPS = 100_000
 
 
@@ -24,8 +27,10 @@ MAX_TRAIN_TIMESTEPS = 100_000
 class Sampler(Protocol):
     name: str
     timesteps: np.ndarray        # float32 (n_calls,): the U-Net's `timestep` input at call i
-    init_noise_sigma: float      # initial latents = standard normal * init_noise_sigma
+    init_noise_sigma: float      # pure-noise latents = standard normal * init_noise_sigma
     stochastic: bool             # step() needs fresh standard-normal noise
+    order: int                   # diffusers' scheduler.order: a part-way start skips t_start * order calls
+    begin_index: int             # where timesteps[0] sits in the full schedule (diffusers' set_begin_index)
 
     def init_state(self) -> Any: ...
 
@@ -34,9 +39,31 @@ class Sampler(Protocol):
     def step(self, state: Any, i: int, x: np.ndarray, model_output: np.ndarray,
              noise: np.ndarray | None) -> tuple[np.ndarray, Any]: ...
 
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, eq=False)
+class SamplerRecord:
+    """The fields every sampler has; subclasses add their per-call tables. Arrays are
+    made read-only, so a sampler shared between threads cannot be changed by one."""
+    name: str
+    timesteps: np.ndarray
+    init_noise_sigma: float
+    stochastic: bool
+    begin_index: int
+    # All seven schedulers followed here are one U-Net call per step in diffusers
+    # (PNDM's extra call is in its timesteps list, not in its order).
+    order: ClassVar[int] = 1
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, np.ndarray):
+                value.flags.writeable = False
+
 
 def resolve(config: Mapping[str, Any], defaults: Mapping[str, Any], scheduler: str,
-            prediction_types: tuple[str, ...] = ("epsilon", "v_prediction", "sample"),
+            prediction_types: tuple[str, ...] = PREDICTION_TYPES,
             **overrides: Any) -> dict[str, Any]:
     """The settings a diffusers `XScheduler.from_config(config, **overrides)` would use:
     keys X's constructor knows are taken from `config`, all others fall back to X's

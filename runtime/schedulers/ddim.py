@@ -8,8 +8,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import tables
-from .base import f32, resolve
+from . import parametrization as param
+from . import spacing, tables
+from .base import SamplerRecord, f32, resolve
 
 DEFAULTS = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -20,34 +21,13 @@ DEFAULTS = dict(
 )
 
 
-def discrete_timesteps(cfg: dict, n: int) -> np.ndarray:
-    """DDIM's integer timesteps for n steps (descending, int64)."""
-    T = cfg["num_train_timesteps"]
-    if cfg["timestep_spacing"] == "linspace":
-        t = tables.linspace_rounded(T, n)
-    elif cfg["timestep_spacing"] == "leading":
-        t = tables.leading(T, n, cfg["steps_offset"])
-    else:
-        t = tables.trailing(T, n)
-    return t.astype(np.int64)
-
-
-def alpha_at(acp: np.ndarray, t: np.ndarray, final: np.float32) -> np.ndarray:
-    """alpha_bar at (possibly negative) timesteps; before t = 0 the chain ends at `final`.
-    Indices past the table wrap like torch's (diffusers only checks `>= 0`)."""
-    t = np.asarray(t, dtype=np.int64)
-    return np.where(t >= 0, acp[np.where(t >= 0, t, 0) % len(acp)], final).astype(np.float32)
-
-
 @dataclass(frozen=True, eq=False)
-class DDIM:
-    name: str
-    timesteps: np.ndarray
-    init_noise_sigma: float
-    stochastic: bool
+class DDIM(SamplerRecord):
     cfg: dict
     alpha_t: np.ndarray      # alpha_bar at call i
     alpha_prev: np.ndarray   # alpha_bar at the timestep call i steps to
+    noise_alpha: np.ndarray  # VP (alpha, sigma) of call i's timestep, for add_noise
+    noise_sigma: np.ndarray
 
     def init_state(self) -> Any:
         return None
@@ -57,31 +37,31 @@ class DDIM:
 
     def step(self, state: Any, i: int, x: np.ndarray, model_output: np.ndarray,
              noise: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
-        x, eps = f32(x), f32(model_output)
+        x, out = f32(x), f32(model_output)
         a_t, a_prev = self.alpha_t[i], self.alpha_prev[i]
         b_t = np.float32(1) - a_t
-        pred = self.cfg["prediction_type"]
-        # eq. 12's "predicted x0" and the noise that goes with it, per parameterisation
-        # (v-prediction: Salimans & Ho 2022, sec. 4).
-        if pred == "epsilon":
-            x0 = (x - b_t ** 0.5 * eps) / a_t ** 0.5
-        elif pred == "sample":
-            x0, eps = eps, (x - a_t ** 0.5 * eps) / b_t ** 0.5
-        else:
-            x0 = a_t ** 0.5 * x - b_t ** 0.5 * eps
-            eps = a_t ** 0.5 * eps + b_t ** 0.5 * x
+        # eq. 12's "predicted x0" and the noise that goes with it.
+        x0, eps = param.vp_x0_eps(self.cfg["prediction_type"], x, out, a_t ** 0.5, b_t ** 0.5)
         x0 = tables.clip_or_threshold(x0, self.cfg)
         # eta = 0: the deterministic DDIM step, "direction pointing to x_t" plus x0.
         return a_prev ** 0.5 * x0 + (np.float32(1) - a_prev) ** 0.5 * eps, None
 
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        return param.vp_noise(f32(x0), f32(noise), self.noise_alpha[i], self.noise_sigma[i])
 
-def make(config: Mapping[str, Any], steps: int, name: str = "ddim") -> DDIM:
-    cfg = resolve(config, DEFAULTS, name)
+
+def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "ddim",
+         **overrides: Any) -> DDIM:
+    cfg = resolve(config, DEFAULTS, name, **overrides)
     acp = tables.alphas_cumprod(cfg)
     final = np.float32(1.0) if cfg["set_alpha_to_one"] else acp[0]
-    t = discrete_timesteps(cfg, steps)
+    T = cfg["num_train_timesteps"]
+    t = spacing.discrete(T, steps, cfg["timestep_spacing"], cfg["steps_offset"])[begin:]
     # diffusers steps back by T // n whatever the spacing (scheduling_ddim.py, step()),
     # so with "linspace"/"trailing" the previous alpha is not that of the next call.
-    prev = t - cfg["num_train_timesteps"] // steps
+    prev = t - T // steps
+    noise_alpha, noise_sigma = param.vp_coefficients(tables.alpha_bar_at(acp, t, final))
     return DDIM(name=name, timesteps=t.astype(np.float32), init_noise_sigma=1.0, stochastic=False,
-                cfg=cfg, alpha_t=alpha_at(acp, t, final), alpha_prev=alpha_at(acp, prev, final))
+                begin_index=begin, cfg=cfg, alpha_t=tables.alpha_bar_at(acp, t, final),
+                alpha_prev=tables.alpha_bar_at(acp, prev, final),
+                noise_alpha=noise_alpha, noise_sigma=noise_sigma)

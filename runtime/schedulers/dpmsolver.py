@@ -15,8 +15,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import tables
-from .base import f32, resolve, unsupported
+from . import parametrization as param
+from . import spacing, tables
+from .base import SamplerRecord, f32, resolve, unsupported
 
 F32 = np.float32
 
@@ -32,29 +33,18 @@ DEFAULTS = dict(
 )
 
 
-def _timesteps(cfg: dict, acp: np.ndarray, n: int) -> np.ndarray:
-    """DPM-Solver's integer timesteps: n of n + 1 points, dropping the one at t = 0."""
-    T = cfg["num_train_timesteps"]
+def _last_timestep(cfg: dict, acp: np.ndarray) -> int:
+    """One past the last timestep visited: timesteps whose lambda is below
+    lambda_min_clipped are never visited (cosine schedules)."""
     lambdas = np.log(acp ** 0.5) - np.log((F32(1) - acp) ** 0.5)
-    # Timesteps whose lambda is below lambda_min_clipped are never visited (cosine schedules).
-    last = T - int(np.searchsorted(lambdas[::-1], cfg["lambda_min_clipped"], side="left"))
-    if cfg["timestep_spacing"] == "linspace":
-        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-    if cfg["timestep_spacing"] == "leading":
-        ratio = last // (n + 1)
-        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + cfg["steps_offset"]
-    return np.arange(last, 0, -T / n).round().astype(np.int64) - 1
+    return cfg["num_train_timesteps"] - int(np.searchsorted(lambdas[::-1], cfg["lambda_min_clipped"], side="left"))
 
 
 @dataclass(frozen=True, eq=False)
-class DPMSolverPP:
-    name: str
-    timesteps: np.ndarray
-    init_noise_sigma: float
-    stochastic: bool
+class DPMSolverPP(SamplerRecord):
     cfg: dict
     orders: tuple            # solver order used at step i (lower at the start and the end)
-    alpha: np.ndarray        # float32 (n + 1,): VP alpha_t and sigma_t of each sigma in the ramp
+    alpha: np.ndarray        # float32 (n_calls + 1,): VP alpha_t and sigma_t of each sigma in the ramp
     sigma: np.ndarray
     lam: np.ndarray          # lambda_t = log alpha_t - log sigma_t (+inf at sigma = 0)
 
@@ -68,13 +58,7 @@ class DPMSolverPP:
              noise: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
         x, out = f32(x), f32(model_output)
         a, s = self.alpha[i], self.sigma[i]
-        pred = self.cfg["prediction_type"]
-        if pred == "epsilon":
-            m0 = (x - s * out) / a
-        elif pred == "v_prediction":
-            m0 = a * x - s * out
-        else:
-            m0 = out
+        m0 = param.vp_x0(self.cfg["prediction_type"], x, out, a, s)
         m0 = tables.clip_or_threshold(m0, self.cfg)
         history = (state + (m0,))[-self.cfg["solver_order"]:]
         a_t, s_t, s_s0 = self.alpha[i + 1], self.sigma[i + 1], self.sigma[i]
@@ -104,20 +88,31 @@ class DPMSolverPP:
                 - (a_t * ((e - F32(1.0) + h) / h ** 2 - F32(0.5))) * d2), history
 
 
-def _orders(cfg: dict, n: int) -> tuple:
-    """diffusers' order schedule: warm up from first order, and drop order at the end
-    (lower_order_final) for stability with few steps, and always at a zero final sigma."""
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        # diffusers picks the sigma by step index once set_begin_index is called (the
+        # begin index before the first step, call i + 1 after step i) and noises at
+        # its VP (alpha_t, sigma_t).
+        return param.vp_noise(f32(x0), f32(noise), self.alpha[i], self.sigma[i])
+
+
+def _orders(cfg: dict, n: int, begin: int) -> tuple:
+    """diffusers' order schedule for the steps from `begin` of n on: warm up from first
+    order over the first steps run (lower_order_nums counts from 0 whatever the begin
+    index), and drop order at the end of the whole schedule (lower_order_final) for
+    stability with few steps, and always at a zero final sigma."""
     k = cfg["solver_order"]
     out = []
-    for i in range(n):
+    for i in range(begin, n):
+        run = i - begin            # steps already taken: diffusers' lower_order_nums
         final = i == n - 1 and (cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15)
                                 or cfg["final_sigmas_type"] == "zero")
         second = i == n - 2 and cfg["lower_order_final"] and n < 15
-        out.append(1 if k == 1 or i < 1 or final else 2 if k == 2 or i < 2 or second else 3)
+        out.append(1 if k == 1 or run < 1 or final else 2 if k == 2 or run < 2 or second else 3)
     return tuple(out)
 
 
-def make(config: Mapping[str, Any], steps: int, name: str = "dpmpp_2m", **overrides: Any) -> DPMSolverPP:
+def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "dpmpp_2m",
+         **overrides: Any) -> DPMSolverPP:
     cfg = resolve(config, DEFAULTS, name, **overrides)
     if cfg["algorithm_type"] == "deis":          # diffusers maps it the same way
         cfg["algorithm_type"] = "dpmsolver++"
@@ -132,7 +127,8 @@ def make(config: Mapping[str, Any], steps: int, name: str = "dpmpp_2m", **overri
         acp = acp.copy()
         acp[-1] = F32(2.0 ** -24)   # as diffusers: keeps sigma_max finite
     full = tables.sigmas_from_alphas_cumprod(acp)
-    t = _timesteps(cfg, acp, steps)
+    t = spacing.dpmsolver(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"],
+                          _last_timestep(cfg, acp))
     if cfg["use_karras_sigmas"]:
         sig = tables.karras_sigmas(full[0].item(), full[-1].item(), steps)
         t = tables.sigma_to_t(sig, np.log(full))
@@ -147,9 +143,7 @@ def make(config: Mapping[str, Any], steps: int, name: str = "dpmpp_2m", **overri
     with np.errstate(divide="ignore"):
         lam = np.log(alpha) - np.log(sigma)
     t = np.asarray(t).astype(np.int64)
-    return DPMSolverPP(name=name, timesteps=t.astype(F32), init_noise_sigma=1.0, stochastic=False,
-                       cfg=cfg, orders=_orders(cfg, len(t)), alpha=alpha, sigma=sigma, lam=lam)
-
-
-def make_karras(config: Mapping[str, Any], steps: int, name: str = "dpmpp_2m_karras") -> DPMSolverPP:
-    return make(config, steps, name=name, use_karras_sigmas=True)
+    # A part-way start runs from step index `begin` (diffusers' set_begin_index).
+    return DPMSolverPP(name=name, timesteps=t.astype(F32)[begin:], init_noise_sigma=1.0, stochastic=False,
+                       begin_index=begin, cfg=cfg, orders=_orders(cfg, len(t), begin),
+                       alpha=alpha[begin:], sigma=sigma[begin:], lam=lam[begin:])

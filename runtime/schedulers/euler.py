@@ -14,8 +14,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import tables
-from .base import f32, resolve, unsupported
+from . import parametrization as param
+from . import spacing, tables
+from .base import SamplerRecord, f32, resolve, unsupported
 
 F32 = np.float32
 
@@ -33,16 +34,6 @@ ANCESTRAL_DEFAULTS = dict(
 )
 
 
-def float_timesteps(cfg: dict, n: int) -> np.ndarray:
-    """Euler's float32 timesteps: unlike DDIM's, "linspace" ones are not rounded."""
-    T = cfg["num_train_timesteps"]
-    if cfg["timestep_spacing"] == "linspace":
-        return np.linspace(0, T - 1, n, dtype=F32)[::-1].copy()
-    if cfg["timestep_spacing"] == "leading":
-        return (np.arange(0, n) * (T // n)).round()[::-1].astype(F32) + F32(cfg["steps_offset"])
-    return np.arange(T, 0, -T / n).round().astype(F32) - F32(1)
-
-
 def training_sigmas(cfg: dict) -> np.ndarray:
     acp = tables.alphas_cumprod(cfg)
     if cfg["rescale_betas_zero_snr"]:
@@ -52,31 +43,17 @@ def training_sigmas(cfg: dict) -> np.ndarray:
     return tables.sigmas_from_alphas_cumprod(acp)
 
 
-def init_sigma(sigmas: np.ndarray, spacing: str) -> float:
+def init_sigma(sigmas: np.ndarray, timestep_spacing: str) -> float:
     """Std of the initial latents. With "leading" spacing the first timestep is below
     T - 1, and diffusers scales by sqrt(sigma_max^2 + 1) there (scheduling_euler_discrete.py)."""
     top = sigmas.max()
-    return float(top if spacing in ("linspace", "trailing") else (top ** 2 + F32(1)) ** 0.5)
-
-
-def to_denoised(pred: str, x: np.ndarray, out: np.ndarray, sigma: np.float32) -> np.ndarray:
-    """x0 from the U-Net output at noise level sigma (Karras et al. 2022, Table 1;
-    v-prediction: Salimans & Ho 2022)."""
-    if pred == "epsilon":
-        return x - sigma * out
-    if pred == "v_prediction":
-        return out * (-sigma / (sigma ** 2 + 1) ** 0.5) + (x / (sigma ** 2 + 1))
-    return out
+    return float(top if timestep_spacing in ("linspace", "trailing") else (top ** 2 + F32(1)) ** 0.5)
 
 
 @dataclass(frozen=True, eq=False)
-class Euler:
-    name: str
-    timesteps: np.ndarray
-    init_noise_sigma: float
-    stochastic: bool
+class Euler(SamplerRecord):
     prediction_type: str
-    sigmas: np.ndarray       # float32 (n + 1,): noise level before call i, 0 (or sigma_min) at the end
+    sigmas: np.ndarray       # float32 (n_calls + 1,): noise level before call i, 0 (or sigma_min) at the end
     sigma_up: np.ndarray     # ancestral only: std of the fresh noise added at step i
     sigma_down: np.ndarray   # ancestral only: level the deterministic part steps to
 
@@ -90,7 +67,7 @@ class Euler:
              noise: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         x, out = f32(x), f32(model_output)
         sigma = self.sigmas[i]
-        denoised = to_denoised(self.prediction_type, x, out, sigma)
+        denoised = param.ve_x0(self.prediction_type, x, out, sigma)
         derivative = (x - denoised) / sigma          # dx/dsigma of the probability-flow ODE
         if not self.stochastic:
             return x + derivative * (self.sigmas[i + 1] - sigma), None
@@ -99,14 +76,20 @@ class Euler:
         x = x + derivative * (self.sigma_down[i] - sigma)
         return x + f32(noise) * self.sigma_up[i], None
 
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        # diffusers picks the sigma by step index once set_begin_index is called: the
+        # begin index before the first step, step_index (= call i + 1) after step i.
+        return param.ve_noise(f32(x0), f32(noise), self.sigmas[i])
 
-def make_euler(config: Mapping[str, Any], steps: int, name: str = "euler") -> Euler:
-    cfg = resolve(config, EULER_DEFAULTS, name)
+
+def make_euler(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "euler",
+               **overrides: Any) -> Euler:
+    cfg = resolve(config, EULER_DEFAULTS, name, **overrides)
     unsupported(cfg, name, interpolation_type=("linear",), use_exponential_sigmas=(False, None),
                 use_beta_sigmas=(False, None), timestep_type=("discrete",),
                 final_sigmas_type=("zero", "sigma_min"))
     full = training_sigmas(cfg)
-    t = float_timesteps(cfg, steps)
+    t = spacing.fractional(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"])
     sig = np.interp(t, np.arange(0, len(full)), full)
     if cfg["use_karras_sigmas"]:
         lo = cfg["sigma_min"] if cfg["sigma_min"] is not None else sig[-1].item()
@@ -116,19 +99,23 @@ def make_euler(config: Mapping[str, Any], steps: int, name: str = "euler") -> Eu
     last = full[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
     sigmas = np.concatenate([sig, [last]]).astype(F32)
     empty = np.zeros(0, F32)
-    return Euler(name=name, timesteps=np.asarray(t).astype(F32),
+    # A part-way start runs from sigma index `begin` (diffusers' step_index starts at
+    # the begin index); the initial-noise scale stays that of the whole schedule.
+    return Euler(name=name, timesteps=np.asarray(t).astype(F32)[begin:],
                  init_noise_sigma=init_sigma(sigmas, cfg["timestep_spacing"]), stochastic=False,
-                 prediction_type=cfg["prediction_type"], sigmas=sigmas, sigma_up=empty, sigma_down=empty)
+                 begin_index=begin, prediction_type=cfg["prediction_type"], sigmas=sigmas[begin:],
+                 sigma_up=empty, sigma_down=empty)
 
 
-def make_euler_ancestral(config: Mapping[str, Any], steps: int, name: str = "euler_a") -> Euler:
-    cfg = resolve(config, ANCESTRAL_DEFAULTS, name, prediction_types=("epsilon", "v_prediction"))
+def make_euler_ancestral(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "euler_a",
+                         **overrides: Any) -> Euler:
+    cfg = resolve(config, ANCESTRAL_DEFAULTS, name, prediction_types=("epsilon", "v_prediction"), **overrides)
     full = training_sigmas(cfg)
-    t = float_timesteps(cfg, steps)
+    t = spacing.fractional(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"])
     sigmas = np.concatenate([np.interp(t, np.arange(0, len(full)), full), [0.0]]).astype(F32)
     s_from, s_to = sigmas[:-1], sigmas[1:]
     up = (s_to ** 2 * (s_from ** 2 - s_to ** 2) / s_from ** 2) ** 0.5
     down = (s_to ** 2 - up ** 2) ** 0.5
-    return Euler(name=name, timesteps=t, init_noise_sigma=init_sigma(sigmas, cfg["timestep_spacing"]),
-                 stochastic=True, prediction_type=cfg["prediction_type"], sigmas=sigmas,
-                 sigma_up=up.astype(F32), sigma_down=down.astype(F32))
+    return Euler(name=name, timesteps=t[begin:], init_noise_sigma=init_sigma(sigmas, cfg["timestep_spacing"]),
+                 stochastic=True, begin_index=begin, prediction_type=cfg["prediction_type"],
+                 sigmas=sigmas[begin:], sigma_up=up.astype(F32)[begin:], sigma_down=down.astype(F32)[begin:])

@@ -15,9 +15,9 @@ import numpy as np
 
 from sdrt.engines.errors import InvalidInput
 
-from . import tables
-from .base import f32, resolve
-from .ddim import alpha_at
+from . import parametrization as param
+from . import spacing, tables
+from .base import SamplerRecord, f32, resolve
 
 F32 = np.float32
 
@@ -31,31 +31,24 @@ DEFAULTS = dict(
 SIGMA_DATA = 0.5   # the consistency-model data std (Song et al. 2023, "Consistency Models", sec. 5)
 
 
-def _timesteps(cfg: dict, n: int, name: str) -> np.ndarray:
-    """n timesteps picked evenly from the distillation schedule (every T // original
-    steps, ending at T - 1); LCM ignores timestep_spacing and steps_offset."""
+def _check_steps(cfg: dict, n: int, name: str) -> None:
     T, orig = cfg["num_train_timesteps"], cfg["original_inference_steps"]
     if isinstance(orig, bool) or not isinstance(orig, int) or not 1 <= orig <= T:
         raise InvalidInput(f"scheduler {name!r}: original_inference_steps must be an integer in 1..{T}, "
                            f"got {orig!r}")
     if n > orig:
         raise InvalidInput(f"scheduler {name!r} supports at most original_inference_steps={orig} steps, got {n}")
-    origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
-    idx = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
-    return origin[idx].astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)
-class LCM:
-    name: str
-    timesteps: np.ndarray
-    init_noise_sigma: float
-    stochastic: bool
+class LCM(SamplerRecord):
     cfg: dict
     alpha_t: np.ndarray
     alpha_prev: np.ndarray
     c_skip: np.ndarray
     c_out: np.ndarray
+    noise_alpha: np.ndarray  # VP (alpha, sigma) of call i's timestep, for add_noise
+    noise_sigma: np.ndarray
 
     def init_state(self) -> Any:
         return None
@@ -68,31 +61,37 @@ class LCM:
         x, out = f32(x), f32(model_output)
         a_t, a_prev = self.alpha_t[i], self.alpha_prev[i]
         b_t = F32(1) - a_t
-        pred = self.cfg["prediction_type"]
-        if pred == "epsilon":
-            x0 = (x - np.sqrt(b_t) * out) / np.sqrt(a_t)
-        elif pred == "v_prediction":
-            x0 = np.sqrt(a_t) * x - np.sqrt(b_t) * out
-        else:
-            x0 = out
+        x0 = param.vp_x0(self.cfg["prediction_type"], x, out, np.sqrt(a_t), np.sqrt(b_t))
         x0 = tables.clip_or_threshold(x0, self.cfg)
         denoised = self.c_out[i] * x0 + self.c_skip[i] * x
+        # The schedule's last step returns the estimate itself, noise unused; a run that
+        # starts part-way (image-to-image) still ends on that step, so it is ours too.
         if i == len(self.timesteps) - 1:
-            return denoised, None    # the last step returns the estimate itself, noise unused
+            return denoised, None
         return np.sqrt(a_prev) * denoised + np.sqrt(F32(1) - a_prev) * f32(noise), None
 
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        return param.vp_noise(f32(x0), f32(noise), self.noise_alpha[i], self.noise_sigma[i])
 
-def make(config: Mapping[str, Any], steps: int, name: str = "lcm") -> LCM:
-    cfg = resolve(config, DEFAULTS, name)
+
+def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "lcm",
+         **overrides: Any) -> LCM:
+    cfg = resolve(config, DEFAULTS, name, **overrides)
+    _check_steps(cfg, steps, name)
     acp = tables.alphas_cumprod(cfg)
     final = F32(1.0) if cfg["set_alpha_to_one"] else acp[0]
-    t = _timesteps(cfg, steps, name)
-    prev = np.concatenate([t[1:], t[-1:]])
+    full = spacing.lcm(cfg["num_train_timesteps"], steps, cfg["original_inference_steps"])
+    # The step to the next timestep of the full schedule (the last steps to itself).
+    prev = np.concatenate([full[1:], full[-1:]])[begin:]
+    t = full[begin:]
     # Boundary-condition scalings (LCM eq. 6 with the timestep scaled by timestep_scaling),
     # float32 as diffusers computes them from the integer timestep tensor.
     st = t.astype(F32) * F32(cfg["timestep_scaling"])
     c_skip = F32(SIGMA_DATA ** 2) / (st ** 2 + F32(SIGMA_DATA ** 2))
     c_out = st / (st ** 2 + F32(SIGMA_DATA ** 2)) ** 0.5
-    return LCM(name=name, timesteps=t.astype(F32), init_noise_sigma=1.0, stochastic=True, cfg=cfg,
-               alpha_t=alpha_at(acp, t, final), alpha_prev=alpha_at(acp, prev, final),
-               c_skip=c_skip.astype(F32), c_out=c_out.astype(F32))
+    noise_alpha, noise_sigma = param.vp_coefficients(tables.alpha_bar_at(acp, t, final))
+    return LCM(name=name, timesteps=t.astype(F32), init_noise_sigma=1.0, stochastic=True,
+               begin_index=begin, cfg=cfg, alpha_t=tables.alpha_bar_at(acp, t, final),
+               alpha_prev=tables.alpha_bar_at(acp, prev, final),
+               c_skip=c_skip.astype(F32), c_out=c_out.astype(F32),
+               noise_alpha=noise_alpha, noise_sigma=noise_sigma)

@@ -13,9 +13,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import tables
-from .base import f32, resolve
-from .ddim import alpha_at
+from . import parametrization as param
+from . import spacing, tables
+from .base import SamplerRecord, f32, resolve
 
 DEFAULTS = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -30,34 +30,25 @@ class PNDMState:
     acc: Any = 0                 # PRK: running 1/6, 1/3, 1/3 sum of the four gradients
 
 
-def _call_plan(cfg: dict, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """U-Net timesteps, the timestep whose alpha each call uses, the one it steps to,
-    and the kind of each call, as diffusers' set_timesteps + counter logic give them."""
-    T, order = cfg["num_train_timesteps"], 4
-    if cfg["timestep_spacing"] == "linspace":
-        base = np.linspace(0, T - 1, n).round().astype(np.int64)
-    elif cfg["timestep_spacing"] == "leading":
-        base = (np.arange(0, n) * (T // n)).round().astype(np.int64) + cfg["steps_offset"]
-    else:
-        base = np.round(np.arange(T, 0, -T / n))[::-1].astype(np.int64) - 1
+def _call_plan(cfg: dict, n: int, begin: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """U-Net timesteps from call `begin` of the full list on, the timestep whose alpha
+    each call uses, the one it steps to, and the kind of each call, as diffusers'
+    set_timesteps + counter logic give them. The counter restarts at 0 on a list that
+    starts part-way (the pipeline slices `timesteps`; PNDM has no set_begin_index), so
+    the first calls run are a PRK warm-up, or the first/second-call start, again."""
+    T = cfg["num_train_timesteps"]
+    prk, plms = spacing.pndm(T, n, cfg["timestep_spacing"], cfg["steps_offset"], cfg["skip_prk_steps"])
+    feed = np.concatenate([prk, plms])[begin:]
     ratio = T // n
-    feed, t_alpha, t_prev, kinds = [], [], [], []
-    if cfg["skip_prk_steps"]:
-        plms = np.concatenate([base[:-1], base[-2:-1], base[-1:]])[::-1]
-        prk = np.array([], dtype=np.int64)
-    else:
-        prk = np.array(base[-order:]).repeat(2) + np.tile(np.array([0, ratio // 2]), order)
-        prk = prk[:-1].repeat(2)[1:-1][::-1]
-        plms = base[:-3][::-1]
-    for c, t in enumerate(prk):
-        feed.append(t)
-        t_prev.append(t - (0 if c % 2 else ratio // 2))
-        t_alpha.append(prk[c // 4 * 4])
-        kinds.append(f"prk{c % 4}")
-    for t in plms:
-        c = len(feed)
-        feed.append(t)
-        if c == 1:  # the second call re-does step 0 from the same start (diffusers' counter == 1)
+    t_alpha, t_prev, kinds = [], [], []
+    for c, t in enumerate(feed):
+        if c < len(prk):
+            # Runge-Kutta calls: alpha from the full PRK list by counter (step_prk), the
+            # target half a step (even calls) or no step (odd calls) below the fed timestep.
+            t_prev.append(t - (0 if c % 2 else ratio // 2))
+            t_alpha.append(prk[c // 4 * 4])
+            kinds.append(f"prk{c % 4}")
+        elif c == 1:  # the second call re-does step 0 from the same start (diffusers' counter == 1)
             t_alpha.append(t + ratio)
             t_prev.append(t)
             kinds.append("second")
@@ -65,20 +56,18 @@ def _call_plan(cfg: dict, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, l
             t_alpha.append(t)
             t_prev.append(t - ratio)
             kinds.append("first" if c == 0 else "plms")
-    return (np.array(feed, dtype=np.int64), np.array(t_alpha, dtype=np.int64),
+    return (feed.astype(np.int64), np.array(t_alpha, dtype=np.int64),
             np.array(t_prev, dtype=np.int64), kinds)
 
 
 @dataclass(frozen=True, eq=False)
-class PNDM:
-    name: str
-    timesteps: np.ndarray
-    init_noise_sigma: float
-    stochastic: bool
+class PNDM(SamplerRecord):
     cfg: dict
     kinds: tuple
     alpha_t: np.ndarray
     alpha_prev: np.ndarray
+    noise_alpha: np.ndarray  # VP (alpha, sigma) of call i's timestep, for add_noise
+    noise_sigma: np.ndarray
 
     def init_state(self) -> PNDMState:
         return PNDMState()
@@ -123,17 +112,23 @@ class PNDM:
         a_t, a_prev = self.alpha_t[i], self.alpha_prev[i]
         one = np.float32(1)
         b_t, b_prev = one - a_t, one - a_prev
-        if self.cfg["prediction_type"] == "v_prediction":
-            e = a_t ** 0.5 * e + b_t ** 0.5 * x   # v -> epsilon (Salimans & Ho 2022)
+        e = param.vp_eps(self.cfg["prediction_type"], x, e, a_t ** 0.5, b_t ** 0.5)
         denom = a_t * b_prev ** 0.5 + (a_t * b_t * a_prev) ** 0.5
         return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * e / denom
 
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        return param.vp_noise(f32(x0), f32(noise), self.noise_alpha[i], self.noise_sigma[i])
 
-def make(config: Mapping[str, Any], steps: int, name: str = "pndm") -> PNDM:
-    cfg = resolve(config, DEFAULTS, name, prediction_types=("epsilon", "v_prediction"))
+
+def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "pndm",
+         **overrides: Any) -> PNDM:
+    cfg = resolve(config, DEFAULTS, name, prediction_types=("epsilon", "v_prediction"), **overrides)
     acp = tables.alphas_cumprod(cfg)
     final = np.float32(1.0) if cfg["set_alpha_to_one"] else acp[0]
-    feed, t_alpha, t_prev, kinds = _call_plan(cfg, steps)
+    feed, t_alpha, t_prev, kinds = _call_plan(cfg, steps, begin)
+    noise_alpha, noise_sigma = param.vp_coefficients(tables.alpha_bar_at(acp, feed, final))
     return PNDM(name=name, timesteps=feed.astype(np.float32), init_noise_sigma=1.0, stochastic=False,
-                cfg=cfg, kinds=tuple(kinds), alpha_t=alpha_at(acp, t_alpha, final),
-                alpha_prev=alpha_at(acp, t_prev, final))
+                begin_index=begin, cfg=cfg, kinds=tuple(kinds),
+                alpha_t=tables.alpha_bar_at(acp, t_alpha, final),
+                alpha_prev=tables.alpha_bar_at(acp, t_prev, final),
+                noise_alpha=noise_alpha, noise_sigma=noise_sigma)

@@ -1,5 +1,5 @@
-"""Noise-schedule tables shared by every sampler: betas, cumulative alphas, sigmas,
-timestep spacings and the Karras sigma ramp.
+"""Noise-schedule tables shared by every sampler: betas, cumulative alphas, sigmas
+and the Karras sigma ramp (where the steps sit on the timeline is `spacing`).
 
 Everything here is a small pure function of config values, reimplemented from
 diffusers 0.42.1 (`diffusers/schedulers/scheduling_*.py`). diffusers keeps these
@@ -89,21 +89,12 @@ def sigmas_from_alphas_cumprod(acp: np.ndarray) -> np.ndarray:
     return ((F32(1.0) - acp) / acp) ** 0.5
 
 
-# --- timestep spacings (Lin et al. 2023, Table 2). Each returns descending values. ---
-
-def leading(num_train: int, n: int, offset: int) -> np.ndarray:
-    """t = k * (T // n) + offset, k = n-1..0 (float64, integer-valued)."""
-    return (np.arange(0, n) * (num_train // n)).round()[::-1].astype(np.float64) + offset
-
-
-def trailing(num_train: int, n: int) -> np.ndarray:
-    """t = round(T - k * T / n) - 1, k = 0..n-1 (float64, integer-valued)."""
-    return np.round(np.arange(num_train, 0, -num_train / n)) - 1.0
-
-
-def linspace_rounded(num_train: int, n: int) -> np.ndarray:
-    """n evenly spaced points in [0, T-1], rounded, descending (float64, integer-valued)."""
-    return np.linspace(0, num_train - 1, n).round()[::-1].copy()
+def alpha_bar_at(acp: np.ndarray, t: np.ndarray, final: np.float32) -> np.ndarray:
+    """alpha_bar at (possibly negative) timesteps; before t = 0 the chain ends at `final`
+    (`final_alpha_cumprod`: 1 with set_alpha_to_one, else alpha_bar_0). Indices past the
+    table wrap rather than raise (diffusers only checks `>= 0`)."""
+    t = np.asarray(t, dtype=np.int64)
+    return np.where(t >= 0, acp[np.where(t >= 0, t, 0) % len(acp)], final).astype(F32)
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sdrt.engines.errors import InvalidInput, InvalidType  # noqa: E402
-from sdrt.runtime.schedulers import SCHEDULERS, make_sampler  # noqa: E402
+from sdrt.runtime.schedulers import SCHEDULERS, diffusers_scheduler, make_sampler  # noqa: E402
 
 # The scheduler configs shipped with the two checkpoint families sdrt targets.
 SD15 = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
@@ -29,15 +29,6 @@ SD21 = {  # stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json
 }
 CONFIGS = {"sd15_epsilon": SD15, "sd21_v": SD21}
 
-ORACLE = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
 STOCHASTIC = {"euler_a", "lcm"}
 SPACINGS = (None, "leading", "linspace", "trailing")   # None: whatever the config / class says
 STEPS = (1, 2, 7, 25, 50)
@@ -57,9 +48,14 @@ def draws(steps: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     return x, [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(steps + 2)]
 
 
+def oracle(name: str, config: dict):
+    """The diffusers scheduler sampler `name` follows, built as sdrt says to build it."""
+    cls_name, overrides = diffusers_scheduler(name, config)
+    return getattr(diffusers, cls_name).from_config(config, **overrides)
+
+
 def run_diffusers(name, config, steps, x, noise, monkeypatch):
-    cls_name, overrides = ORACLE[name]
-    sched = getattr(diffusers, cls_name).from_config(config, **overrides)
+    sched = oracle(name, config)
     sched.set_timesteps(steps)
     if name in STOCHASTIC:
         module = __import__(type(sched).__module__, fromlist=["randn_tensor"])
@@ -113,11 +109,12 @@ def test_trajectory_matches_diffusers(name, config_name, spacing, steps, monkeyp
     assert_matches_diffusers(name, _config(CONFIGS[config_name], spacing), steps, monkeypatch)
 
 
+@pytest.mark.parametrize("strength", [None, 0.6])
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_step_does_not_change_sampler_or_state(name):
+def test_step_does_not_change_sampler_or_state(name, strength):
     """Two interleaved generations with one sampler give the results of two separate runs:
     no hidden state in the sampler, the state object is never mutated."""
-    s = make_sampler(name, SD15, 6)
+    s = make_sampler(name, SD15, 6, strength=strength)
     x, noise = draws(6)
     a = b = x * s.init_noise_sigma
     sa, sb = s.init_state(), s.init_state()

@@ -7,6 +7,7 @@ the bad value and what is accepted. Everything past this point trusts the config
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 import secrets
@@ -21,6 +22,36 @@ MAX_STEPS = 1000            # no SD scheduler has more training timesteps than t
 MAX_GUIDANCE = 100.0        # far past any useful value; beyond it images are pure saturation
 MAX_SEED = 2**64 - 1
 MAX_PROMPT_CHARS = 100_000  # the tokenizer truncates at 77 tokens anyway; this stops absurd input early
+# diffusers' defaults: StableDiffusionImg2ImgPipeline strength=0.8, StableDiffusionInpaintPipeline 1.0.
+DEFAULT_IMG2IMG_STRENGTH = 0.8
+DEFAULT_INPAINT_STRENGTH = 1.0
+
+
+class Task(str, enum.Enum):
+    """What a call does, decided by the inputs it gets."""
+
+    TEXT_TO_IMAGE = "txt2img"
+    IMAGE_TO_IMAGE = "img2img"      # an image, no mask
+    INPAINT = "inpaint"             # an image and a mask (white = repaint)
+    OUTPAINT = "outpaint"           # an image and canvas margins: inpaint the new area
+
+    @property
+    def takes_image(self) -> bool:
+        return self is not Task.TEXT_TO_IMAGE
+
+    @property
+    def masked(self) -> bool:
+        return self in (Task.INPAINT, Task.OUTPAINT)
+
+
+class Generator(str, enum.Enum):
+    """Where random numbers come from. TORCH (the default) reproduces
+    `torch.Generator("cpu").manual_seed(seed)`, so a seed gives diffusers' image;
+    NUMPY is sdrt 0.1's numpy.random.default_rng(seed), kept so seeds recorded with
+    0.1 still give their images."""
+
+    TORCH = "torch"
+    NUMPY = "numpy"
 
 
 @dataclass(frozen=True)
@@ -31,6 +62,9 @@ class GenerationConfig:
     guidance: float
     scheduler: str
     seed: int
+    task: Task = Task.TEXT_TO_IMAGE
+    strength: float | None = None       # image tasks: how much of the schedule runs, in (0, 1]
+    generator: Generator = Generator.TORCH
 
     @property
     def prompt(self) -> str:
@@ -42,7 +76,8 @@ class GenerationConfig:
 
     @classmethod
     def create(cls, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, scheduler: Any,
-               seed: Any, *, batch: int, schedulers: Sequence[str]) -> "GenerationConfig":
+               seed: Any, *, batch: int, schedulers: Sequence[str], task: Task = Task.TEXT_TO_IMAGE,
+               strength: Any = None, generator: Any = Generator.TORCH) -> "GenerationConfig":
         return cls(
             prompts=_prompts("prompt", prompt, batch, allow_none=False),
             negative_prompts=_prompts("negative_prompt", negative_prompt, batch, allow_none=True),
@@ -50,6 +85,9 @@ class GenerationConfig:
             guidance=_guidance(guidance),
             scheduler=_scheduler(scheduler, schedulers),
             seed=_seed(seed),
+            task=task,
+            strength=_strength(strength, task),
+            generator=_generator(generator),
         )
 
 
@@ -107,6 +145,33 @@ def _scheduler(value: Any, known: Sequence[str]) -> str:
     if name not in known:
         raise InvalidInput(f"unknown scheduler {_short(value)}: choose one of {', '.join(known)}")
     return name
+
+
+def _strength(value: Any, task: Task) -> float | None:
+    if not task.takes_image:
+        if value is not None:
+            raise InvalidInput("strength applies to image-to-image, inpainting and outpainting: pass an image too")
+        return None
+    if value is None:
+        return DEFAULT_IMG2IMG_STRENGTH if task is Task.IMAGE_TO_IMAGE else DEFAULT_INPAINT_STRENGTH
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidType(f"strength must be a number in (0, 1], got {type(value).__name__} {_short(value)}")
+    value = float(value)
+    if not 0.0 < value <= 1.0:   # NaN fails this too
+        raise InvalidInput(f"strength must be in (0, 1] (0 would keep the image unchanged), got {value}")
+    return value
+
+
+def _generator(value: Any) -> Generator:
+    if isinstance(value, Generator):
+        return value
+    accepted = ", ".join(g.value for g in Generator)
+    if not isinstance(value, str):
+        raise InvalidType(f"generator must be one of {accepted}, got {type(value).__name__}")
+    try:
+        return Generator(value.lower())
+    except ValueError:
+        raise InvalidInput(f"unknown generator {_short(value)}: choose one of {accepted}") from None
 
 
 def _seed(value: Any) -> int:

@@ -5,7 +5,11 @@ other SD tools (ComfyUI, InvokeAI, civitai, image viewers) read:
 
     a watercolor fox
     Negative prompt: blurry
-    Steps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15
+    Steps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, RNG: CPU
+
+`RNG: CPU` is AUTOMATIC1111's name for torch's CPU generator, which sdrt's default
+generator reproduces (`RNG: NumPy`: sdrt 0.1's generator). Image tasks add
+`Denoising strength` (AUTOMATIC1111's key) and `Task` (img2img, inpaint, outpaint).
 """
 
 from __future__ import annotations
@@ -28,8 +32,12 @@ def to_pil(pixels: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(img) for img in (pixels * 255).round().astype(np.uint8)]
 
 
+RNG_NAMES = {"torch": "CPU", "numpy": "NumPy"}
+
+
 def parameters_text(prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float,
-                    seed: int | None, width: int, height: int, model: str = "") -> str:
+                    seed: int | None, width: int, height: int, model: str = "", *, generator: str = "torch",
+                    task: str = "txt2img", strength: float | None = None) -> str:
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
@@ -39,6 +47,11 @@ def parameters_text(prompt: str, negative_prompt: str, steps: int, sampler: str,
     fields.append(f"Size: {width}x{height}")   # A1111 writes width x height
     if model:
         fields.append(f"Model: {model}")
+    if strength is not None:
+        fields.append(f"Denoising strength: {strength:g}")
+    if task != "txt2img":
+        fields.append(f"Task: {task}")
+    fields.append(f"RNG: {RNG_NAMES[generator]}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

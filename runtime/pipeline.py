@@ -1,16 +1,24 @@
-"""Text to image from an artifact folder, with no torch in the process.
+"""Generation from an artifact folder, with no torch in the process.
 
-The whole generation reads top to bottom in `Pipeline._generate`: tokenize, encode
-the text once, denoise with a NumPy sampler and the U-Net engine, decode with the
-VAE engine. It follows diffusers' `StableDiffusionPipeline.__call__` step for step
-(the tests hold it to that), so the same weights, prompts and initial latents give
-the same pixels:
+The whole generation reads top to bottom in `Pipeline._generate`, in diffusers'
+seams: encode the prompt, prepare the latents, denoise, decode. It follows diffusers'
+`StableDiffusionPipeline`, `StableDiffusionImg2ImgPipeline` and
+`StableDiffusionInpaintPipeline` step for step (the tests hold it to that), so the
+same weights, prompts and seed give the same pixels:
 
+- every random draw comes from one generator in diffusers' order (initial noise, the
+  VAE encoder's latent sample, image-to-image noise, each stochastic sampler step),
+  and the default generator reproduces `torch.Generator("cpu").manual_seed(seed)`;
 - classifier-free guidance runs the unconditional and conditional halves in one
   engine call each (text encoder on [negatives..., prompts...], U-Net on [x, x])
-  and combines them as `uncond + g * (cond - uncond)`;
-- with guidance <= 1 diffusers skips guidance, so only the conditional half is used;
-- initial latents are standard normal, multiplied by the sampler's init_noise_sigma;
+  and combines them as `uncond + g * (cond - uncond)`; with guidance <= 1 diffusers
+  skips guidance, so only the conditional half is used;
+- text-to-image starts from standard normal latents times the sampler's
+  init_noise_sigma; image tasks start part-way (`strength`) from the encoded image
+  noised to the first timestep;
+- inpainting U-Nets (9 channels) take [latents, mask, masked-image latents]; other
+  U-Nets inpaint by replacing the latents outside the mask after every step with the
+  original's, re-noised to the next timestep;
 - the VAE gets latents / scaling_factor, and pixels are (x / 2 + 0.5) clipped to
   [0, 1], NHWC, exactly like VaeImageProcessor.postprocess(output_type="np").
 """
@@ -22,38 +30,22 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 from PIL import Image
 
 from sdrt.engines.base import Backend, Engine, open_engines
-from sdrt.engines.errors import ArtifactError, InvalidInput, InvalidType, NumericsError
-from sdrt.engines.files import read_json_object
-from sdrt.engines.manifest import Manifest, load_manifest
-from sdrt.engines.specs import (ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT, SAMPLE, TEXT_EMBEDDINGS,
-                                TIMESTEP, Stage)
+from sdrt.engines.errors import InvalidType, NumericsError
+from sdrt.engines.specs import (ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE,
+                                TEXT_EMBEDDINGS, TIMESTEP, Stage)
 
-from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig
+from . import inputs
+from .artifact import Artifact, Request
+from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
 from .images import to_pil
-from .schedulers import SCHEDULERS, make_sampler
-from .tokenizer import Tokenizer
-
-SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
-TOKENIZER_DIR = "tokenizer"
-
-# The checkpoint's own scheduler class -> our sampler name; the default when the
-# caller names none. Unknown classes fall back to PNDM, the SD 1.x default.
-DEFAULT_SCHEDULER_BY_CLASS = {
-    "PNDMScheduler": "pndm",
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "LCMScheduler": "lcm",
-}
-FALLBACK_SCHEDULER = "pndm"
+from .schedulers import SCHEDULERS, Sampler
+from .torch_random import TorchGenerator
 
 
 @dataclass(frozen=True)
@@ -65,6 +57,7 @@ class Timings:
     unet: tuple[float, ...]    # engine time of each U-Net call
     vae_decoder: float
     total: float
+    vae_encoder: float = 0.0   # image tasks: encoding the input (and masked) image
 
     @property
     def unet_median(self) -> float:
@@ -76,8 +69,8 @@ class Timings:
         return statistics.median(s - u for s, u in zip(self.steps, self.unet)) if self.steps else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"text_encoder": self.text_encoder, "steps": list(self.steps), "unet": list(self.unet),
-                "vae_decoder": self.vae_decoder, "total": self.total}
+        return {"text_encoder": self.text_encoder, "vae_encoder": self.vae_encoder, "steps": list(self.steps),
+                "unet": list(self.unet), "vae_decoder": self.vae_decoder, "total": self.total}
 
 
 @dataclass(frozen=True)
@@ -90,6 +83,17 @@ class GenerationResult:
     latents_given: bool = False # True when the caller supplied the initial latents
 
 
+@dataclass
+class _Latents:
+    """What denoising starts from, and what an inpainting task keeps beside it."""
+
+    x: np.ndarray                               # (batch, C, h, w) initial latents
+    unet_extra: np.ndarray | None = None        # 9-channel U-Net: [mask, masked-image latents], guided batch
+    original: np.ndarray | None = None          # 4-channel inpainting: the image's clean latents,
+    noise: np.ndarray | None = None             # the noise that re-noises them each step,
+    mask: np.ndarray | None = None              # and the mask at latent size (1 = repaint), batch
+
+
 class Pipeline:
     """A loaded artifact folder, ready to generate.
 
@@ -99,57 +103,60 @@ class Pipeline:
     running two at once would not be faster), and each caller gets its own result.
     """
 
-    def __init__(self, folder: Path, manifest: Manifest, engines: Mapping[Stage, Engine], tokenizer: Tokenizer,
-                 scheduler_config: Mapping[str, Any], backend: Backend):
-        self.folder = folder
-        self.manifest = manifest
+    def __init__(self, artifact: Artifact, engines: Mapping[Stage, Engine], backend: Backend):
+        self.artifact = artifact
         self.engines = dict(engines)
-        self.tokenizer = tokenizer
-        self.scheduler_config = dict(scheduler_config)
         self.backend = backend
-        self._samplers: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str], backend: str | Backend = "onnxruntime", check_hashes: bool = True,
-             **backend_options: Any) -> "Pipeline":
-        """Open an artifact folder written by `sdrt export`.
+    def load(cls, folder: str | os.PathLike[str] | Artifact, backend: str | Backend = "onnxruntime",
+             check_hashes: bool = True, **backend_options: Any) -> "Pipeline":
+        """Open an artifact folder written by `sdrt export` (or an `Artifact` already open).
 
         Raises MissingFile if the folder does not exist, ArtifactError if it is incomplete
         (no manifest) or a file does not match the manifest's size and hash.
         backend_options go to the backend's `open_engines` (ONNX Runtime: providers,
         threads, cache).
         """
-        if not isinstance(folder, (str, os.PathLike)):
-            raise InvalidType(f"artifact folder must be a path, got {type(folder).__name__}")
         backend = Backend.parse(backend)
-        folder = Path(folder)
-        manifest = load_manifest(folder, check_hashes=check_hashes)
-        tokenizer = Tokenizer.from_folder(folder / TOKENIZER_DIR)
-        if tokenizer.max_length != manifest.facts.text_max_length:
-            raise ArtifactError(f"{folder / TOKENIZER_DIR}: tokenizer length {tokenizer.max_length} does not match "
-                                f"the text encoder's {manifest.facts.text_max_length}")
-        scheduler_config = _read_scheduler_config(folder / SCHEDULER_CONFIG)
-        engines = open_engines(folder, manifest, backend, **backend_options)
-        return cls(folder, manifest, engines, tokenizer, scheduler_config, backend)
+        artifact = folder if isinstance(folder, Artifact) else Artifact.open(folder, check_hashes=check_hashes)
+        engines = open_engines(artifact.folder, artifact.manifest, backend, **backend_options)
+        return cls(artifact, engines, backend)
 
     # -- what the artifact fixes -------------------------------------------------------
 
     @property
+    def folder(self) -> Any:
+        return self.artifact.folder
+
+    @property
+    def manifest(self) -> Any:
+        return self.artifact.manifest
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.artifact.tokenizer
+
+    @property
+    def scheduler_config(self) -> dict[str, Any]:
+        return self.artifact.scheduler_config
+
+    @property
     def height(self) -> int:
-        return self.manifest.shape.height
+        return self.artifact.height
 
     @property
     def width(self) -> int:
-        return self.manifest.shape.width
+        return self.artifact.width
 
     @property
     def batch(self) -> int:
-        return self.manifest.shape.batch
+        return self.artifact.batch
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
-        return self.manifest.specs[Stage.VAE_DECODER].input(LATENT).shape
+        return self.artifact.latent_shape
 
     @property
     def schedulers(self) -> tuple[str, ...]:
@@ -157,62 +164,109 @@ class Pipeline:
 
     @property
     def default_scheduler(self) -> str:
-        cls_name = self.scheduler_config.get("_class_name", "")
-        name = DEFAULT_SCHEDULER_BY_CLASS.get(cls_name, FALLBACK_SCHEDULER)
-        if name == "dpmpp_2m" and self.scheduler_config.get("use_karras_sigmas"):
-            name = "dpmpp_2m_karras"
-        return name
+        return self.artifact.default_scheduler
 
     # -- generation ----------------------------------------------------------------------
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  steps: int | None = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
                  scheduler: str | None = None, seed: int | None = None, latents: np.ndarray | None = None,
+                 image: Any = None, mask_image: Any = None, strength: float | None = None,
+                 outpaint: Any = None, generator: str = Generator.TORCH.value,
                  on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
         steps: denoising steps (default 25). guidance: CFG scale; <= 1 disables guidance.
         scheduler: one of `schedulers` (default: the checkpoint's own scheduler).
-        seed: 0..2**64-1 (default: random, reported in the result); it draws the initial
-        latents and the noise of stochastic samplers from numpy.random.default_rng(seed).
+        seed: 0..2**64-1 (default: random, reported in the result). With generator="torch"
+        (the default) it gives the image diffusers gives with
+        `generator=torch.Generator("cpu").manual_seed(seed)`; "numpy" is sdrt 0.1's generator.
         latents: float32 (batch, C, H/8, W/8) standard-normal initial latents instead of
-        drawing them from the seed (to compare runs across backends or with diffusers).
+        drawing them from the seed (text-to-image).
+        image: a PIL image, an HxWxC uint8 or float [0, 1] array, or a path: image-to-image,
+        or with mask_image (white = repaint) inpainting, or with outpaint=(left, top,
+        right, bottom) pixel margins outpainting. Inputs of another size are resized to
+        the artifact's. strength in (0, 1]: how much of the schedule runs (default 0.8 for
+        image-to-image, 1.0 for inpainting, as in diffusers).
         on_step(i, n): called after each denoising step (progress reporting).
         """
-        config = GenerationConfig.create(
-            prompt, negative_prompt, DEFAULT_STEPS if steps is None else steps, guidance,
-            self.default_scheduler if scheduler is None else scheduler, seed,
-            batch=self.batch, schedulers=self.schedulers)
-        if config.guidance > 1.0 and not self.manifest.shape.cfg:
-            raise InvalidInput(f"guidance {config.guidance:g} needs classifier-free guidance, but this artifact was "
-                               f"exported with --no-cfg: use guidance <= 1 or export with CFG")
-        latents = self._check_latents(latents)
+        request = self.artifact.request(prompt, negative_prompt, steps, guidance, scheduler, seed, latents,
+                                        image, mask_image, strength, outpaint, generator)
+        return self.run(request, on_step)
+
+    def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+        """Generate from a request made by `self.artifact.request(...)`."""
         if on_step is not None and not callable(on_step):
             raise InvalidType(f"on_step must be a callable on_step(i, n) or None, got {type(on_step).__name__}")
-        sampler = self._sampler(config.scheduler, config.steps)
         with self._lock:
-            return self._generate(config, sampler, latents, on_step)
+            return self._generate(request, on_step)
 
-    def _generate(self, config: GenerationConfig, sampler: Any, latents: np.ndarray | None,
-                  on_step: Callable[[int, int], None] | None) -> GenerationResult:
+    def _generate(self, request: Request, on_step: Callable[[int, int], None] | None) -> GenerationResult:
         start = time.perf_counter()
+        config, sampler = request.config, request.sampler
+        rng = _random_source(config)
+        embeddings, text_time = self.encode_prompt(config)
+        latents, vae_encoder_time = self.prepare_latents(request, rng)
+        x, step_times, unet_times = self.denoise(config, sampler, latents, embeddings, rng, on_step)
+        pixels, vae_time = self.decode(x)
+        timings = Timings(text_time, tuple(step_times), tuple(unet_times), vae_time, time.perf_counter() - start,
+                          vae_encoder_time)
+        return GenerationResult(to_pil(pixels), pixels, timings, config.seed, config, request.latents is not None)
+
+    # -- the seams, in diffusers' order -----------------------------------------------------
+
+    def encode_prompt(self, config: GenerationConfig) -> tuple[np.ndarray, float]:
+        """One text encoder call, negatives first, like diffusers' torch.cat([negative, prompt])."""
+        cfg_graph = self.manifest.shape.cfg   # the engines run the guided batch
+        prompts = list(config.negative_prompts + config.prompts) if cfg_graph else list(config.prompts)
+        t0 = time.perf_counter()
+        embeddings = self._run(Stage.TEXT_ENCODER, {INPUT_IDS: self.tokenizer.encode(prompts)})[TEXT_EMBEDDINGS]
+        text_time = self._engine_time(Stage.TEXT_ENCODER, t0)
+        _check_finite(embeddings, "the text encoder")
+        return embeddings, text_time
+
+    def prepare_latents(self, request: Request, rng: Any) -> tuple[_Latents, float]:
+        """The initial latents (diffusers' prepare_latents, and prepare_mask_latents for
+        the masked tasks), drawing from `rng` in diffusers' order."""
+        config, sampler, shape = request.config, request.sampler, self.latent_shape
+        if config.task is Task.TEXT_TO_IMAGE:
+            noise = request.latents if request.latents is not None else rng.standard_normal(shape, dtype=np.float32)
+            return _Latents(_f32(noise * np.float32(sampler.init_noise_sigma))), 0.0
+        t0 = time.perf_counter()
+        encoder_time = 0.0
+        inpainting_unet = self.manifest.facts.inpainting
+        full = config.strength == 1.0   # diffusers' is_strength_max: start from pure noise
+        original = None
+        if not config.task.masked or not inpainting_unet or not full:
+            original, encoder_time = self._encode_image(request.image, rng)
+        noise = rng.standard_normal(shape, dtype=np.float32)
+        if config.task.masked and full:
+            x = _f32(noise * np.float32(sampler.init_noise_sigma))
+        else:
+            x = _f32(sampler.add_noise(original, noise, 0))
+        if not config.task.masked:
+            return _Latents(x), encoder_time
+        # The masked image is encoded (one more draw) whatever the U-Net, as diffusers'
+        # prepare_mask_latents does; only a 9-channel U-Net uses its latents.
+        latent_hw = shape[2:]
+        mask = inputs.mask_to_latent(request.mask, *latent_hw)
+        masked = inputs.masked_image(request.image, request.mask)
+        if inpainting_unet:
+            masked_latents, t = self._encode_image(masked, rng)
+            encoder_time += t
+            b = self.manifest.shape.guided_batch
+            extra = np.concatenate([np.repeat(mask, b, axis=0), np.repeat(masked_latents[:1], b, axis=0)], axis=1)
+            return _Latents(x, unet_extra=_f32(extra)), encoder_time
+        rng.standard_normal((1, *shape[1:]), dtype=np.float32)   # the masked image's latent sample, unused
+        return _Latents(x, original=original, noise=noise, mask=_f32(np.repeat(mask, shape[0], axis=0))), encoder_time
+
+    def denoise(self, config: GenerationConfig, sampler: Sampler, latents: _Latents, embeddings: np.ndarray,
+                rng: Any, on_step: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[float], list[float]]:
         cfg_graph = self.manifest.shape.cfg            # the engines run the guided batch
         use_cfg = cfg_graph and config.guidance > 1.0  # diffusers: do_classifier_free_guidance
         b = self.batch
-        rng = np.random.default_rng(config.seed)
-
-        # Text: one encoder call, negatives first, like diffusers' torch.cat([negative, prompt]).
-        prompts = list(config.negative_prompts + config.prompts) if cfg_graph else list(config.prompts)
-        ids = self.tokenizer.encode(prompts)
-        t0 = time.perf_counter()
-        embeddings = self._run(Stage.TEXT_ENCODER, {INPUT_IDS: ids})[TEXT_EMBEDDINGS]
-        text_time = self._engine_time(Stage.TEXT_ENCODER, t0)
-        _check_finite(embeddings, "the text encoder")
-
-        # Denoising.
-        x = latents if latents is not None else rng.standard_normal(self.latent_shape, dtype=np.float32)
-        x = (x * np.float32(sampler.init_noise_sigma)).astype(np.float32)
+        x = latents.x
         state = sampler.init_state()
         step_times, unet_times = [], []
         guidance = np.float32(config.guidance)
@@ -222,6 +276,8 @@ class Pipeline:
             t0 = time.perf_counter()
             model_in = np.asarray(sampler.scale_model_input(x, i), dtype=np.float32)
             sample = np.concatenate([model_in, model_in]) if cfg_graph else model_in
+            if latents.unet_extra is not None:   # 9-channel U-Net: [latents, mask, masked-image latents]
+                sample = np.concatenate([sample, latents.unet_extra], axis=1)
             u0 = time.perf_counter()
             raw = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: timesteps[i],
                                          ENCODER_HIDDEN_STATES: embeddings})[LATENT]
@@ -232,7 +288,12 @@ class Pipeline:
                 out = uncond + guidance * (cond - uncond) if use_cfg else cond
             noise = rng.standard_normal(x.shape, dtype=np.float32) if sampler.stochastic else None
             x, state = sampler.step(state, i, x, out, noise)
-            x = np.asarray(x, dtype=np.float32)
+            x = _f32(x)
+            if latents.original is not None:
+                # 4-channel inpainting: outside the mask, the original re-noised to the next
+                # timestep (clean after the last step), as StableDiffusionInpaintPipeline.
+                proper = latents.original if i == n - 1 else sampler.add_noise(latents.original, latents.noise, i + 1)
+                x = _f32((np.float32(1) - latents.mask) * proper + latents.mask * x)
             # One check per step, on the new latents: a NaN/Inf from the U-Net enters every
             # sampler's update (NaN * 0 is NaN), so it always shows here; then say whose it was.
             if not np.isfinite(x).all():
@@ -242,19 +303,30 @@ class Pipeline:
             step_times.append(time.perf_counter() - t0)
             if on_step is not None:
                 on_step(i + 1, n)
+        return x, step_times, unet_times
 
-        # Decoding.
+    def decode(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()
-        decoded = self._run(Stage.VAE_DECODER,
-                            {LATENT: (x / np.float32(self.manifest.facts.vae_scaling_factor)).astype(np.float32)})
+        decoded = self._run(Stage.VAE_DECODER, {LATENT: _f32(x / np.float32(self.manifest.facts.vae_scaling_factor))})
         vae_time = self._engine_time(Stage.VAE_DECODER, t0)
         images = decoded[IMAGES]
         _check_finite(images, "the VAE decoder",
                       hint="; an fp16 VAE overflows on some latents: export again with --vae-precision fp32")
         pixels = np.ascontiguousarray(np.clip(images / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1),
                                       dtype=np.float32)
-        timings = Timings(text_time, tuple(step_times), tuple(unet_times), vae_time, time.perf_counter() - start)
-        return GenerationResult(to_pil(pixels), pixels, timings, config.seed, config, latents is not None)
+        return pixels, vae_time
+
+    def _encode_image(self, image: np.ndarray, rng: Any) -> tuple[np.ndarray, float]:
+        """diffusers' `_encode_vae_image`: a latent sample (mean + std * noise, one draw),
+        times the scaling factor, repeated for every batch item."""
+        t0 = time.perf_counter()
+        out = self._run(Stage.VAE_ENCODER, {IMAGES: image})
+        seconds = self._engine_time(Stage.VAE_ENCODER, t0)
+        mean, std = out[LATENT_MEAN], out[LATENT_STD]
+        _check_finite(mean, "the VAE encoder")
+        sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        latents = _f32(np.float32(self.manifest.facts.vae_scaling_factor) * sample)
+        return np.repeat(latents, self.batch // latents.shape[0], axis=0), seconds
 
     def _run(self, stage: Stage, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.engines[stage](inputs)
@@ -262,27 +334,6 @@ class Pipeline:
     def _engine_time(self, stage: Stage, started: float) -> float:
         measured = self.engines[stage].last_time()
         return measured if measured is not None else time.perf_counter() - started
-
-    def _sampler(self, name: str, steps: int) -> Any:
-        # Samplers are immutable tables, so one per (name, steps) is shared by all calls.
-        key = (name, steps)
-        if key not in self._samplers:
-            self._samplers[key] = make_sampler(name, self.scheduler_config, steps)
-        return self._samplers[key]
-
-    def _check_latents(self, latents: Any) -> np.ndarray | None:
-        if latents is None:
-            return None
-        shape = self.latent_shape
-        if not isinstance(latents, np.ndarray):
-            raise InvalidType(f"latents must be a float32 numpy array of shape {shape}, got {type(latents).__name__}")
-        if latents.dtype != np.float32:
-            raise InvalidType(f"latents must be float32, got {latents.dtype} (shape {shape})")
-        if latents.shape != shape:
-            raise InvalidInput(f"latents must have shape {shape} for this artifact, got {latents.shape}")
-        if not np.isfinite(latents).all():
-            raise InvalidInput("latents contain NaN or Inf")
-        return latents
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -295,10 +346,15 @@ class Pipeline:
         self.close()
 
 
-def _read_scheduler_config(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ArtifactError(f"{path} is missing: the artifact folder is incomplete; export it again")
-    return read_json_object(path, ArtifactError, "scheduler config")
+def _random_source(config: GenerationConfig) -> Any:
+    """One generator per call, drawn from in diffusers' order."""
+    if config.generator is Generator.NUMPY:
+        return np.random.default_rng(config.seed)
+    return TorchGenerator(config.seed)
+
+
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
 
 
 def _check_finite(array: np.ndarray, where: str, hint: str = "") -> None:

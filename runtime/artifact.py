@@ -1,0 +1,180 @@
+"""An artifact folder before any engine is opened, and the requests it accepts.
+
+`Artifact.open` reads what is cheap (the manifest, the tokenizer, the scheduler
+config); `Artifact.request` validates everything one generation asks for, builds its
+sampler and decodes its input images, so a bad setting or a broken image fails in
+milliseconds, before engines load (the CLI calls it before `Pipeline.load`). The
+pipeline then trusts the `Request`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from sdrt.engines.errors import ArtifactError, InvalidInput, InvalidType
+from sdrt.engines.files import read_json_object
+from sdrt.engines.manifest import Manifest, load_manifest
+from sdrt.engines.specs import LATENT, Stage
+
+from . import inputs
+from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
+from .schedulers import SCHEDULERS, Sampler, default_scheduler, make_sampler
+from .tokenizer import Tokenizer
+
+SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """One validated generation: settings, the sampler for them, and the inputs."""
+
+    config: GenerationConfig
+    sampler: Sampler
+    image: np.ndarray | None = None     # float32 (1, 3, H, W) in [-1, 1]: the (outpaint: extended) input image
+    mask: np.ndarray | None = None      # float32 (1, 1, H, W) of 0/1, 1 = repaint
+    latents: np.ndarray | None = None   # text-to-image: the caller's standard-normal initial latents
+
+
+class Artifact:
+    def __init__(self, folder: Path, manifest: Manifest, tokenizer: Tokenizer, scheduler_config: Mapping[str, Any]):
+        self.folder = folder
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self._samplers: dict[tuple, Sampler] = {}
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str], check_hashes: bool = True) -> "Artifact":
+        """Raises MissingFile if the folder does not exist, ArtifactError if it is incomplete
+        (no manifest) or a file does not match the manifest's size and hash."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise InvalidType(f"artifact folder must be a path, got {type(folder).__name__}")
+        folder = Path(folder)
+        manifest = load_manifest(folder, check_hashes=check_hashes)
+        tokenizer = Tokenizer.from_folder(folder / TOKENIZER_DIR)
+        if tokenizer.max_length != manifest.facts.text_max_length:
+            raise ArtifactError(f"{folder / TOKENIZER_DIR}: tokenizer length {tokenizer.max_length} does not match "
+                                f"the text encoder's {manifest.facts.text_max_length}")
+        path = folder / SCHEDULER_CONFIG
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing: the artifact folder is incomplete; export it again")
+        return cls(folder, manifest, tokenizer, read_json_object(path, ArtifactError, "scheduler config"))
+
+    # -- what the artifact fixes -------------------------------------------------------
+
+    @property
+    def height(self) -> int:
+        return self.manifest.shape.height
+
+    @property
+    def width(self) -> int:
+        return self.manifest.shape.width
+
+    @property
+    def batch(self) -> int:
+        return self.manifest.shape.batch
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.manifest.specs[Stage.VAE_DECODER].input(LATENT).shape
+
+    @property
+    def default_scheduler(self) -> str:
+        return default_scheduler(self.scheduler_config)
+
+    def tasks(self) -> tuple[Task, ...]:
+        """What this artifact can do: an inpainting U-Net only inpaints; image tasks need
+        the VAE encoder."""
+        if self.manifest.facts.inpainting:
+            return (Task.INPAINT, Task.OUTPAINT)
+        if self.manifest.has(Stage.VAE_ENCODER):
+            return tuple(Task)
+        return (Task.TEXT_TO_IMAGE,)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def request(self, prompt: Any, negative_prompt: Any = None, steps: Any = DEFAULT_STEPS,
+                guidance: Any = DEFAULT_GUIDANCE, scheduler: Any = None, seed: Any = None,
+                latents: Any = None, image: Any = None, mask_image: Any = None, strength: Any = None,
+                outpaint: Any = None, generator: Any = Generator.TORCH) -> Request:
+        """Validate one generation's settings and inputs (see `Pipeline.__call__`)."""
+        task = self._task(image, mask_image, outpaint)
+        config = GenerationConfig.create(
+            prompt, negative_prompt, DEFAULT_STEPS if steps is None else steps, guidance,
+            self.default_scheduler if scheduler is None else scheduler, seed, batch=self.batch,
+            schedulers=SCHEDULERS, task=task, strength=strength, generator=generator)
+        if config.guidance > 1.0 and not self.manifest.shape.cfg:
+            raise InvalidInput(f"guidance {config.guidance:g} needs classifier-free guidance, but this artifact was "
+                               f"exported with --no-cfg: use guidance <= 1 or export with CFG")
+        if latents is not None and task is not Task.TEXT_TO_IMAGE:
+            raise InvalidInput("latents apply to text-to-image only; with an image the seed draws the noise")
+        sampler = self.sampler(config.scheduler, config.steps, config.strength)
+        h, w = self.height, self.width
+        img = mask = None
+        if task is Task.OUTPAINT:
+            margins = inputs.parse_margins(outpaint) if isinstance(outpaint, str) else outpaint
+            canvas, canvas_mask = inputs.outpaint_canvas(inputs.load_image(image), margins, height=h, width=w)
+            img, mask = inputs.preprocess_image(canvas, h, w), inputs.preprocess_mask(canvas_mask, h, w)
+        elif task.takes_image:
+            # Files are decoded once here; arrays go as they are (float arrays take
+            # diffusers' NumPy path in `inputs`).
+            source = image if isinstance(image, np.ndarray) else inputs.load_image(image)
+            img = inputs.preprocess_image(source, h, w)
+            if task is Task.INPAINT:
+                size = (source.shape[1], source.shape[0]) if isinstance(source, np.ndarray) else source.size
+                mask_source = mask_image if isinstance(mask_image, np.ndarray) else inputs.load_mask(mask_image)
+                mask = inputs.preprocess_mask(mask_source, h, w, image_size=size)
+        return Request(config, sampler, img, mask, self._check_latents(latents))
+
+    def sampler(self, name: str, steps: int, strength: float | None = None) -> Sampler:
+        # Samplers are immutable tables, so one per (name, steps, strength) serves all calls.
+        key = (name, steps, strength)
+        if key not in self._samplers:
+            self._samplers[key] = make_sampler(name, self.scheduler_config, steps, strength=strength)
+        return self._samplers[key]
+
+    def _task(self, image: Any, mask_image: Any, outpaint: Any) -> Task:
+        if image is None:
+            if mask_image is not None or outpaint is not None:
+                raise InvalidInput(f"{'mask_image' if mask_image is not None else 'outpaint'} needs an image to work on")
+            task = Task.TEXT_TO_IMAGE
+        elif outpaint is not None:
+            if mask_image is not None:
+                raise InvalidInput("pass either mask_image (inpainting) or outpaint margins, not both: "
+                                   "outpainting makes its own mask")
+            task = Task.OUTPAINT
+        else:
+            task = Task.INPAINT if mask_image is not None else Task.IMAGE_TO_IMAGE
+        if task not in self.tasks():
+            raise InvalidInput(self._why_not(task))
+        return task
+
+    def _why_not(self, task: Task) -> str:
+        if self.manifest.facts.inpainting:
+            return (f"{self.folder} holds an inpainting model: pass an image with mask_image (--mask) or outpaint "
+                    f"margins (--outpaint); it cannot do {task.value}")
+        if self.manifest.format_version < 2:
+            return (f"{self.folder} was exported by sdrt 0.1, without a VAE encoder: export the model again to "
+                    f"use input images ({task.value})")
+        return (f"{self.folder} was exported without the VAE encoder (--no-vae-encoder): export it again "
+                f"without that option to use input images ({task.value})")
+
+    def _check_latents(self, latents: Any) -> np.ndarray | None:
+        if latents is None:
+            return None
+        shape = self.latent_shape
+        if not isinstance(latents, np.ndarray):
+            raise InvalidType(f"latents must be a float32 numpy array of shape {shape}, got {type(latents).__name__}")
+        if latents.dtype != np.float32:
+            raise InvalidType(f"latents must be float32, got {latents.dtype} (shape {shape})")
+        if latents.shape != shape:
+            raise InvalidInput(f"latents must have shape {shape} for this artifact, got {latents.shape}")
+        if not np.isfinite(latents).all():
+            raise InvalidInput("latents contain NaN or Inf")
+        return latents

@@ -37,7 +37,7 @@ from . import files
 from .errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType
 from .manifest import FileRecord, check_files, file_record
 from .onnx_files import check_external_data
-from .specs import Stage, StageSpec
+from .specs import Stage, StageSpec, check_io
 
 try:
     import onnxruntime as ort
@@ -287,11 +287,6 @@ def _session(model: Path, opts: "ort.SessionOptions", providers: list[str]) -> "
 
 def _check_session(session: "ort.InferenceSession", spec: StageSpec, model: Path) -> None:
     """The graph's I/O must be exactly the manifest's specs (names, dtypes, static shapes)."""
-    for kind, actual, expected in (("inputs", session.get_inputs(), spec.inputs),
-                                   ("outputs", session.get_outputs(), spec.outputs)):
-        got = {a.name: (_ORT_TYPES.get(a.type, a.type), tuple(a.shape)) for a in actual}
-        want = {t.name: (t.dtype.value, t.shape) for t in expected}
-        if got != want:
-            raise ArtifactError(
-                f"{model}: graph {kind} {got} do not match the manifest's {spec.stage.value} specs {want}; "
-                f"export the model again")
+    def io(values: Any) -> dict[str, tuple[tuple[Any, ...], str]]:
+        return {v.name: (tuple(v.shape), _ORT_TYPES.get(v.type, v.type)) for v in values}
+    check_io(spec, io(session.get_inputs()), io(session.get_outputs()), str(model), "export the model again")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .errors import InvalidInput
+from .errors import ArtifactError, InvalidInput
 
 # Largest image side accepted (pixels). Beyond this the U-Net's attention maps alone
 # need tens of GB; nothing in the SD 1.x/2.x families was trained near it.
@@ -208,6 +208,26 @@ class StageSpec:
     def to_json(self) -> dict[str, Any]:
         return {"inputs": [t.to_json() for t in self.inputs],
                 "outputs": [t.to_json() for t in self.outputs]}
+
+
+Signature = Mapping[str, tuple[tuple[Any, ...], str]]   # tensor name -> (shape, numpy dtype name)
+
+
+def check_io(spec: StageSpec, inputs: Signature, outputs: Signature, where: str, remedy: str) -> None:
+    """The one check that a graph's or engine's I/O is exactly its stage spec: the same
+    names, static shapes and dtypes. Export (the written ONNX), ONNX Runtime (the
+    session) and TensorRT (the deserialized engine) each describe theirs as name ->
+    (shape, dtype) and call this, so a mismatch reads the same from every backend."""
+    want_in = {t.name: (t.shape, t.dtype.value) for t in spec.inputs}
+    want_out = {t.name: (t.shape, t.dtype.value) for t in spec.outputs}
+    got_in = {k: (tuple(v[0]), str(v[1])) for k, v in inputs.items()}
+    got_out = {k: (tuple(v[0]), str(v[1])) for k, v in outputs.items()}
+    if got_in != want_in or got_out != want_out:
+        def show(ins: Signature, outs: Signature) -> str:
+            return "; ".join(f"{kind} {name}{list(shape)} {dtype}" for kind, io in (("in", ins), ("out", outs))
+                             for name, (shape, dtype) in sorted(io.items()))
+        raise ArtifactError(f"{where}: its I/O ({show(got_in, got_out)}) differs from the {spec.stage.value} "
+                            f"stage spec ({show(want_in, want_out)}); {remedy}")
 
 
 # Tensor names, once.

@@ -30,7 +30,7 @@ import numpy as np
 from . import cache, cuda
 from .base import Engine
 from .errors import ArtifactError, BackendUnavailable, InvalidInput
-from .specs import Stage, StageSpec
+from .specs import Stage, StageSpec, check_io
 
 # TensorRT DataType names -> numpy. An explicit map: trt.nptype() raises for BF16 and
 # FP8, and our graphs keep float32/int32 I/O anyway.
@@ -91,14 +91,9 @@ def engine_io(trt: Any, engine: Any) -> dict[str, tuple[bool, tuple[int, ...], n
 
 
 def check_engine_io(trt: Any, engine: Any, spec: StageSpec, where: str) -> None:
-    got = engine_io(trt, engine)
-    want = {t.name: (True, t.shape, t.dtype.numpy) for t in spec.inputs}
-    want.update({t.name: (False, t.shape, t.dtype.numpy) for t in spec.outputs})
-    if got != want:
-        def show(io: Mapping[str, tuple]) -> str:
-            return ", ".join(f"{'in' if v[0] else 'out'} {k}{list(v[1])} {v[2]}" for k, v in sorted(io.items()))
-        raise ArtifactError(f"{where}: engine I/O ({show(got)}) does not match the manifest's "
-                            f"{spec.stage.value} specs ({show(want)}); run `sdrt build --force`")
+    io = engine_io(trt, engine)
+    check_io(spec, {k: (v[1], np.dtype(v[2]).name) for k, v in io.items() if v[0]},
+             {k: (v[1], np.dtype(v[2]).name) for k, v in io.items() if not v[0]}, where, "run `sdrt build --force`")
 
 
 class _Shared:

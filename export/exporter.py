@@ -25,7 +25,7 @@ from sdrt.engines import files
 from sdrt.engines.errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType, NumericsError
 from sdrt.engines.families import family
 from sdrt.engines.manifest import FileRecord, Manifest, file_record, write_manifest
-from sdrt.engines.specs import ModelFacts, Precision, ShapeConfig, Stage, StageSpec, stage_specs
+from sdrt.engines.specs import ModelFacts, Precision, ShapeConfig, Stage, StageSpec, check_io, stage_specs
 
 from . import outdir
 from .checkpoint import SCHEDULER_CONFIG, Checkpoint, open_checkpoint
@@ -203,11 +203,9 @@ def _check_signature(path: Path, spec: StageSpec) -> None:
     from .graphs import io_signature
 
     sig = io_signature(path)
-    want_in = [(t.name, t.shape, t.dtype.value) for t in spec.inputs]
-    want_out = [(t.name, t.shape, t.dtype.value) for t in spec.outputs]
-    if sig["inputs"] != want_in or sig["outputs"] != want_out:
-        raise ArtifactError(f"{path.name}: graph I/O {sig['inputs']} -> {sig['outputs']} differs from the "
-                            f"stage spec {want_in} -> {want_out}")
+    check_io(spec, {n: (shape, dtype) for n, shape, dtype in sig["inputs"]},
+             {n: (shape, dtype) for n, shape, dtype in sig["outputs"]}, path.name,
+             "this is a bug in sdrt's export, please report it")
 
 
 def _copy_runtime_files(ckpt: Checkpoint, out_dir: Path) -> list[str]:

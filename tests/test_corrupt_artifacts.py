@@ -119,7 +119,7 @@ CASES = [
     ("manifest tensor shape altered", lambda f: _edit_manifest(f, _set_unet_sample_shape),
      "unet tensor specs do not match", MANIFEST_NAME),
     ("manifest shapes consistent but not the graphs'", lambda f: _edit_manifest(f, _set_height_consistently),
-     "do not match the manifest", Stage.UNET.onnx_file),
+     "differs from the unet stage spec", Stage.UNET.onnx_file),
     ("missing tokenizer file", lambda f: (f / _tokenizer_file(f)).unlink(),
      r"missing \(listed in manifest.json\)", "tokenizer/"),
     ("missing scheduler config", lambda f: (f / "scheduler" / "scheduler_config.json").unlink(),

@@ -143,6 +143,8 @@ def other(tmp_path_factory, export_into):
                                              unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
     pipe.save_pretrained(folder)
+    # transformers 5's save_pretrained writes tokenizer.json + tokenizer_config.json only.
+    assert sorted(p.name for p in (folder / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     art = export_into(folder, tmp_path_factory.mktemp("artifacts") / "other", height=64, width=96)
     return Oracle(folder), Pipeline.load(art)
 
@@ -245,7 +247,7 @@ def test_inpainting_artifact_refuses_text_to_image_and_image_to_image(sd15_inpai
 # -- a model written here: non-square, VAE downscale 4, trailing Euler ----------------------
 
 
-def test_other_model_non_square_matches_diffusers_in_every_task(other):
+def test_other_model_non_square_saved_by_transformers_5_matches_diffusers_in_every_task(other):
     oracle, pipe = other
     assert (pipe.height, pipe.width, pipe.latent_shape) == (64, 96, (1, 4, 16, 24))
     size = (64, 96)

@@ -246,7 +246,7 @@ def test_engine_io_must_match_the_manifest_specs():
     io.update({t.name: (False, t.shape, names[t.dtype.value]) for t in UNET.outputs})
     trt_backend.check_engine_io(FAKE_TRT_IO, FakeEngine(io), UNET, "unet.plan")   # matches
     io[SAMPLE] = (True, (1, 4, 8, 8), "FLOAT")
-    with pytest.raises(ArtifactError, match=r"unet.plan: engine I/O .*in sample\[1, 4, 8, 8\].*sdrt build --force"):
+    with pytest.raises(ArtifactError, match=r"unet.plan: its I/O .*in sample\[1, 4, 8, 8\].*sdrt build --force"):
         trt_backend.check_engine_io(FAKE_TRT_IO, FakeEngine(io), UNET, "unet.plan")
     io[SAMPLE] = (True, UNET.input(SAMPLE).shape, "HALF")
     with pytest.raises(ArtifactError, match="float16"):

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,6 +41,31 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def temp_folder(parent: str | os.PathLike[str], prefix: str = TEMP_PREFIX) -> Iterator[Path]:
+    """A new temporary folder inside `parent` (created if needed), removed with whatever
+    is left in it when the block ends. Callers build a stage, a cache entry or a whole
+    checkpoint in it and rename the finished result into place, so an interrupted write
+    leaves only a temporary name (`remove_temp_files`, export's leftover check)."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        # mkdtemp makes it 0700; a renamed-into-place folder must be as readable as
+        # one made by mkdir (shared artifact folders, checkpoints, caches).
+        tmp.chmod(0o777 & ~_UMASK)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder` before it is renamed into place."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            _fsync(path)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes | memoryview) -> None:

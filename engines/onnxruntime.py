@@ -25,7 +25,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -197,9 +196,7 @@ def _session_saving_optimized(model: Path, entry: Path, stage: Stage, threads: i
     """Create the session with full optimization, saving the optimized graph as `entry`."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_entries(entry.parent, stage, keep=entry.name)
-    tmp = Path(tempfile.mkdtemp(prefix=CACHE_TEMP_PREFIX, dir=entry.parent))
-    try:
-        tmp.chmod(0o755)   # mkdtemp's 0700 would hide a shared artifact folder's cache from other users
+    with files.temp_folder(entry.parent, prefix=CACHE_TEMP_PREFIX) as tmp:
         opts = session_options(threads, optimize=True, spinning=spinning)
         opts.optimized_model_filepath = str(tmp / stage.onnx_file)
         # Weights go to a side file so graphs over protobuf's 2 GB limit can be saved.
@@ -207,15 +204,11 @@ def _session_saving_optimized(model: Path, entry: Path, stage: Stage, threads: i
                                       f"{stage.onnx_file}.data")
         opts.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         session = _session(model, opts, providers)
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+        files.fsync_tree(tmp)
         _record_entry(tmp)
         with contextlib.suppress(OSError):
             os.replace(tmp, entry)   # atomic; fails harmlessly if a concurrent loader won
         return session
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _record_entry(entry: Path) -> None:

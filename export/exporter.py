@@ -16,7 +16,6 @@ import gc
 import importlib
 import os
 import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -135,8 +134,7 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
 
     stage = spec.stage
     name = stage.value
-    work = Path(tempfile.mkdtemp(prefix=f"{files.TEMP_PREFIX}{name}-", dir=out_dir))
-    try:
+    with files.temp_folder(out_dir, prefix=f"{files.TEMP_PREFIX}{name}-") as work:
         with progress.step(f"{name}: loading weights"):
             graph = graphs.wrap(stage, load_module(ckpt, stage))
         inputs = random_inputs(spec, facts)
@@ -182,8 +180,6 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
         if data_sha256 and precision is Precision.FP32:
             known[stage.data_file] = FileRecord(data_sha256, (out_dir / stage.data_file).stat().st_size)
         return check
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _release_memory() -> None:

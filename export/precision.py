@@ -24,15 +24,13 @@ each tiny stage against the fp32 graph; onnx.checker and strict shape inference 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from sdrt.engines.errors import ArtifactError, BackendUnavailable
-from sdrt.engines.files import TEMP_PREFIX, atomic_path
+from sdrt.engines.files import atomic_path, temp_folder
 from sdrt.engines.specs import Precision, Stage
 
 try:
@@ -121,8 +119,7 @@ def save_model(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     data_name = dst.name + ".data"
-    tmp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=dst.parent))
-    try:
+    with temp_folder(dst.parent) as tmp_dir:
         staged = tmp_dir / dst.name
         # Tensors under 1 KiB (shape constants, scales) stay inline: shape inference
         # and the checker must read their values.
@@ -135,8 +132,6 @@ def save_model(model: onnx.ModelProto, dst: Path, external_data: bool) -> None:
                 os.replace(tmp_dir / data_name, tmp)
         with atomic_path(dst) as tmp:
             os.replace(staged, tmp)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def check_graph(path: Path) -> None:

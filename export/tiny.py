@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdrt.engines.errors import AlreadyExists, InvalidInput
-from sdrt.engines.files import TEMP_PREFIX
+from sdrt.engines.files import fsync_tree, temp_folder
 
 from . import vocab
 from .progress import Progress
@@ -194,10 +193,7 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
     sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[spec.scheduler["_class_name"]]
     scheduler = sched_cls.from_config({k: v for k, v in spec.scheduler.items() if k != "_class_name"})
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary shared folder
+    with temp_folder(out_dir.parent) as tmp:
         write_tokenizer(tmp / "tokenizer", spec.pad_token)
         pipe = getattr(diffusers, spec.pipeline)(
             vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
@@ -208,9 +204,8 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
         for name in ("unet", "vae", "text_encoder", "scheduler", "model_index.json"):
             os.replace(tmp / "pipe" / name, tmp / name)
         shutil.rmtree(tmp / "pipe")
+        fsync_tree(tmp)
         if out_dir.exists():  # force: replace an earlier checkpoint (checked above)
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir

@@ -233,7 +233,6 @@ class Pipeline:
         if config.task is Task.TEXT_TO_IMAGE:
             noise = request.latents if request.latents is not None else rng.standard_normal(shape, dtype=np.float32)
             return _Latents(_f32(noise * np.float32(sampler.init_noise_sigma))), 0.0
-        t0 = time.perf_counter()
         encoder_time = 0.0
         inpainting_unet = self.manifest.facts.inpainting
         full = config.strength == 1.0   # diffusers' is_strength_max: start from pure noise

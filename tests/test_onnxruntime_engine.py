@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from sdrt.engines import files
 from sdrt.engines import onnxruntime as ortb
 from sdrt.engines.base import Backend, open_engines
 from sdrt.engines.errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType
@@ -20,6 +21,7 @@ FACTS = ModelFacts(latent_channels=4, vae_scale_factor=8, vae_scaling_factor=0.1
                    text_max_length=7, text_hidden_size=5, unet_sample_size=2, unet_size_multiple=1,
                    prediction_type="epsilon")
 SHAPE = ShapeConfig(height=16, width=24, batch=1, cfg=True)
+STAGES = (Stage.TEXT_ENCODER, Stage.UNET, Stage.VAE_DECODER)   # a text-to-image artifact
 RNG = np.random.default_rng(0)
 TEXT_W = RNG.standard_normal((1, 1, FACTS.text_hidden_size)).astype(np.float32)
 VAE_W = RNG.standard_normal((FACTS.latent_channels, FACTS.image_channels, 8, 8)).astype(np.float32)
@@ -62,7 +64,7 @@ def _oracle(stage, x):
 
 
 def _make_folder(folder, graphs=None):
-    manifest_stub = Manifest(FACTS, SHAPE, {s: Precision.FP32 for s in Stage}, {})
+    manifest_stub = Manifest(FACTS, SHAPE, {s: Precision.FP32 for s in STAGES}, {})
     graphs = graphs or _graphs(manifest_stub.specs)
     for stage, graph in graphs.items():
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -75,7 +77,7 @@ def _make_folder(folder, graphs=None):
         else:
             onnx.save(model, folder / stage.onnx_file)
     records = {}
-    for stage in Stage:
+    for stage in STAGES:
         for name in (stage.onnx_file, stage.data_file):
             if name:
                 records[name] = file_record(folder, name)
@@ -152,10 +154,10 @@ def test_optimized_graph_cache_is_written_once_then_reused_with_same_outputs(fol
     inputs = {s: _inputs(e.spec, rng) for s, e in first.items()}
     assert not any(e.cached for e in first.values())
     entries = sorted(p.name for p in (path / ortb.CACHE_DIR).iterdir())
-    assert [e.split("-")[0] for e in entries] == sorted(s.value for s in Stage)  # one per stage, no temporaries
+    assert [e.split("-")[0] for e in entries] == sorted(s.value for s in STAGES)  # one per stage, no temporaries
     second = open_engines(path, manifest, Backend.ONNXRUNTIME)
     assert all(e.cached for e in second.values())
-    for stage in Stage:
+    for stage in STAGES:
         want = _oracle(stage, inputs[stage])
         for name, value in second[stage](inputs[stage]).items():
             np.testing.assert_allclose(value, want[name], rtol=1e-5, atol=1e-5)
@@ -191,7 +193,7 @@ def test_unwritable_cache_falls_back_to_an_uncached_session(folder, monkeypatch)
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(ortb.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkdtemp", refuse)
     engines = open_engines(path, manifest, Backend.ONNXRUNTIME)
     assert not any(e.cached for e in engines.values())
     x = _inputs(engines[Stage.UNET].spec, np.random.default_rng(5))

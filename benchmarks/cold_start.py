@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from sdrt.engines.errors import ArtifactError
+from sdrt.engines.files import read_json_object
 from sdrt.engines.manifest import read_manifest
 
 SDRT_CHILD = r"""
@@ -124,14 +126,15 @@ def cold_start(artifacts: Path, model: Path, settings: dict[str, Any], repeats: 
                timeout: float = 1800.0) -> dict[str, Any]:
     """sdrt with an empty ORT cache (the first load after export), sdrt with its cache
     (every later load), and diffusers from the checkpoint folder."""
-    from workers import DIFFUSERS_SCHEDULERS
+    from sdrt.runtime.schedulers import diffusers_scheduler
     base = {"prompt": settings["prompt"], "steps": settings["steps"], "guidance": settings["guidance"],
             "scheduler": settings["scheduler"], "threads": settings["threads"]}
     sdrt_s = dict(base, artifacts=str(artifacts))
     # The image size sdrt's artifacts were exported at: diffusers would otherwise draw the
     # checkpoint's native size (512x512 for the full-size model, 4x the work of 256x256).
     shape = read_manifest(artifacts).shape
-    diff_s = dict(base, model=str(model), scheduler_class=DIFFUSERS_SCHEDULERS[settings["scheduler"]],
+    diff_s = dict(base, model=str(model), scheduler_class=diffusers_scheduler(settings["scheduler"], read_json_object(
+                      artifacts / "scheduler" / "scheduler_config.json", ArtifactError, "scheduler config")),
                   height=shape.height, width=shape.width)
     out: dict[str, Any] = {}
 

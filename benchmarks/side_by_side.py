@@ -277,9 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = [c for c in chosen if c not in CASES]
     if bad:
         raise InvalidInput(f"unknown case(s) {bad}: choose from {', '.join(CASES)}")
-    from workers import DIFFUSERS_SCHEDULERS
-    if args.scheduler not in DIFFUSERS_SCHEDULERS:
-        raise InvalidInput(f"unknown scheduler {args.scheduler!r}: choose one of {', '.join(DIFFUSERS_SCHEDULERS)}")
+    from sdrt.runtime.schedulers import SCHEDULERS
+    if args.scheduler not in SCHEDULERS:
+        raise InvalidInput(f"unknown scheduler {args.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
     for n in OUTPUT_NAMES:
         if (args.out / n).exists() and not args.force:
             raise AlreadyExists(f"{args.out / n} exists: pass --force to overwrite it")

@@ -32,19 +32,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-# diffusers class for each sdrt scheduler name: what a diffusers user would set with
-# `pipe.scheduler = Cls.from_config(pipe.scheduler.config, **overrides)`.
-DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "lcm": ("LCMScheduler", {}),
-}
-
-
 def peak_rss_bytes() -> int:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -105,7 +92,8 @@ class DiffusersWorker:
         dtype = torch.float16 if self.s.get("precision") == "fp16" else torch.float32
         pipe = StableDiffusionPipeline.from_pretrained(self.s["model"], torch_dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
-        name, overrides = DIFFUSERS_SCHEDULERS[self.s["scheduler"]]
+        from sdrt.runtime.schedulers import diffusers_scheduler
+        name, overrides = diffusers_scheduler(self.s["scheduler"], pipe.scheduler.config)
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
@@ -206,7 +194,8 @@ class OpenVinoWorker:
                   "INFERENCE_PRECISION_HINT": self.precision}
         rng = np.random.default_rng(0)
         self.requests, self.inputs = {}, {}
-        for stage in Stage:
+        # The text-to-image stages, the ones `run` times (an artifact may also hold a VAE encoder).
+        for stage in (Stage.TEXT_ENCODER, Stage.UNET, Stage.VAE_DECODER):
             model = core.read_model(str(folder / stage.onnx_file))
             compiled = core.compile_model(model, "CPU", config)
             self.requests[stage.value] = compiled.create_infer_request()

@@ -117,6 +117,7 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
     progress = progress or Progress()
     folder = Path(config.artifact_dir)
     manifest = load_manifest(folder)
+    requested_stages(manifest, config)   # a stage the artifact lacks fails before TensorRT loads
     trt = import_tensorrt()
     cuda.set_device(config.device)
     platform = current_platform(trt, config.device)

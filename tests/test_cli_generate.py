@@ -39,7 +39,7 @@ def test_generate_writes_the_png_with_a_parameters_chunk_and_prints_timings(sd15
     assert read_parameters(out) == (
         "a watercolor fox\nNegative prompt: blurry\n"
         f"Steps: 3, Sampler: euler_a, CFG scale: 6.5, Seed: 42, Size: {pipe.width}x{pipe.height}, "
-        f"Model: {Path(pipe.manifest.source).name}")
+        f"Model: {Path(pipe.manifest.source).name}, RNG: CPU")
     # The file holds the same image the API gives for the same settings.
     api = pipe("a watercolor fox", negative_prompt="blurry", steps=3, guidance=6.5, scheduler="euler_a", seed=42)
     np.testing.assert_array_equal(pixels, np.asarray(api.images[0]))
@@ -116,9 +116,12 @@ def test_info_prints_facts_shapes_stages_and_files(sd15_artifacts, capsys):
 def test_parameters_text_follows_the_a1111_convention():
     from sdrt.runtime.images import parameters_text
     assert parameters_text("a fox", "", 25, "euler_a", 7.5, 42, 768, 512, "sd15") == (
-        "a fox\nSteps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 768x512, Model: sd15")
-    assert parameters_text("a\nfox", "blur", 4, "ddim", 1.0, None, 64, 64) == (
-        "a\nfox\nNegative prompt: blur\nSteps: 4, Sampler: ddim, CFG scale: 1, Size: 64x64")
+        "a fox\nSteps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 768x512, Model: sd15, RNG: CPU")
+    assert parameters_text("a\nfox", "blur", 4, "ddim", 1.0, None, 64, 64, generator="numpy") == (
+        "a\nfox\nNegative prompt: blur\nSteps: 4, Sampler: ddim, CFG scale: 1, Size: 64x64, RNG: NumPy")
+    assert parameters_text("a fox", "", 10, "ddim", 7.5, 1, 64, 64, task="inpaint", strength=0.6) == (
+        "a fox\nSteps: 10, Sampler: ddim, CFG scale: 7.5, Seed: 1, Size: 64x64, Denoising strength: 0.6, "
+        "Task: inpaint, RNG: CPU")
 
 
 def test_demo_reuses_a_complete_export_in_its_folder(sd15_artifacts, tmp_path, capsys):

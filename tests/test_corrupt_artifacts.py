@@ -71,16 +71,16 @@ def _set_hash(name: str):
 
 
 def _set_unet_sample_shape(m: dict) -> None:
-    m["stages"]["unet"]["inputs"][0]["shape"][2] += 8
+    next(s for s in m["stages"] if s["name"] == "unet")["inputs"][0]["shape"][2] += 8
 
 
 def _set_height_consistently(m: dict) -> None:
     """A manifest that agrees with itself (shape and every stage spec say 2x the
     height) but not with the graphs: only opening the engines can tell."""
     m["shape"]["height"] *= 2
-    for stage in m["stages"].values():
+    for stage in m["stages"]:
         for t in stage["inputs"] + stage["outputs"]:
-            if t["name"] in ("sample", "latent", "images"):
+            if t["name"] in ("sample", "latent", "images", "latent_mean", "latent_std"):
                 t["shape"][2] *= 2
 
 

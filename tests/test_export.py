@@ -244,7 +244,7 @@ def test_vae_precision_fp16_converts_only_the_vae_and_records_it(tiny_sd2, expor
     out = export_into(tiny_sd2, tmp_path / "h", vae_precision=Precision.FP16)
     manifest = load_manifest(out)
     assert {s: p.value for s, p in manifest.precisions.items()} == {
-        Stage.TEXT_ENCODER: "fp32", Stage.UNET: "fp32", Stage.VAE_DECODER: "fp16"}
+        Stage.TEXT_ENCODER: "fp32", Stage.UNET: "fp32", Stage.VAE_ENCODER: "fp16", Stage.VAE_DECODER: "fp16"}
     assert manifest.verification["vae_decoder"]["precision"] == "fp16" and manifest.verification["vae_decoder"]["passed"]
 
     def weight_types(stage):

@@ -183,11 +183,11 @@ def test_fp16_export_records_each_stage_precision(tiny_sd15, export_into, tmp_pa
                          precision=Precision.FP16, vae_precision=Precision.FP32)
     manifest = load_manifest(folder)
     assert dict(manifest.precisions) == {Stage.TEXT_ENCODER: Precision.FP16, Stage.UNET: Precision.FP16,
-                                         Stage.VAE_DECODER: Precision.FP32}
+                                         Stage.VAE_ENCODER: Precision.FP32, Stage.VAE_DECODER: Precision.FP32}
     stated = json.loads((folder / "manifest.json").read_text())
-    assert {s: v["precision"] for s, v in stated["stages"].items()} == \
-        {"text_encoder": "fp16", "unet": "fp16", "vae_decoder": "fp32"}
-    for stage in Stage:
+    assert {v["name"]: v["precision"] for v in stated["stages"]} == \
+        {"text_encoder": "fp16", "unet": "fp16", "vae_encoder": "fp32", "vae_decoder": "fp32"}
+    for stage in manifest.stages:
         check = manifest.verification[stage.value]
         assert check["passed"] and check["precision"] == manifest.precisions[stage].value
 

@@ -16,19 +16,13 @@ from PIL import Image
 from sdrt.engines.errors import InvalidInput, NumericsError
 from sdrt.engines.specs import Stage
 from sdrt.runtime import Pipeline
+from sdrt.runtime.schedulers import diffusers_scheduler
 
 TOL = 1e-4   # max abs on pixels in [0, 1], fp32 on CPU (the issue's bar)
 PROMPT = "a watercolor fox, highly detailed"
 NEGATIVE = "blurry, low quality"
 
-# sdrt name -> (diffusers scheduler class, from_config overrides)
-DETERMINISTIC = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
+DETERMINISTIC = ("ddim", "pndm", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 
 
 class Diffusers:
@@ -46,7 +40,7 @@ class Diffusers:
             pipe.set_progress_bar_config(disable=True)
             self.pipes[model_dir], self.configs[model_dir] = pipe, pipe.scheduler.config
         pipe = self.pipes[model_dir]
-        cls_name, overrides = DETERMINISTIC[scheduler]
+        cls_name, overrides = diffusers_scheduler(scheduler, self.configs[model_dir])
         pipe.scheduler = getattr(diffusers, cls_name).from_config(self.configs[model_dir], **overrides)
         # One torch thread: on a shared 2-core machine, torch's OpenMP threads spin
         # against each other and the other test processes (measured: 0.5 s vs 10-20 s
@@ -196,11 +190,16 @@ def test_stochastic_sampler_draws_fresh_noise_from_the_seed(variants):
     assert np.abs(a - b).max() > 1e-3
 
 
-def test_seed_draws_the_initial_latents_from_numpy_default_rng(variants):
+def test_seed_draws_the_initial_latents_as_torchs_cpu_generator_does(variants):
+    import torch
     _, pipe = variants["sd2"]
     from_seed = pipe(PROMPT, steps=3, scheduler="ddim", seed=99).pixels
-    explicit = pipe(PROMPT, steps=3, scheduler="ddim", latents=_latents(pipe, seed=99)).pixels
-    np.testing.assert_array_equal(from_seed, explicit)
+    drawn = torch.randn(pipe.latent_shape, generator=torch.Generator("cpu").manual_seed(99)).numpy()
+    np.testing.assert_array_equal(from_seed, pipe(PROMPT, steps=3, scheduler="ddim", latents=drawn).pixels)
+    # generator="numpy": sdrt 0.1's numpy.random.default_rng(seed)
+    from_numpy = pipe(PROMPT, steps=3, scheduler="ddim", seed=99, generator="numpy").pixels
+    np.testing.assert_array_equal(from_numpy, pipe(PROMPT, steps=3, scheduler="ddim",
+                                                   latents=_latents(pipe, seed=99)).pixels)
 
 
 def test_no_seed_draws_a_random_one_and_reports_it(variants):
@@ -278,7 +277,7 @@ def test_unet_nan_reaches_the_check_for_every_sampler_at_any_call(sd15_artifacts
     """The pipeline checks the latents once per step; that is enough only if a NaN from
     the U-Net enters every sampler's update, the last one (coefficients 0 or 1) included."""
     pipe = Pipeline.load(sd15_artifacts)
-    calls = len(pipe._sampler(scheduler, 4).timesteps)
+    calls = len(pipe.artifact.sampler(scheduler, 4).timesteps)
     bad = 1 if where == "middle" else calls - 1
     pipe.engines[Stage.UNET] = _Poisoned(pipe.engines[Stage.UNET], call=bad)
     with pytest.raises(NumericsError, match=rf"the U-Net at step {bad + 1} of {calls} "):

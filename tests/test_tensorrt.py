@@ -383,11 +383,11 @@ def test_build_config_rejects_bad_values_by_name(tmp_path):
     from sdrt.export.build import BuildConfig, parse_stages
 
     for kwargs, words in (({"workspace_gb": 0}, "workspace"), ({"opt_level": 6}, "from 0 to 5"),
-                          ({"opt_level": True}, "optimization level"), ({"stages": ()}, "no stages"),
+                          ({"opt_level": True}, "optimization level"),
                           ({"device": -1}, "GPU index")):
         with pytest.raises(InvalidInput, match=words):
             BuildConfig(tmp_path, **kwargs).validate()
-    with pytest.raises(InvalidInput, match="unknown stage 'vae'.*text_encoder, unet, vae_decoder"):
+    with pytest.raises(InvalidInput, match="unknown stage 'vae'.*text_encoder, unet, vae_encoder, vae_decoder"):
         parse_stages(["vae"])
 
 

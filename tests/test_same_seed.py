@@ -262,3 +262,25 @@ def test_other_model_non_square_saved_by_transformers_5_matches_diffusers_in_eve
     ours = pipe(PROMPT, image=image, mask_image=mask, strength=1.0, steps=4, scheduler="euler_a", seed=9).pixels
     want = oracle("inpaint", "euler_a", 9, size, prompt=PROMPT, image=image, mask_image=mask, num_inference_steps=4)
     assert _max_diff(ours, want) <= TOL, "inpaint"
+
+
+# -- outpainting: inpainting of the extended canvas under its own mask ---------------------
+
+
+@pytest.mark.parametrize("model", ["sd15_inpaint", "sd15"])
+def test_outpainting_equals_diffusers_inpainting_the_extended_canvas(request, model):
+    """The canvas (edge-extended fill) and mask (new area plus a feathered seam) come
+    from `inputs.outpaint_canvas`; what is generated from them must be diffusers'
+    inpainting of exactly that canvas and mask."""
+    from sdrt.runtime.inputs import outpaint_canvas
+    oracle, pipe = request.getfixturevalue(model)
+    image, margins = _photo(96, 80, seed=4), (16, 48, 16, 0)   # grown upwards and sideways to 128x128
+    canvas, mask = outpaint_canvas(image, margins)
+    assert canvas.size == (128, 128) and mask.size == canvas.size
+    ours = pipe(PROMPT, image=image, outpaint="16,48,16,0", steps=4, scheduler="euler_a", seed=12)
+    want = oracle("inpaint", "euler_a", 12, (pipe.height, pipe.width), prompt=PROMPT, image=canvas, mask_image=mask,
+                  num_inference_steps=4)
+    assert _max_diff(ours.pixels, want) <= TOL
+    assert ours.config.task.value == "outpaint" and ours.config.strength == 1.0
+    with pytest.raises(InvalidInput, match="margins 16,48,16,16 give the model's aspect ratio"):
+        pipe(PROMPT, image=_photo(96, 64), outpaint=(16, 32, 16, 0), steps=2)

@@ -45,12 +45,13 @@ class Oracle:
 
     def __call__(self, task, scheduler, seed, size, **kw):
         """size: the artifact's (height, width); inputs of another size are resized to it
-        by diffusers' own preprocessing (img2img takes no size, so it gets the tensor)."""
+        by diffusers' own preprocessing (img2img takes no size, so it gets the image
+        already resized by its image processor)."""
         import diffusers
         import torch
         pipe = self.pipes[task]
         if task == "img2img":
-            kw["image"] = pipe.image_processor.preprocess(kw["image"], height=size[0], width=size[1])
+            kw["image"] = pipe.image_processor.resize(kw["image"], height=size[0], width=size[1])
         else:
             kw.update(height=size[0], width=size[1])
         cls_name, overrides = diffusers_scheduler(scheduler, self.config)
@@ -284,3 +285,20 @@ def test_outpainting_equals_diffusers_inpainting_the_extended_canvas(request, mo
     assert ours.config.task.value == "outpaint" and ours.config.strength == 1.0
     with pytest.raises(InvalidInput, match="margins 16,48,16,16 give the model's aspect ratio"):
         pipe(PROMPT, image=_photo(96, 64), outpaint=(16, 32, 16, 0), steps=2)
+
+
+def test_batch_of_two_with_one_image_matches_diffusers(tiny_sd15, sd15, export_into, tmp_path_factory):
+    """One input image for every batch item: encoded once (one latent-sample draw) and
+    repeated, then one noise draw for the whole batch, as diffusers does."""
+    oracle, _ = sd15
+    pipe = Pipeline.load(export_into(tiny_sd15, tmp_path_factory.mktemp("artifacts") / "b2", batch=2))
+    prompts = [PROMPT, "a red barn"]
+    image, mask = _photo(128, 128, seed=5), _mask("circle", 128, 128)
+    ours = pipe(prompts, image=image, strength=0.8, steps=5, scheduler="euler_a", seed=21).pixels
+    want = oracle("img2img", "euler_a", 21, (128, 128), prompt=prompts, image=image, strength=0.8,
+                  num_inference_steps=5)
+    assert ours.shape[0] == 2 and _max_diff(ours, want) <= TOL
+    ours = pipe(prompts, image=image, mask_image=mask, strength=0.6, steps=5, scheduler="dpmpp_2m", seed=21).pixels
+    want = oracle("inpaint", "dpmpp_2m", 21, (128, 128), prompt=prompts, image=image, mask_image=mask, strength=0.6,
+                  num_inference_steps=5)
+    assert _max_diff(ours, want) <= TOL

@@ -36,7 +36,7 @@ class _SampledProgress:
 
         import psutil
 
-        from sdrt.export.progress import Progress
+        from sdrt.engines.progress import Progress
 
         class Sampled(Progress):
             def __init__(self):

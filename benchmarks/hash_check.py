@@ -22,16 +22,13 @@ from pathlib import Path
 
 from sdrt.engines import files
 from sdrt.engines.manifest import STAMPS_NAME, FileRecord, check_files
+from sdrt.engines.progress import Progress
 
 # SD 1.5 U-Net: 859.5 M float32 parameters.
 UNET_FP32_BYTES = 3_438_167_040
 
 
-def _log(start: float, msg: str) -> None:
-    print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _write_random(path: Path, size: int, start: float) -> None:
+def _write_random(path: Path, size: int, progress: Progress) -> None:
     chunk = 64 << 20
     block = os.urandom(chunk)  # one random block, varied per chunk so nothing dedups
     with open(path, "wb") as f:
@@ -41,7 +38,7 @@ def _write_random(path: Path, size: int, start: float) -> None:
             f.write(written.to_bytes(8, "little") + block[8:n] if n >= 8 else block[:n])
             written += n
             if written % (1 << 30) < chunk:
-                _log(start, f"wrote {written / 1e9:.2f} GB")
+                progress(f"wrote {written / 1e9:.2f} GB")
 
 
 def _evict(path: Path) -> None:
@@ -85,17 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     args = p.parse_args(argv)
     size = int(args.size_gb * 1e9)
-    start = time.perf_counter()
+    progress = Progress()
     with tempfile.TemporaryDirectory(prefix="sdrt-hash-check-", dir=args.dir) as tmp:
         folder = Path(tmp)
         path = folder / "unet.onnx.data"
-        _log(start, f"writing {size / 1e9:.2f} GB of random bytes to {path}")
-        _write_random(path, size, start)
+        progress(f"writing {size / 1e9:.2f} GB of random bytes to {path}")
+        _write_random(path, size, progress)
 
         t = time.perf_counter()
         digest = files.sha256_file(path)
         hash_s = time.perf_counter() - t
-        _log(start, f"sha256 done in {hash_s:.1f}s")
+        progress(f"sha256 done in {hash_s:.1f}s")
         record = {"unet.onnx.data": FileRecord(digest, size)}
 
         # First load of a folder without stamps: hashes, then stamps.
@@ -110,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         check_files(folder, record)
         cold_s = time.perf_counter() - t
-        _log(start, f"cold first load done in {cold_s:.1f}s")
+        progress(f"cold first load done in {cold_s:.1f}s")
 
         # Normal load: the stamp proves the file unchanged, no re-read.
         times = []

@@ -45,8 +45,9 @@ from cold_start import cold_start, import_time  # noqa: E402
 from sdrt.engines.errors import AlreadyExists, InvalidInput  # noqa: E402
 from sdrt.engines.files import atomic_path, atomic_write_json, atomic_write_text  # noqa: E402
 from sdrt.engines.manifest import read_manifest  # noqa: E402
+from sdrt.engines.progress import Progress  # noqa: E402
 from sdrt.engines.specs import LATENT, Stage  # noqa: E402
-from sdrt.runtime.bench import DEFAULT_PROMPT, Progress, machine_info, package_versions  # noqa: E402
+from sdrt.runtime.bench import DEFAULT_PROMPT, machine_info, package_versions  # noqa: E402
 
 CASES = ("builtin", "full", "cold", "gpu")
 OUTPUT_NAMES = ("side_by_side.json", "side_by_side.md", "side_by_side.png")

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from sdrt.engines.progress import Progress
+
 PROMPTS = ("a watercolor fox", "a red bicycle in the rain", "portrait of an astronaut, 35mm", "",
            "a bowl of soup " * 20)   # the last one is truncated to 77 tokens
 SCHEDULERS = ("pndm", "ddim", "euler_a", "dpmpp_2m", "euler", "lcm")
@@ -36,16 +38,12 @@ def rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
-def _log(start: float, msg: str) -> None:
-    print(f"[{time.perf_counter() - start:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-def _built_in_artifacts(where: Path, start: float) -> Path:
+def _built_in_artifacts(where: Path, progress: Progress) -> Path:
     """Make and export the tiny model in child processes, so torch never enters this
     one: the RSS measured is the runtime's, as a service runs it."""
     import subprocess
 
-    _log(start, f"making the built-in tiny SD 1.5 model and exporting it in {where}")
+    progress(f"making the built-in tiny SD 1.5 model and exporting it in {where}")
     cli = [sys.executable, "-m", "sdrt.runtime.cli"]
     subprocess.run(cli + ["tiny-model", str(where / "model")], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(cli + ["export", str(where / "model"), "--out", str(where / "artifacts"), "--no-verify"],
@@ -53,7 +51,7 @@ def _built_in_artifacts(where: Path, start: float) -> Path:
     return where / "artifacts"
 
 
-def soak(artifacts: Path, generations: int, warmup: int, steps: int, sample_every: int, start: float) -> dict:
+def soak(artifacts: Path, generations: int, warmup: int, steps: int, sample_every: int, progress: Progress) -> dict:
     from sdrt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(artifacts)
@@ -69,10 +67,10 @@ def soak(artifacts: Path, generations: int, warmup: int, steps: int, sample_ever
         if i == warmup:
             warm_rss = rss_bytes()
             samples.append((i, warm_rss))
-            _log(start, f"generation {i}: warm-up done, RSS {warm_rss / 2**20:.1f} MiB")
+            progress(f"generation {i}: warm-up done, RSS {warm_rss / 2**20:.1f} MiB")
         elif i % sample_every == 0 or i == generations:
             samples.append((i, rss_bytes()))
-            _log(start, f"generation {i}/{generations}: RSS {samples[-1][1] / 2**20:.1f} MiB")
+            progress(f"generation {i}/{generations}: RSS {samples[-1][1] / 2**20:.1f} MiB")
     elapsed = time.perf_counter() - t0
     pipe.close()
     end_rss = samples[-1][1]
@@ -103,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.warmup < args.generations:
         p.error(f"--warmup must be from 1 to --generations - 1, got {args.warmup}")
-    start = time.perf_counter()
+    progress = Progress()
     with tempfile.TemporaryDirectory(prefix="sdrt-soak-") as tmp:
-        artifacts = args.artifacts or _built_in_artifacts(Path(tmp), start)
-        report = soak(artifacts, args.generations, args.warmup, args.steps, args.sample_every, start)
+        artifacts = args.artifacts or _built_in_artifacts(Path(tmp), progress)
+        report = soak(artifacts, args.generations, args.warmup, args.steps, args.sample_every, progress)
     print(f"generations:            {report['generations']} ({report['seconds']} s, steps {report['steps']}, "
           f"schedulers {', '.join(report['schedulers'])})")
     print(f"RSS at start:           {report['rss_start_mib']} MiB")

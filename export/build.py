@@ -17,23 +17,19 @@ development machines); the build flow is tested with a stand-in `tensorrt` modul
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from sdrt.engines import cache
 from sdrt.engines.errors import ArtifactError, InvalidInput
 from sdrt.engines.manifest import Manifest, load_manifest
 from sdrt.engines.onnx_files import check_external_data
+from sdrt.engines.progress import Progress
 from sdrt.engines.specs import Precision, Stage
 
-from .progress import Progress
-
 MAX_OPT_LEVEL = 5
-HEARTBEAT_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -142,7 +138,7 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
         start = time.perf_counter()
         with progress.step(f"{stage.value}: building {key.precision.value} engine "
                            f"(optimization level {config.opt_level}, workspace {config.workspace_gb:g} GB)"), \
-                _heartbeat(progress, f"{stage.value}: still building"):
+                progress.heartbeat(f"{stage.value}: still building"):
             plan = build_plan(trt, folder / stage.onnx_file, config)
         info = cache.BuildInfo(config.workspace_bytes, config.opt_level, time.perf_counter() - start)
         path = cache.store_plan(folder, key, plan, info)
@@ -213,21 +209,3 @@ def verify_engines(folder: Path, manifest: Manifest, stages: Sequence[Stage], de
 def _logger(trt: Any) -> Any:
     from sdrt.engines.tensorrt import logger
     return logger(trt)
-
-
-@contextlib.contextmanager
-def _heartbeat(progress: Progress, what: str, every: float = HEARTBEAT_SECONDS) -> Iterator[None]:
-    """A line every `every` seconds while a long TensorRT call runs (it reports nothing)."""
-    stop = threading.Event()
-    start = time.perf_counter()
-
-    def beat() -> None:
-        while not stop.wait(every):
-            progress.say(f"{what} ({time.perf_counter() - start:.0f}s)")
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()

@@ -29,7 +29,7 @@ from sdrt.engines.specs import ModelFacts, Precision, ShapeConfig, Stage, StageS
 from . import outdir
 from .checkpoint import SCHEDULER_CONFIG, Checkpoint, open_checkpoint
 from .config import ExportConfig
-from .progress import Progress
+from sdrt.engines.progress import Progress
 
 TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon")
 

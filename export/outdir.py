@@ -10,9 +10,8 @@ from pathlib import Path
 from sdrt.engines.errors import AlreadyExists
 from sdrt.engines.files import TEMP_PREFIX
 from sdrt.engines.manifest import MANIFEST_NAME, STAMPS_NAME
+from sdrt.engines.progress import Progress
 from sdrt.engines.specs import Stage
-
-from .progress import Progress
 
 TOKENIZER_DIR = "tokenizer"
 SCHEDULER_DIR = "scheduler"

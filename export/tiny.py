@@ -23,7 +23,7 @@ from sdrt.engines.errors import AlreadyExists, InvalidInput
 from sdrt.engines.files import fsync_tree, temp_folder
 
 from . import vocab
-from .progress import Progress
+from sdrt.engines.progress import Progress
 
 VARIANTS = ("sd15", "sd2", "sd15-inpaint", "sd15-full", "sd21-full")
 MAX_SEED = 2**32 - 1

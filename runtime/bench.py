@@ -29,6 +29,7 @@ import numpy as np
 
 from sdrt.engines.base import Backend
 from sdrt.engines.errors import AlreadyExists, InvalidInput, InvalidType
+from sdrt.engines.progress import Progress
 
 SCHEMA = "sdrt-bench"
 SCHEMA_VERSION = 1
@@ -129,19 +130,6 @@ def _busy_warning() -> str | None:
         return (f"warning: load average {load[0]:.1f} on {cpus} CPUs before starting: other work is "
                 f"running, so these figures will be slower and noisier than on an idle machine")
     return None
-
-
-class Progress:
-    """Concise progress lines with elapsed time on stderr."""
-
-    def __init__(self, stream=None, enabled: bool = True):
-        self.stream = sys.stderr if stream is None else stream
-        self.enabled = enabled
-        self.start = time.perf_counter()
-
-    def __call__(self, message: str) -> None:
-        if self.enabled:
-            print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=self.stream, flush=True)
 
 
 # ---------------------------------------------------------------------------------

@@ -301,7 +301,7 @@ def test_build_after_a_killed_build_says_so_and_rebuilds(sd15_artifacts, tmp_pat
     from sdrt.engines import cache, cuda, tensorrt
     from sdrt.engines.files import TEMP_PREFIX
     from sdrt.export import build
-    from sdrt.export.progress import Progress
+    from sdrt.engines.progress import Progress
 
     folder = tmp_path / "artifacts"
     shutil.copytree(sd15_artifacts, folder, ignore=shutil.ignore_patterns(".sdrt-cache"))

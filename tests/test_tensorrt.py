@@ -333,7 +333,7 @@ def test_build_reuses_current_engines_and_rebuilds_for_another_tensorrt(sd15_art
 
     from sdrt.engines import cuda
     from sdrt.export.build import BuildConfig, build_engines
-    from sdrt.export.progress import Progress
+    from sdrt.engines.progress import Progress
 
     folder = tmp_path / "artifacts"
     shutil.copytree(sd15_artifacts, folder)

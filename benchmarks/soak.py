@@ -44,7 +44,7 @@ def _built_in_artifacts(where: Path, progress: Progress) -> Path:
     import subprocess
 
     progress(f"making the built-in tiny SD 1.5 model and exporting it in {where}")
-    cli = [sys.executable, "-m", "sdrt.runtime.cli"]
+    cli = [sys.executable, "-m", "sdrt.cli.main"]
     subprocess.run(cli + ["tiny-model", str(where / "model")], check=True, stdout=subprocess.DEVNULL)
     subprocess.run(cli + ["export", str(where / "model"), "--out", str(where / "artifacts"), "--no-verify"],
                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -1,4 +1,5 @@
-"""`sdrt bench`: time generation per stage on an artifact folder.
+"""Timing generation per stage on an artifact folder: the library behind `sdrt bench`
+(cli/bench.py) and the statistics `benchmarks/` shares.
 
 Warm-up runs first (first calls pay for lazy allocation and caches), then N measured
 generations. Every figure comes from the pipeline's own `Timings`, which record the
@@ -13,7 +14,6 @@ as users run it, without torch in the process. The statistics helpers are shared
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.metadata
 import os
@@ -29,7 +29,6 @@ import numpy as np
 
 from sdrt.engines.base import Backend
 from sdrt.engines.errors import AlreadyExists, InvalidInput, InvalidType
-from sdrt.engines.progress import Progress
 
 SCHEMA = "sdrt-bench"
 SCHEMA_VERSION = 1
@@ -293,38 +292,3 @@ def format_table(report: dict[str, Any]) -> str:
         f"load: {report['load_s']:.2f} s; peak RSS: {mem['peak_rss_bytes'] / 2**20:.0f} MiB; peak GPU memory: {gpu}",
     ]
     return "\n".join(lines)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "bench", help="time generation per stage on an artifact folder",
-        description="Warm up, then time N generations: text encoder, U-Net per step, host work "
-                    "per step (step wall time minus engine time), VAE decoder and end to end "
-                    "(median, p90, p99, min), images per second and peak memory.")
-    p.add_argument("artifact_dir", type=Path, help="folder written by `sdrt export` (or `sdrt build`)")
-    p.add_argument("--backend", default=Backend.ONNXRUNTIME.value,
-                   help=f"one of {', '.join(b.value for b in Backend)} (default onnxruntime)")
-    p.add_argument("--steps", type=int, default=BenchConfig.steps, help="denoising steps (default 25)")
-    p.add_argument("--scheduler", default=None, help="scheduler name (default: the model's)")
-    p.add_argument("--runs", type=int, default=BenchConfig.runs, help="measured generations (default 10)")
-    p.add_argument("--warmup", type=int, default=BenchConfig.warmup, help="untimed generations first (default 2)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--json", type=Path, default=None, dest="json_path", metavar="FILE",
-                   help="also write every figure, the machine, versions and settings to FILE")
-    p.add_argument("--force", action="store_true", help="overwrite the --json FILE if it exists")
-    p.set_defaults(handler=_handle)
-
-
-def _handle(args: argparse.Namespace) -> int:
-    config = BenchConfig(
-        artifact_dir=args.artifact_dir, backend=Backend.parse(args.backend), steps=args.steps,
-        scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, prompt=args.prompt,
-        json_path=args.json_path, force=args.force,
-    ).validate()
-    report = run_bench(config, progress=Progress())
-    print(format_table(report))
-    if config.json_path is not None:
-        from sdrt.engines.files import atomic_write_json
-        atomic_write_json(config.json_path, report)
-        print(f"wrote {config.json_path}")
-    return 0

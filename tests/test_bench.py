@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sdrt.runtime.cli import main
+from sdrt.cli.main import main
 
 RUNS, STEPS = 2, 3
 STAT_FIELDS = {"n", "median_ms", "p90_ms", "p99_ms", "min_ms", "max_ms", "p10_ms"}

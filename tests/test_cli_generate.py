@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sdrt.runtime import Pipeline
-from sdrt.runtime.cli import main
+from sdrt.cli.main import main
 from sdrt.runtime.images import read_parameters
 
 
@@ -90,7 +90,7 @@ def test_missing_and_incomplete_folders_exit_2(tmp_path, capsys):
 
 def test_errors_from_the_installed_command_have_no_traceback(tmp_path):
     # As a user sees it: a real process, its exit status and its whole stderr.
-    proc = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", "generate", str(tmp_path / "missing"),
+    proc = subprocess.run([sys.executable, "-m", "sdrt.cli.main", "generate", str(tmp_path / "missing"),
                            "--prompt", "x"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"sdrt generate: error: artifact folder {tmp_path / 'missing'} "

@@ -20,7 +20,7 @@ import pytest
 from sdrt.engines.errors import ArtifactError, InvalidInput, MissingFile
 from sdrt.engines.manifest import MANIFEST_NAME, STAMPS_NAME, load_manifest
 from sdrt.engines.specs import Stage
-from sdrt.runtime.cli import main
+from sdrt.cli.main import main
 from sdrt.runtime.pipeline import Pipeline
 
 

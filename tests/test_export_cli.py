@@ -15,7 +15,7 @@ import pytest
 
 from sdrt.engines.errors import ArtifactError
 from sdrt.engines.manifest import load_manifest
-from sdrt.runtime.cli import main
+from sdrt.cli.main import main
 
 
 def _fails(capsys, argv, *fragments):
@@ -123,7 +123,7 @@ def test_forced_reexport_removes_the_old_manifest_before_writing(tiny_sd2, expor
 def test_killed_export_leaves_an_incomplete_folder_and_a_rerun_redoes_it(tiny_sd15, tmp_path, capsys):
     out = tmp_path / "o"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "sdrt.runtime.cli", "export", str(tiny_sd15), "--out", str(out)],
+    proc = subprocess.Popen([sys.executable, "-m", "sdrt.cli.main", "export", str(tiny_sd15), "--out", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
         # Kill it while the U-Net is being exported (its work folder exists).
@@ -149,7 +149,7 @@ def test_tiny_model_command_refuses_an_existing_folder(capsys, tmp_path):
 
 
 def test_cli_parser_does_not_import_torch():
-    code = ("import sys; from sdrt.runtime.cli import build_parser; build_parser(); "
+    code = ("import sys; from sdrt.cli.main import build_parser; build_parser(); "
             "bad = [m for m in ('torch', 'diffusers', 'transformers', 'onnx') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from sdrt.engines.errors import (AlreadyExists, ArtifactError, BackendUnavailable, InvalidInput, InvalidType,
                                  MissingFile, NumericsError)
-from sdrt.runtime.cli import build_parser, main
+from sdrt.cli.main import build_parser, main
 
 LONG = "x" * 100_001   # one past the accepted prompt length
 PROGRESS = re.compile(r"\[\s*[\d.]+ ?s\] ")
@@ -224,7 +224,7 @@ SUBPROCESS_CASES = [
 def test_cli_bad_value_in_a_real_process_has_no_traceback(args, places, tmp_path):
     values = {k: str(v) for k, v in places.items()} | {"new": str(tmp_path / "new-thing")}
     argv = [a.format(**values) if isinstance(a, str) else a for a in args]
-    proc = subprocess.run([sys.executable, "-m", "sdrt.runtime.cli", *argv], capture_output=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-m", "sdrt.cli.main", *argv], capture_output=True, timeout=300,
                           cwd=tmp_path)
     err = proc.stderr.decode("utf-8", "backslashreplace")
     assert proc.returncode == 2, err

@@ -32,7 +32,7 @@ from sdrt.engines.errors import ArtifactError, MissingFile
 from sdrt.engines.files import TEMP_PREFIX
 from sdrt.engines.manifest import MANIFEST_NAME, load_manifest
 from sdrt.engines.specs import Stage
-from sdrt.runtime.cli import main
+from sdrt.cli.main import main
 
 LEFTOVERS_MESSAGE = "leftovers of an interrupted export"
 CHILD_TIMEOUT_S = 300
@@ -64,7 +64,7 @@ MOMENTS = (
 
 def _export_cmd(model: Path, out: Path) -> list[str]:
     # --no-verify: verification does not write files, and skipping it halves the run.
-    return [sys.executable, "-m", "sdrt.runtime.cli", "export", str(model), "--out", str(out), "--no-verify"]
+    return [sys.executable, "-m", "sdrt.cli.main", "export", str(model), "--out", str(out), "--no-verify"]
 
 
 def _run_until(model: Path, out: Path, reached: Callable[[Path], bool] | None, log: Path,
@@ -269,7 +269,7 @@ def test_generate_killed_while_writing_the_ort_cache_leaves_a_folder_that_loads_
     def writing(_: Path) -> bool:
         return cache.is_dir() and any(p.name.startswith(CACHE_TEMP_PREFIX) for p in cache.iterdir())
 
-    cmd = [sys.executable, "-m", "sdrt.runtime.cli", "generate", str(folder), "--prompt", "a fox", "--steps", "2",
+    cmd = [sys.executable, "-m", "sdrt.cli.main", "generate", str(folder), "--prompt", "a fox", "--steps", "2",
            "--seed", "3", "--out", str(tmp_path / "x.png")]
     with open(tmp_path / "gen.log", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
@@ -333,7 +333,7 @@ def test_ctrl_c_during_generate_exits_130_and_writes_no_image(sd15_artifacts, tm
     """SIGINT in the middle of denoising: exit 130 with one line, no PNG and no
     temporary file left beside it."""
     out = tmp_path / "image.png"
-    cmd = [sys.executable, "-m", "sdrt.runtime.cli", "generate", str(sd15_artifacts), "--prompt", "a fox",
+    cmd = [sys.executable, "-m", "sdrt.cli.main", "generate", str(sd15_artifacts), "--prompt", "a fox",
            "--steps", "1000", "--seed", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

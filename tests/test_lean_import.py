@@ -14,7 +14,7 @@ import json, sys
 import sdrt.runtime
 after_import = sorted(m for m in sys.modules if m.split('.')[0] in {heavy})
 from sdrt.runtime import Pipeline
-from sdrt.runtime.cli import main
+from sdrt.cli.main import main
 pipe = Pipeline.load({folder!r})
 result = pipe("a fox", steps=2, scheduler="euler_a", seed=1)
 rc = main(["generate", {folder!r}, "--prompt", "a fox", "--steps", "2", "--out", {out!r}])

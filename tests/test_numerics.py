@@ -25,7 +25,7 @@ from onnx import helper, numpy_helper
 from sdrt.engines.errors import NumericsError
 from sdrt.engines.manifest import file_record, read_manifest, write_manifest
 from sdrt.engines.specs import IMAGES, LATENT, TEXT_EMBEDDINGS, TIMESTEP, Stage
-from sdrt.runtime.cli import main
+from sdrt.cli.main import main
 from sdrt.runtime.pipeline import Pipeline
 
 STEPS = 4

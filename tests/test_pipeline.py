@@ -132,7 +132,7 @@ def test_batch_artifact_matches_diffusers_with_a_prompt_list(tiny_sd15, batch2, 
 
 def test_cli_writes_one_png_per_batch_item(batch2, tmp_path):
     # Here rather than in test_cli_generate.py to share the batch export.
-    from sdrt.runtime.cli import main
+    from sdrt.cli.main import main
     from sdrt.runtime.images import read_parameters
     assert main(["generate", str(batch2), "--prompt", "a fox", "--steps", "2", "--seed", "5",
                  "--out", str(tmp_path / "img.png")]) == 0

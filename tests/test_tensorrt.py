@@ -412,7 +412,7 @@ def test_tensorrt_backend_without_tensorrt_says_where_to_get_it(sd15_artifacts):
 
 @pytest.mark.skipif(not _tensorrt_missing(), reason="TensorRT is installed here: the missing-package path cannot run")
 def test_sdrt_build_without_tensorrt_is_one_line_and_exit_2(sd15_artifacts, capsys):
-    from sdrt.runtime.cli import main
+    from sdrt.cli.main import main
 
     assert main(["build", str(sd15_artifacts), "--no-verify"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -282,7 +282,7 @@ def _pickle_checkpoint(src: Path, dst: Path, component: str = "unet", keep_safet
 def test_pickle_only_checkpoint_is_refused_naming_file_and_flag(tiny_sd15, tmp_path, capsys):
     from sdrt.engines.errors import InvalidInput
     from sdrt.export.checkpoint import open_checkpoint
-    from sdrt.runtime.cli import main
+    from sdrt.cli.main import main
 
     model = _pickle_checkpoint(tiny_sd15, tmp_path / "model")
     with pytest.raises(InvalidInput, match=r"unet/diffusion_pytorch_model\.bin.*execute code.*--allow-pickle-code-execution"):
@@ -330,7 +330,7 @@ def test_code_in_a_pickle_beside_safetensors_never_runs(tiny_sd15, tmp_path):
 def test_code_in_a_pickle_only_checkpoint_never_runs_without_the_flag(tiny_sd15, tmp_path, capsys):
     import torch
 
-    from sdrt.runtime.cli import main
+    from sdrt.cli.main import main
 
     model = tmp_path / "model"
     shutil.copytree(tiny_sd15, model)

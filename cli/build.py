@@ -1,5 +1,5 @@
-"""`sdrt build`: argparse stops here (STYLE habit 6); the work is in export/build.py,
-imported by the handler so `sdrt --help` never loads TensorRT."""
+"""`sdrt build`: TensorRT engines for an artifact folder. The work is in
+export/build.py, imported when the command runs, so `sdrt --help` never loads TensorRT."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 from sdrt.engines.specs import Stage
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    build = subparsers.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    build = sub.add_parser(
         "build", help="build TensorRT engines for an artifact folder (NVIDIA GPU)",
         description="Build one TensorRT engine per stage of an exported artifact folder into "
                     "ARTIFACT_DIR/engines/, with a persistent timing cache. An engine already built for "
@@ -26,16 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--timing-cache", type=Path, metavar="PATH",
                        help="timing cache file to read and update (default: ARTIFACT_DIR/engines/timing.cache)")
     build.add_argument("--stages", nargs="+", metavar="STAGE", choices=[s.value for s in Stage],
-                       help=f"stages to build (default: all of {', '.join(s.value for s in Stage)})")
+                       help=f"stages to build (default: every stage of the artifact; "
+                            f"from {', '.join(s.value for s in Stage)})")
     build.add_argument("--force", action="store_true", help="rebuild engines that are current")
     build.add_argument("--no-verify", dest="verify", action="store_false",
                        help="skip the TensorRT vs ONNX Runtime check")
     build.add_argument("--device", type=int, default=0, help="GPU index (default: 0)")
-    build.set_defaults(handler=_build)
+    build.set_defaults(handler=run_build)
 
 
-def _build(args: argparse.Namespace) -> int:
-    from .build import BuildConfig, build_engines, parse_stages
+def run_build(args: argparse.Namespace) -> int:
+    from sdrt.export.build import BuildConfig, build_engines, parse_stages
 
     config = BuildConfig(
         artifact_dir=args.artifact_dir, workspace_gb=args.workspace_gb, opt_level=args.opt_level,

@@ -1,29 +1,16 @@
-"""`sdrt tiny-model` and `sdrt export`: argparse stops here (STYLE habit 6). Handlers
-import torch-using modules lazily, so `sdrt --help` and the runtime never load torch."""
+"""`sdrt export`: a diffusers checkpoint to verified static-shape ONNX artifacts.
+torch is imported when the command runs, never by `sdrt --help` or the runtime."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from sdrt.engines.specs import Precision
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    tiny = subparsers.add_parser(
-        "tiny-model", help="write a built-in Stable Diffusion checkpoint (no download)",
-        description="Write a built-in checkpoint in the diffusers layout with random weights from a fixed "
-                    "seed and the real CLIP vocabulary. sd15/sd2 are tiny (for tests and demos); "
-                    "sd15-full/sd21-full are the published full-size architectures (several GB).")
-    tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create")
-    tiny.add_argument("--variant", default="sd15", choices=("sd15", "sd2", "sd15-full", "sd21-full"),
-                      help="which model family and size (default: sd15)")
-    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
-    tiny.add_argument("--force", action="store_true", help="replace an existing checkpoint folder")
-    tiny.set_defaults(handler=_tiny_model)
-
-    export = subparsers.add_parser(
+def register(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
         "export", help="export a diffusers checkpoint to verified static-shape ONNX artifacts",
         description="Export a Stable Diffusion 1.x/2.x checkpoint folder (diffusers layout, safetensors "
                     "weights) to text_encoder.onnx, unet.onnx (+ unet.onnx.data) and vae_decoder.onnx with "
@@ -48,20 +35,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--allow-pickle-code-execution", dest="allow_pickle", action="store_true",
                         help="allow loading pickle-based weights (.bin/.ckpt), which can execute code "
                              "from the file; only for checkpoints from a source you trust")
-    export.set_defaults(handler=_export)
+    export.set_defaults(handler=run_export)
 
 
-def _tiny_model(args: argparse.Namespace) -> int:
-    from .tiny import make_tiny_model
-
-    path = make_tiny_model(args.out_dir, variant=args.variant, seed=args.seed, force=args.force)
-    print(path)
-    return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    from .config import ExportConfig
-    from .exporter import export_artifacts
+def run_export(args: argparse.Namespace) -> int:
+    from sdrt.export.config import ExportConfig
+    from sdrt.export.exporter import export_artifacts
+    from sdrt.export.verify import table_from_json
 
     config = ExportConfig(
         model_dir=args.model_dir, out_dir=args.out_dir, height=args.height, width=args.width,
@@ -71,9 +51,6 @@ def _export(args: argparse.Namespace) -> int:
     )
     manifest = export_artifacts(config)
     if manifest.verification:
-        from .verify import table_from_json
-
         print(table_from_json(manifest.verification))
-    print(f"artifacts: {args.out_dir}", file=sys.stdout)
+    print(f"artifacts: {args.out_dir}")
     return 0
-

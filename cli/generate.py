@@ -1,0 +1,185 @@
+"""`sdrt generate`: image(s) from an artifact folder, saved as PNGs with their settings.
+
+argparse stops here. `generation_request` turns the command line into the keyword
+arguments of one `Pipeline.__call__`: a new generation flag is one argument in
+`add_generation_args` and one entry there. The pipeline (and with it the backend)
+is imported when the command runs, never by `sdrt --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+from sdrt.engines.errors import AlreadyExists, InvalidInput
+from sdrt.engines.progress import Progress
+from sdrt.runtime.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig
+
+
+DEFAULT_PROMPT = "a watercolor fox"   # `sdrt demo` has no required prompt
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="generate images from an artifact folder",
+                       description="Generate image(s) from an artifact folder written by `sdrt export`. "
+                                   "Writes PNGs with the settings in a `parameters` text chunk and prints "
+                                   "per-stage timings. For an artifact exported with --batch N, image i>0 "
+                                   "goes to OUT-i.png.")
+    g.add_argument("artifact_dir", metavar="ARTIFACT_DIR", type=Path)
+    add_generation_args(g, prompt_required=True)
+    g.add_argument("--out", type=Path, default=Path("image.png"), help="output PNG (default: image.png)")
+    g.add_argument("--force", action="store_true", help="overwrite existing output files")
+    g.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
+    g.add_argument("--provider", default=None,
+                   help="ONNX Runtime provider: cpu (default) or cuda (needs onnxruntime-gpu)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
+    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                   help="TensorRT: run the U-Net without capturing it as a CUDA graph")
+    g.add_argument("--shared-device-memory", action="store_true",
+                   help="TensorRT: one activation memory block for all stages (small Jetson boards)")
+    g.set_defaults(handler=run_generate)
+
+
+def add_generation_args(p: argparse.ArgumentParser, prompt_required: bool) -> None:
+    """The settings of one generation, shared by `generate` and `demo`."""
+    from sdrt.runtime.schedulers import SCHEDULERS   # NumPy only
+
+    p.add_argument("--prompt", required=prompt_required, default=None if prompt_required else DEFAULT_PROMPT,
+                   help="text prompt" + ("" if prompt_required else f" (default: {DEFAULT_PROMPT!r})"))
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale; <= 1 disables it (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--scheduler", default=None,
+                   help=f"one of {', '.join(SCHEDULERS)} (default: the checkpoint's own)")
+    p.add_argument("--seed", type=int, default=None, help="0..2**64-1 (default: random, printed)")
+
+
+def generation_request(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line as the keyword arguments of one `Pipeline.__call__`."""
+    return dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+                guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from sdrt.engines.base import Backend
+    from sdrt.engines.manifest import read_manifest
+    from sdrt.runtime.images import output_paths
+
+    backend = Backend.parse(args.backend)
+    options = backend_options(args, backend)
+    folder: Path = args.artifact_dir
+    manifest = read_manifest(folder)   # fail fast on a missing or incomplete folder
+    request = generation_request(args)
+    check_request(request, manifest.shape.batch)
+    paths = output_paths(args.out, manifest.shape.batch)
+    refuse_existing(paths, args.force)   # before minutes of work, not after
+    check_folder_for(args.out)
+    model = Path(manifest.source).name if manifest.source else folder.resolve().name
+    generate_and_save(folder, backend, options, request, paths, model=model, command=args.command)
+    return 0
+
+
+def backend_options(args: argparse.Namespace, backend: Any) -> dict[str, Any]:
+    """`Pipeline.load` options from the flags of one backend; another backend's flag is refused."""
+    from sdrt.engines.base import Backend
+
+    options: dict[str, Any] = {}
+    if (args.provider is not None or args.threads is not None) and backend is not Backend.ONNXRUNTIME:
+        raise InvalidInput(f"--provider and --threads apply to the onnxruntime backend, not {args.backend}")
+    if args.provider is not None:
+        options["providers"] = args.provider
+    if args.threads is not None:
+        options["threads"] = args.threads
+    if backend is Backend.TENSORRT:
+        options.update(cuda_graph=args.cuda_graph, shared_device_memory=args.shared_device_memory)
+    return options
+
+
+def check_request(request: Mapping[str, Any], batch: int) -> None:
+    """Validate the settings before loading engines, so a typo costs no load time.
+    The pipeline validates them again (it is also an API entry point)."""
+    from sdrt.runtime.schedulers import SCHEDULERS
+
+    known = tuple(SCHEDULERS)
+    r = request
+    GenerationConfig.create(r["prompt"], r["negative_prompt"], r["steps"], r["guidance"],
+                            known[0] if r["scheduler"] is None else r["scheduler"], r["seed"],
+                            batch=batch, schedulers=known)
+
+
+def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], request: Mapping[str, Any],
+                      paths: list[Path], model: str, command: str, progress: Progress | None = None) -> None:
+    """Load the pipeline, generate, write the PNGs (atomically) and print the timings."""
+    from sdrt.runtime.images import parameters_text, write_pngs
+    from sdrt.runtime.pipeline import Pipeline
+
+    progress = progress or Progress()
+    progress.say(f"loading {folder}")
+    pipe = Pipeline.load(folder, backend=backend, **options)
+    try:
+        cached = [getattr(e, "cached", None) for e in pipe.engines.values()]
+        how = ("optimized graphs from the cache" if all(cached) else
+               "graphs optimized now; later loads reuse them" if any(c is False for c in cached) else "")
+        steps = request["steps"]
+        progress.say(f"loaded{f' ({how})' if how else ''}; generating {steps} steps")
+        every = max(1, steps // 5)
+
+        def on_step(i: int, n: int) -> None:
+            if i % every == 0 or i == n:
+                progress.say(f"U-Net call {i}/{n}")
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = pipe(**request, on_step=on_step)
+        for w in caught:   # e.g. a truncated prompt: one line for a user, not a source listing
+            print(f"sdrt {command}: warning: {w.message}", file=sys.stderr)
+        c = result.config
+        text = parameters_text(c.prompt, c.negative_prompt, c.steps, c.scheduler, c.guidance, result.seed,
+                               pipe.width, pipe.height, model)
+        write_pngs(paths, result.images, text, force=True)   # existence was checked up front
+    finally:
+        pipe.close()
+    print(format_timings(result.timings, c.steps, c.scheduler, result.seed))
+    for path in paths:
+        print(f"wrote {path}")
+
+
+def check_folder_for(out: Path) -> None:
+    """The output's folder must be a folder (or not exist yet), checked before the work."""
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInput(f"cannot write {out}: {parent} is a file, not a folder")
+            return
+
+
+def refuse_existing(paths: list[Path], force: bool) -> None:
+    if force:
+        return
+    for path in paths:
+        if path.exists():
+            raise AlreadyExists(f"{path} already exists; pass --force to overwrite it")
+
+
+def format_timings(t: Any, steps: int, scheduler: str, seed: int) -> str:
+    n = len(t.steps)
+    rows = [
+        ("text encoder", _ms(t.text_encoder), ""),
+        ("U-Net per step (median)", _ms(t.unet_median), f"x {n} calls"),
+        ("scheduler+host per step (median)", _ms(t.host_median), ""),
+        ("denoising total", _ms(sum(t.steps)), ""),
+        ("VAE decoder", _ms(t.vae_decoder), ""),
+        ("total", _ms(t.total), ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{scheduler}, {steps} steps, seed {seed}"]
+    lines += [f"  {name:<{width}}  {value:>11}  {extra}".rstrip() for name, value, extra in rows]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"

@@ -1,0 +1,30 @@
+"""`sdrt tiny-model`: write a built-in checkpoint. torch is imported when it runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from sdrt.export.tiny import VARIANTS   # the module imports torch only when a model is made
+
+    tiny = sub.add_parser(
+        "tiny-model", help="write a built-in Stable Diffusion checkpoint (no download)",
+        description="Write a built-in checkpoint in the diffusers layout with random weights from a fixed "
+                    "seed and the real CLIP vocabulary. sd15, sd2 and sd15-inpaint are tiny (for tests "
+                    "and demos); sd15-full and sd21-full are the published full-size architectures "
+                    "(several GB).")
+    tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create")
+    tiny.add_argument("--variant", default="sd15", choices=VARIANTS,
+                      help="which model family and size (default: sd15)")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    tiny.add_argument("--force", action="store_true", help="replace an existing checkpoint folder")
+    tiny.set_defaults(handler=run_tiny_model)
+
+
+def run_tiny_model(args: argparse.Namespace) -> int:
+    from sdrt.export.tiny import make_tiny_model
+
+    print(make_tiny_model(args.out_dir, variant=args.variant, seed=args.seed, force=args.force))
+    return 0

@@ -10,6 +10,8 @@ from sdrt.engines.base import Backend
 from sdrt.engines.progress import Progress
 from sdrt.runtime.bench import DEFAULT_PROMPT, BenchConfig, format_table, run_bench
 
+from .errors import writing_into
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -42,6 +44,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     report = run_bench(config, progress=Progress())
     print(format_table(report))
     if config.json_path is not None:
-        atomic_write_json(config.json_path, report)
+        with writing_into(config.json_path):
+            atomic_write_json(config.json_path, report)
         print(f"wrote {config.json_path}")
     return 0

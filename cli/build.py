@@ -8,6 +8,8 @@ from pathlib import Path
 
 from sdrt.engines.specs import Stage
 
+from .errors import writing_into
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     build = sub.add_parser(
@@ -36,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from sdrt.engines.cache import engine_dir
     from sdrt.export.build import BuildConfig, build_engines, parse_stages
 
     config = BuildConfig(
@@ -43,7 +46,8 @@ def run_build(args: argparse.Namespace) -> int:
         timing_cache=args.timing_cache, force=args.force, stages=parse_stages(args.stages),
         verify=args.verify, device=args.device,
     )
-    report = build_engines(config)
+    with writing_into(engine_dir(config.artifact_dir)):
+        report = build_engines(config)
     built = ", ".join(s.value for s in report.built) or "none"
     reused = ", ".join(s.value for s in report.reused) or "none"
     print(f"engines built: {built}; reused: {reused}")

@@ -9,6 +9,7 @@ from pathlib import Path
 from sdrt.engines.errors import AlreadyExists, BackendUnavailable, InvalidInput, SdrtError
 from sdrt.engines.progress import Progress
 
+from .errors import writing_into
 from .generate import add_generation_args, check_request, generate_and_save, generation_request
 
 DEFAULT_DEMO_DIR = "sdrt-demo"
@@ -53,17 +54,18 @@ def run_demo(args: argparse.Namespace) -> int:
     request = generation_request(args)
     check_request(request, batch=1)
     progress = Progress()   # one clock for the whole demo: it reads as one log
-    if not _complete_export(artifact_dir):
-        if not (model_dir / "model_index.json").is_file():
-            progress.say(f"writing the built-in tiny SD 1.5 model to {model_dir}")
-            make_tiny_model(model_dir, variant="sd15", force=model_dir.exists())
-        progress.say(f"exporting it to ONNX in {artifact_dir}")
-        export_artifacts(ExportConfig(model_dir=model_dir, out_dir=artifact_dir, force=artifact_dir.exists()),
-                         progress)
-    else:
-        progress.say(f"reusing the export in {artifact_dir}")
-    generate_and_save(artifact_dir, Backend.ONNXRUNTIME, {}, request, output_paths(image, 1), model=DEMO_MODEL,
-                      command=args.command, progress=progress)
+    with writing_into(out):
+        if not _complete_export(artifact_dir):
+            if not (model_dir / "model_index.json").is_file():
+                progress.say(f"writing the built-in tiny SD 1.5 model to {model_dir}")
+                make_tiny_model(model_dir, variant="sd15", force=model_dir.exists())
+            progress.say(f"exporting it to ONNX in {artifact_dir}")
+            export_artifacts(ExportConfig(model_dir=model_dir, out_dir=artifact_dir, force=artifact_dir.exists()),
+                             progress)
+        else:
+            progress.say(f"reusing the export in {artifact_dir}")
+        generate_and_save(artifact_dir, Backend.ONNXRUNTIME, {}, request, output_paths(image, 1), model=DEMO_MODEL,
+                          command=args.command, progress=progress)
     progress.say("demo done")
     return 0
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from sdrt.engines.specs import Precision
 
+from .errors import writing_into
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
@@ -49,7 +51,8 @@ def run_export(args: argparse.Namespace) -> int:
         vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
         verify=args.verify, force=args.force, allow_pickle=args.allow_pickle,
     )
-    manifest = export_artifacts(config)
+    with writing_into(args.out_dir):
+        manifest = export_artifacts(config)
     if manifest.verification:
         print(table_from_json(manifest.verification))
     print(f"artifacts: {args.out_dir}")

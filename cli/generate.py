@@ -18,6 +18,7 @@ from sdrt.engines.errors import AlreadyExists, InvalidInput
 from sdrt.engines.progress import Progress
 from sdrt.runtime.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig
 
+from .errors import writing_into
 
 DEFAULT_PROMPT = "a watercolor fox"   # `sdrt demo` has no required prompt
 
@@ -140,7 +141,8 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
         c = result.config
         text = parameters_text(c.prompt, c.negative_prompt, c.steps, c.scheduler, c.guidance, result.seed,
                                pipe.width, pipe.height, model)
-        write_pngs(paths, result.images, text, force=True)   # existence was checked up front
+        with writing_into(paths[0].parent):
+            write_pngs(paths, result.images, text, force=True)   # existence was checked up front
     finally:
         pipe.close()
     print(format_timings(result.timings, c.steps, c.scheduler, result.seed))

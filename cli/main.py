@@ -5,19 +5,21 @@ a `register(subparsers)` function; argparse stops in those modules, which turn t
 arguments into the library's configs and calls. Modules that need torch or a backend
 (export, build, generate's pipeline) import it inside their handlers, so `sdrt --help`
 and `sdrt generate` never load torch.
+
+What a user sees when a command does not finish:
+- their mistake or their machine's (cli/errors.py: sdrt's own errors and OS errors,
+  a full disk among them): one line `sdrt CMD: error: ...` on stderr and exit code 2
+  (SDRT_TRACEBACK=1 adds the traceback);
+- a bug in sdrt (any other exception): the traceback and an `internal error` line,
+  exit code 1;
+- Ctrl-C while the command runs: one line `sdrt CMD: interrupted`, exit code 130.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
-from typing import Sequence
-
-from sdrt.engines.errors import SdrtError
-
-from .parser import OneLineParser, one_line
+from collections.abc import Sequence
 
 # Command -> the module that registers it, in the order `sdrt --help` lists them.
 COMMANDS = {
@@ -29,13 +31,16 @@ COMMANDS = {
     "build": "sdrt.cli.build",
     "bench": "sdrt.cli.bench",
 }
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a program Ctrl-C stopped
 
-# Errors that mean "the user asked for something wrong": one line, exit code 2.
-USER_ERRORS = (SdrtError, ValueError, TypeError, FileNotFoundError, FileExistsError,
-               NotADirectoryError, IsADirectoryError, PermissionError)
 
+def build_parser():   # -> argparse.ArgumentParser, imported lazily (see the module docstring)
+    import importlib
 
-def build_parser() -> argparse.ArgumentParser:
+    from .parser import OneLineParser
+
     parser = OneLineParser(
         prog="sdrt",
         description="Stable Diffusion inference runtime: export a diffusers checkpoint to "
@@ -49,24 +54,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command line (default: this process's); return the exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:   # --help, or a usage error already reported in one line
-        return e.code if isinstance(e.code, int) else 2
+        return e.code if isinstance(e.code, int) else EXIT_USER_ERROR
     if not getattr(args, "handler", None):
         parser.print_help()
-        return 2
+        return EXIT_USER_ERROR
+    prog = f"sdrt {args.command}"
     try:
         return int(args.handler(args) or 0)
-    except USER_ERRORS as e:
-        print(one_line(f"sdrt {args.command}: error: {e}"), file=sys.stderr)
-        if os.environ.get("SDRT_TRACEBACK"):
-            raise
-        return 2
     except KeyboardInterrupt:
-        print(f"sdrt {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:   # noqa: BLE001 - sorted into user errors and bugs by _report
+        return _report(prog, e)
+
+
+def _report(prog: str, error: Exception) -> int:
+    """One line for a user error (exit 2); the traceback and an internal-error line for a bug (exit 1)."""
+    import traceback
+
+    from .errors import message, user_error
+    from .parser import one_line
+
+    shown = user_error(error)
+    if shown is not None:
+        if os.environ.get("SDRT_TRACEBACK"):
+            traceback.print_exception(error)
+        print(one_line(f"{prog}: error: {message(shown)}"), file=sys.stderr)
+        return EXIT_USER_ERROR
+    traceback.print_exception(error)
+    print(one_line(f"{prog}: internal error: {type(error).__name__}: {error} (a bug in sdrt, not a problem "
+                   f"with what you asked for; please report it with the traceback above)"), file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .errors import writing_into
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from sdrt.export.tiny import VARIANTS   # the module imports torch only when a model is made
@@ -26,5 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_tiny_model(args: argparse.Namespace) -> int:
     from sdrt.export.tiny import make_tiny_model
 
-    print(make_tiny_model(args.out_dir, variant=args.variant, seed=args.seed, force=args.force))
+    with writing_into(args.out_dir):
+        path = make_tiny_model(args.out_dir, variant=args.variant, seed=args.seed, force=args.force)
+    print(path)
     return 0

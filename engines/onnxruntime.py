@@ -186,8 +186,11 @@ def _open_session(folder: Path, stage: Stage, manifest: Any, providers: list[str
             shutil.rmtree(entry, ignore_errors=True)   # a damaged entry: rebuild it below
     try:
         return _session_saving_optimized(model, entry, stage, threads, providers, spinning), False
-    except OSError:
+    except (OSError, ArtifactError):
         # Read-only or full disk: the cache is an optimization, never a reason to fail.
+        # ONNX Runtime reports a failed write of the optimized graph as a failed load
+        # (ArtifactError from _session); loading without saving either works or raises
+        # the model's real fault.
         return _session(model, session_options(threads, optimize=True, spinning=spinning), providers), False
 
 

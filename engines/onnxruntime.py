@@ -40,7 +40,9 @@ from .specs import Stage, StageSpec, check_io
 
 try:
     import onnxruntime as ort
-except ImportError:  # pragma: no cover - onnxruntime is a runtime dependency
+except ModuleNotFoundError:  # pragma: no cover - onnxruntime is a runtime dependency
+    # Only "not installed": an ImportError from a failed initialization (a broken
+    # install, or Ctrl-C landing in the import) must not read as "not installed".
     ort = None
 
 CACHE_DIR = Path(".sdrt-cache") / "ort"

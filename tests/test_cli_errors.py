@@ -104,3 +104,21 @@ def test_a_rust_writer_reporting_a_full_disk_is_a_user_error(tmp_path, monkeypat
     assert main(["tiny-model", str(tmp_path / "m")]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"sdrt tiny-model: error: {tmp_path / 'm'}: No space left on device; free some space and run the command again"]
+
+
+def test_a_ctrl_c_a_library_turned_into_its_own_error_is_still_an_interrupt(sd15_artifacts, info_raises, capsys):
+    """pybind11 modules raise ImportError("initialization failed") when Ctrl-C lands in
+    their import, and diffusers' lazy modules wrap that in a RuntimeError."""
+    try:
+        try:
+            try:
+                raise KeyboardInterrupt
+            except KeyboardInterrupt as e:
+                raise ImportError("initialization failed") from e
+        except ImportError as e:
+            raise RuntimeError("Failed to import diffusers.pipelines.onnx_utils") from e
+    except RuntimeError as e:
+        wrapped = e
+    info_raises(wrapped)
+    assert main(["info", str(sd15_artifacts)]) == 130
+    assert capsys.readouterr().err.splitlines() == ["sdrt info: interrupted"]

@@ -353,3 +353,79 @@ def test_ctrl_c_during_generate_exits_130_and_writes_no_image(sd15_artifacts, tm
     assert proc.returncode == 130, "".join(lines)
     assert errors == ["sdrt generate: interrupted\n"], "".join(lines)
     assert not list(tmp_path.iterdir())
+
+
+# -- Ctrl-C at any moment, start-up included ---------------------------------------
+# The child says "ready" once sdrt.cli.main is imported (the interpreter's own start,
+# site and .pth files, comes before any sdrt code and is not sdrt's to handle), then
+# runs the command; SIGINT follows after a delay that lands while the parser's
+# modules, onnxruntime or torch are imported, engines are loaded or work is running.
+
+_READY_THEN_MAIN = ("import sys\n"
+                    "import sdrt.cli.main as cli\n"
+                    "print('ready', flush=True)\n"
+                    "sys.exit(cli.main())\n")
+_PROGRESS = re.compile(r"\[\s*[\d.]+ ?s\] ")
+
+
+def _interrupt(argv: list[str], delay_s: float, module: bool = False) -> tuple[int, list[str], str]:
+    """Run `sdrt argv`, send SIGINT `delay_s` after it is ready (or after it started, with
+    `module`: `python -m sdrt.cli.main`); return its exit status, error lines and stderr."""
+    cmd = ([sys.executable, "-m", "sdrt.cli.main", *argv] if module else
+           [sys.executable, "-c", _READY_THEN_MAIN, *argv])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        if not module:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+        time.sleep(delay_s)
+        assert proc.poll() is None, f"the command finished within {delay_s}s: {proc.stderr.read()}"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=CHILD_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, [ln for ln in err.splitlines() if not _PROGRESS.match(ln)], err
+
+
+def _exited_130(code: int) -> bool:
+    # 130 from sdrt itself; or killed by SIGINT, which a shell also reports as 130:
+    # CPython ends a process that way after the command has printed its line and
+    # returned when the interrupt passed through a PyRun_* call inside a library
+    # (torch's and pybind11's import-time code).
+    return code in (130, -signal.SIGINT)
+
+
+@pytest.mark.parametrize("delay_s", [0.02, 0.1, 0.2, 0.35, 0.6, 1.0])
+def test_ctrl_c_while_generate_starts_is_one_line_and_writes_nothing(sd15_artifacts, tmp_path, delay_s):
+    from sdrt.engines.onnxruntime import CACHE_DIR, CACHE_TEMP_PREFIX
+    from sdrt.runtime.pipeline import Pipeline
+
+    folder = tmp_path / "artifacts"
+    shutil.copytree(sd15_artifacts, folder, ignore=shutil.ignore_patterns(".sdrt-cache"))   # load writes the cache
+    out = tmp_path / "out"
+    code, lines, err = _interrupt(["generate", str(folder), "--prompt", "a fox", "--steps", "1000",
+                                   "--out", str(out / "fox.png")], delay_s)
+    assert _exited_130(code) and lines == ["sdrt generate: interrupted"], err
+    assert not out.exists()
+    assert not list(folder.rglob(CACHE_TEMP_PREFIX + "*")) and not list(folder.rglob(TEMP_PREFIX + "*"))
+    if (folder / CACHE_DIR).is_dir():   # the next load uses or repairs what the interrupted one cached
+        with Pipeline.load(folder) as pipe:
+            pipe("a fox", steps=1, seed=1)
+
+
+@pytest.mark.parametrize("delay_s", [0.02, 0.15, 0.4, 0.8, 1.5, 2.5])
+def test_ctrl_c_while_export_starts_is_one_line_and_leaves_no_valid_folder(tiny_sd15, tmp_path, delay_s):
+    out = tmp_path / "artifacts"
+    code, lines, err = _interrupt(["export", str(tiny_sd15), "--out", str(out)], delay_s)
+    assert _exited_130(code) and lines == ["sdrt export: interrupted"], err
+    assert not (out / MANIFEST_NAME).exists()
+    assert not list(tmp_path.rglob(TEMP_PREFIX + "*"))
+
+
+def test_ctrl_c_as_the_installed_command_starts(tmp_path):
+    """`python -m sdrt.cli.main`, as the console script runs main, interrupted while
+    torch is being imported for `sdrt tiny-model`."""
+    code, lines, err = _interrupt(["tiny-model", str(tmp_path / "m")], 0.3, module=True)
+    assert _exited_130(code) and lines == ["sdrt tiny-model: interrupted"], err
+    assert list(tmp_path.iterdir()) == []

@@ -43,7 +43,7 @@ EXIT_INTERRUPTED = 130   # 128 + SIGINT, what a shell reports for a program Ctrl
 def build_parser():   # -> argparse.ArgumentParser, imported lazily (see the module docstring)
     import importlib
 
-    from .parser import OneLineParser
+    from .parser import CommandParser, OneLineParser
 
     parser = OneLineParser(
         prog="sdrt",
@@ -51,7 +51,7 @@ def build_parser():   # -> argparse.ArgumentParser, imported lazily (see the mod
                     "static-shape ONNX, build TensorRT engines, and generate images with a "
                     "lean NumPy runtime (no torch at run time).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     for module in COMMANDS.values():
         importlib.import_module(module).register(sub)
     return parser

@@ -2,7 +2,8 @@
 
 The user's mistakes and their machine's (sdrt's own errors, OS errors) are one line
 and exit code 2; a bug in sdrt (any other exception) is its traceback, an `internal
-error` line and exit code 1, never a message that blames the user's input.
+error` line and exit code 1, never a message that blames the user's input. Unknown
+options are reported by the command they were given to.
 """
 
 from __future__ import annotations
@@ -122,3 +123,28 @@ def test_a_ctrl_c_a_library_turned_into_its_own_error_is_still_an_interrupt(sd15
     info_raises(wrapped)
     assert main(["info", str(sd15_artifacts)]) == 130
     assert capsys.readouterr().err.splitlines() == ["sdrt info: interrupted"]
+
+
+# -- unknown options name the command ------------------------------------------------
+
+@pytest.mark.parametrize("argv,unknown", [
+    (["generate", "{art}", "--prompt", "x", "--bogus"], "--bogus"),
+    (["generate", "{art}", "--bogus", "1", "--prompt", "x"], "--bogus 1"),
+    (["info", "{art}", "--bogus"], "--bogus"),
+    (["demo", "--bogus"], "--bogus"),
+    (["tiny-model", "{new}", "--bogus"], "--bogus"),
+    (["export", "{new}", "--out", "{new}", "--bogus"], "--bogus"),
+    (["build", "{art}", "--bogus"], "--bogus"),
+    (["bench", "{art}", "--bogus"], "--bogus"),
+], ids=["generate", "generate-with-value", "info", "demo", "tiny-model", "export", "build", "bench"])
+def test_an_unknown_option_is_reported_by_its_command(sd15_artifacts, tmp_path, capsys, argv, unknown):
+    assert main([w.format(art=sd15_artifacts, new=tmp_path / "new") for w in argv]) == 2
+    command = argv[0]
+    assert capsys.readouterr().err.splitlines() == [
+        f"sdrt {command}: error: unrecognized arguments: {unknown} (see sdrt {command} --help)"]
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_unknown_option_before_any_command_is_the_top_level_parsers(capsys):
+    assert main(["--bogus"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["sdrt: error: unrecognized arguments: --bogus (see sdrt --help)"]

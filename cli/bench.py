@@ -11,6 +11,7 @@ from sdrt.engines.progress import Progress
 from sdrt.runtime.bench import DEFAULT_PROMPT, BenchConfig, format_table, run_bench
 
 from .errors import writing_into
+from .folders import artifact_folder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +42,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, prompt=args.prompt,
         json_path=args.json_path, force=args.force,
     ).validate()
+    artifact_folder(config.artifact_dir)
     report = run_bench(config, progress=Progress())
     print(format_table(report))
     if config.json_path is not None:

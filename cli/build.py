@@ -9,6 +9,7 @@ from pathlib import Path
 from sdrt.engines.specs import Stage
 
 from .errors import writing_into
+from .folders import artifact_folder
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,7 +43,7 @@ def run_build(args: argparse.Namespace) -> int:
     from sdrt.export.build import BuildConfig, build_engines, parse_stages
 
     config = BuildConfig(
-        artifact_dir=args.artifact_dir, workspace_gb=args.workspace_gb, opt_level=args.opt_level,
+        artifact_dir=artifact_folder(args.artifact_dir), workspace_gb=args.workspace_gb, opt_level=args.opt_level,
         timing_cache=args.timing_cache, force=args.force, stages=parse_stages(args.stages),
         verify=args.verify, device=args.device,
     )

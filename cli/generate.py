@@ -19,6 +19,7 @@ from sdrt.engines.progress import Progress
 from sdrt.runtime.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig
 
 from .errors import writing_into
+from .folders import artifact_folder
 
 DEFAULT_PROMPT = "a watercolor fox"   # `sdrt demo` has no required prompt
 
@@ -72,7 +73,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     backend = Backend.parse(args.backend)
     options = backend_options(args, backend)
-    folder: Path = args.artifact_dir
+    folder = artifact_folder(args.artifact_dir)
     manifest = read_manifest(folder)   # fail fast on a missing or incomplete folder
     request = generation_request(args)
     check_request(request, manifest.shape.batch)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Mapping
 
+from .folders import artifact_folder
 from .parser import one_line
 
 
@@ -21,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_info(args: argparse.Namespace) -> int:
     from sdrt.engines.manifest import load_manifest, read_manifest
 
-    folder: Path = args.artifact_dir
+    folder = artifact_folder(args.artifact_dir)
     m = load_manifest(folder) if args.check else read_manifest(folder)
     # Names and strings come from the manifest: escape control characters, so a hostile
     # file name cannot rewrite the terminal (ANSI escapes) or fake extra lines.

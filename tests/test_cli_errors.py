@@ -3,12 +3,14 @@
 The user's mistakes and their machine's (sdrt's own errors, OS errors) are one line
 and exit code 2; a bug in sdrt (any other exception) is its traceback, an `internal
 error` line and exit code 1, never a message that blames the user's input. Unknown
-options are reported by the command they were given to.
+options are reported by the command they were given to; a diffusers checkpoint
+given where an artifact folder belongs says how to export it.
 """
 
 from __future__ import annotations
 
 import errno
+import shutil
 import subprocess
 import sys
 
@@ -148,3 +150,27 @@ def test_an_unknown_option_is_reported_by_its_command(sd15_artifacts, tmp_path, 
 def test_an_unknown_option_before_any_command_is_the_top_level_parsers(capsys):
     assert main(["--bogus"]) == 2
     assert capsys.readouterr().err.splitlines() == ["sdrt: error: unrecognized arguments: --bogus (see sdrt --help)"]
+
+
+# -- a diffusers checkpoint where an artifact folder belongs -------------------------
+
+@pytest.mark.parametrize("command", ["generate", "info", "build", "bench"])
+def test_a_diffusers_checkpoint_given_for_artifacts_says_export_it_first(tiny_sd15, tmp_path, capsys, command,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = tmp_path / "my model"   # a space: the suggested command must still work when pasted
+    shutil.copytree(tiny_sd15, model)
+    extra = ["--prompt", "x"] if command == "generate" else []
+    assert main([command, str(model), *extra]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"sdrt {command}: error: {model} is a diffusers checkpoint, not an sdrt artifact folder: export it first "
+        f"with `sdrt export '{model}' --out DIR`"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my model"]
+
+
+def test_an_artifact_folder_that_also_holds_a_model_index_is_used(sd15_artifacts, tmp_path, capsys):
+    """The check is for checkpoints only: a manifest makes the folder an artifact folder."""
+    folder = tmp_path / "art"
+    shutil.copytree(sd15_artifacts, folder, ignore=shutil.ignore_patterns(".sdrt-cache"))
+    (folder / "model_index.json").write_text("{}")
+    assert main(["info", str(folder)]) == 0

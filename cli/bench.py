@@ -11,7 +11,7 @@ from sdrt.engines.progress import Progress
 from sdrt.runtime.bench import DEFAULT_PROMPT, BenchConfig, format_table, run_bench
 
 from .errors import writing_into
-from .folders import artifact_folder
+from .folders import artifact_folder, check_folder_for
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +43,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         json_path=args.json_path, force=args.force,
     ).validate()
     artifact_folder(config.artifact_dir)
+    if config.json_path is not None:
+        check_folder_for(config.json_path)   # before the runs, not after
     report = run_bench(config, progress=Progress())
     print(format_table(report))
     if config.json_path is not None:

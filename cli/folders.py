@@ -1,5 +1,6 @@
-"""The folder a command was given, checked for the mistake the library cannot name:
-a diffusers checkpoint where an artifact folder belongs."""
+"""The folders a command is given, checked before any work: a diffusers checkpoint
+where an artifact folder belongs (a mistake the library cannot name), and an output
+whose folder is a file."""
 
 from __future__ import annotations
 
@@ -20,3 +21,12 @@ def artifact_folder(folder: Path) -> Path:
         raise InvalidInput(f"{folder} is a diffusers checkpoint, not an sdrt artifact folder: export it first "
                            f"with `sdrt export {shlex.quote(str(folder))} --out DIR`")
     return folder
+
+
+def check_folder_for(out: Path) -> None:
+    """The output's folder must be a folder (or not exist yet), checked before the work."""
+    for parent in (out.parent, *out.parent.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInput(f"cannot write {out}: {parent} is a file, not a folder")
+            return

@@ -19,7 +19,7 @@ from sdrt.engines.progress import Progress
 from sdrt.runtime.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig
 
 from .errors import writing_into
-from .folders import artifact_folder
+from .folders import artifact_folder, check_folder_for
 
 DEFAULT_PROMPT = "a watercolor fox"   # `sdrt demo` has no required prompt
 
@@ -149,15 +149,6 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
     print(format_timings(result.timings, c.steps, c.scheduler, result.seed))
     for path in paths:
         print(f"wrote {path}")
-
-
-def check_folder_for(out: Path) -> None:
-    """The output's folder must be a folder (or not exist yet), checked before the work."""
-    for parent in (out.parent, *out.parent.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise InvalidInput(f"cannot write {out}: {parent} is a file, not a folder")
-            return
 
 
 def refuse_existing(paths: list[Path], force: bool) -> None:

@@ -48,6 +48,9 @@ except ModuleNotFoundError:  # pragma: no cover - onnxruntime is a runtime depen
 CACHE_DIR = Path(".sdrt-cache") / "ort"
 CACHE_TEMP_PREFIX = ".tmp-"
 ENTRY_RECORDS = "files.json"
+# Each intra-op thread is an OS thread, made when the session is: 100,000 of them
+# exhaust the machine, and past int32 ORT raises a bare TypeError.
+MAX_THREADS = 1024
 
 # Short provider names accepted from the CLI and the API.
 PROVIDER_ALIASES = {
@@ -162,6 +165,9 @@ def open_engines(folder: str | os.PathLike[str], manifest: Any, providers: Seque
     folder = Path(folder)
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidInput(f"threads must be a positive integer or None, got {threads!r}")
+    if threads is not None and threads > MAX_THREADS:
+        raise InvalidInput(f"threads {threads} is more than {MAX_THREADS}: use 1 to {MAX_THREADS}, "
+                           f"or None for one per physical core")
     names = resolve_providers(providers)
     specs = manifest.specs
     engines: dict[Stage, Engine] = {}

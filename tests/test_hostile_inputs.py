@@ -86,6 +86,7 @@ CLI_CASES = [
     ("generate {art} --prompt x --threads 0 --out {new}.png", "threads must be a positive integer or None, got 0"),
     ("generate {art} --prompt x --threads=-4 --out {new}.png", "got -4"),
     ("generate {art} --prompt x --threads abc --out {new}.png", "--threads: invalid int value: 'abc'"),
+    ("generate {art} --prompt x --threads 99999999999 --out {new}.png", "threads 99999999999 is more than 1024"),
     ("generate {art} --prompt x --height 64 --out {new}.png", "unrecognized arguments: --height 64"),
     # info
     ("info {new}", "does not exist"),
@@ -139,6 +140,7 @@ CLI_CASES = [
     ("bench {file}", "is not a folder"),
     ("bench {empty}", "has no manifest.json"),
     ("bench {art} --json {png}", "exists: pass --force"),
+    ("bench {art} --json {file}/x.json", "is a file, not a folder"),
     ("bench {art} --prompt LONG --runs 1 --warmup 0 --steps 1", "prompt is 100001 characters long"),
     ("bench {art} --scheduler foo --runs 1 --warmup 0 --steps 1", "unknown scheduler 'foo'"),
     # build (TensorRT engines): only where the command is in this build

@@ -15,9 +15,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export", help="export a diffusers checkpoint to verified static-shape ONNX artifacts",
         description="Export a Stable Diffusion 1.x/2.x checkpoint folder (diffusers layout, safetensors "
-                    "weights) to text_encoder.onnx, unet.onnx (+ unet.onnx.data) and vae_decoder.onnx with "
-                    "static shapes, copy the tokenizer and scheduler config, check every graph in ONNX "
-                    "Runtime against torch, and write manifest.json last.")
+                    "weights) to text_encoder.onnx, unet.onnx (+ unet.onnx.data), vae_decoder.onnx and "
+                    "vae_encoder.onnx with static shapes, copy the tokenizer and scheduler config, check "
+                    "every graph in ONNX Runtime against torch, and write manifest.json last.")
     export.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="diffusers checkpoint folder")
     export.add_argument("--out", dest="out_dir", type=Path, required=True, metavar="DIR",
                         help="artifact folder to write")
@@ -30,7 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--precision", default="fp32", choices=[p.value for p in Precision],
                         help="precision of the graphs (default: fp32); inputs and outputs stay float32")
     export.add_argument("--vae-precision", choices=[p.value for p in Precision],
-                        help="precision of the VAE decoder (default: same as --precision)")
+                        help="precision of the VAE decoder and encoder (default: same as --precision)")
+    export.add_argument("--no-vae-encoder", dest="vae_encoder", action="store_false",
+                        help="leave out the VAE encoder (text-to-image only: no input images); not for "
+                             "inpainting checkpoints")
     export.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the ONNX Runtime vs torch check")
     export.add_argument("--force", action="store_true", help="replace artifacts already in --out")
@@ -49,7 +52,7 @@ def run_export(args: argparse.Namespace) -> int:
         model_dir=args.model_dir, out_dir=args.out_dir, height=args.height, width=args.width,
         batch=args.batch, cfg=args.cfg, precision=Precision(args.precision),
         vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
-        verify=args.verify, force=args.force, allow_pickle=args.allow_pickle,
+        vae_encoder=args.vae_encoder, verify=args.verify, force=args.force, allow_pickle=args.allow_pickle,
     )
     with writing_into(args.out_dir):
         manifest = export_artifacts(config)

@@ -13,10 +13,12 @@ import errno
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from sdrt.cli.main import main
+from sdrt.cli import main as cli_main
+from sdrt.cli.main import COMMANDS, main
 from sdrt.engines.errors import ArtifactError, InvalidInput, InvalidType, MissingFile
 
 
@@ -174,3 +176,12 @@ def test_an_artifact_folder_that_also_holds_a_model_index_is_used(sd15_artifacts
     shutil.copytree(sd15_artifacts, folder, ignore=shutil.ignore_patterns(".sdrt-cache"))
     (folder / "model_index.json").write_text("{}")
     assert main(["info", str(folder)]) == 0
+
+
+def test_every_command_module_is_registered():
+    from sdrt.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert list(sub.choices) == list(COMMANDS)
+    for name, module in COMMANDS.items():
+        assert Path(sys.modules[module].__file__).parent == Path(cli_main.__file__).parent, name

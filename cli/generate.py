@@ -57,13 +57,25 @@ def add_generation_args(p: argparse.ArgumentParser, prompt_required: bool) -> No
                    help=f"classifier-free guidance scale; <= 1 disables it (default {DEFAULT_GUIDANCE})")
     p.add_argument("--scheduler", default=None,
                    help=f"one of {', '.join(SCHEDULERS)} (default: the checkpoint's own)")
-    p.add_argument("--seed", type=int, default=None, help="0..2**64-1 (default: random, printed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="0..2**64-1 (default: random, printed); gives diffusers' image for "
+                        "torch.Generator('cpu').manual_seed(SEED)")
+    p.add_argument("--generator", default="torch", choices=("torch", "numpy"),
+                   help="random numbers: torch (default; torch-compatible seeds) or numpy (sdrt 0.1's)")
+    p.add_argument("--image", type=Path, default=None,
+                   help="input image (PNG, JPEG, WebP): image-to-image, or with --mask / --outpaint")
+    p.add_argument("--mask", type=Path, default=None, help="inpainting mask for --image (white = repaint)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="how much of the schedule runs on --image, in (0, 1] (default 0.8; 1.0 with --mask)")
+    p.add_argument("--outpaint", default=None, metavar="L,T,R,B",
+                   help="extend --image by these pixel margins (N, X,Y or L,T,R,B) and paint the new area")
 
 
 def generation_request(args: argparse.Namespace) -> dict[str, Any]:
     """The command line as the keyword arguments of one `Pipeline.__call__`."""
     return dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                guidance=args.guidance, scheduler=args.scheduler, seed=args.seed)
+                guidance=args.guidance, scheduler=args.scheduler, seed=args.seed, generator=args.generator,
+                image=args.image, mask_image=args.mask, strength=args.strength, outpaint=args.outpaint)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -110,18 +122,22 @@ def check_request(request: Mapping[str, Any], batch: int) -> None:
     r = request
     GenerationConfig.create(r["prompt"], r["negative_prompt"], r["steps"], r["guidance"],
                             known[0] if r["scheduler"] is None else r["scheduler"], r["seed"],
-                            batch=batch, schedulers=known)
+                            batch=batch, schedulers=known, generator=r["generator"])
 
 
 def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], request: Mapping[str, Any],
                       paths: list[Path], model: str, command: str, progress: Progress | None = None) -> None:
     """Load the pipeline, generate, write the PNGs (atomically) and print the timings."""
+    from sdrt.runtime.artifact import Artifact
     from sdrt.runtime.images import parameters_text, write_pngs
     from sdrt.runtime.pipeline import Pipeline
 
     progress = progress or Progress()
+    artifact = Artifact.open(folder)
+    # Every setting, the sampler and the input images are checked here, before engines load.
+    prepared = artifact.request(**request)
     progress.say(f"loading {folder}")
-    pipe = Pipeline.load(folder, backend=backend, **options)
+    pipe = Pipeline.load(artifact, backend=backend, **options)
     try:
         cached = [getattr(e, "cached", None) for e in pipe.engines.values()]
         how = ("optimized graphs from the cache" if all(cached) else
@@ -136,12 +152,13 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = pipe(**request, on_step=on_step)
+            result = pipe.run(prepared, on_step=on_step)
         for w in caught:   # e.g. a truncated prompt: one line for a user, not a source listing
             print(f"sdrt {command}: warning: {w.message}", file=sys.stderr)
         c = result.config
         text = parameters_text(c.prompt, c.negative_prompt, c.steps, c.scheduler, c.guidance, result.seed,
-                               pipe.width, pipe.height, model)
+                               pipe.width, pipe.height, model, generator=c.generator.value, task=c.task.value,
+                               strength=c.strength)
         with writing_into(paths[0].parent):
             write_pngs(paths, result.images, text, force=True)   # existence was checked up front
     finally:

@@ -153,3 +153,37 @@ def test_demo_makes_exports_and_generates_then_reuses_its_folder(tmp_path, capsy
     assert read_parameters(out / "demo.png").startswith("a watercolor fox\nSteps: 3")
     assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
     assert "reusing the export" in capsys.readouterr().err
+
+
+def test_generate_image_to_image_and_inpainting_from_the_cli_equal_the_api(sd15_artifacts, tmp_path):
+    from PIL import Image as PILImage
+    from sdrt.runtime.images import read_parameters
+    rng = np.random.default_rng(0)
+    PILImage.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = np.zeros((90, 70), np.uint8)
+    mask[20:60, 10:50] = 255
+    PILImage.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert main(["generate", str(sd15_artifacts), "--prompt", "a fox", "--image", str(tmp_path / "in.png"),
+                 "--mask", str(tmp_path / "mask.png"), "--strength", "0.6", "--steps", "4", "--seed", "3",
+                 "--out", str(out)]) == 0
+    assert "Denoising strength: 0.6, Task: inpaint, RNG: CPU" in read_parameters(out)
+    api = Pipeline.load(sd15_artifacts)("a fox", image=tmp_path / "in.png", mask_image=tmp_path / "mask.png",
+                                        strength=0.6, steps=4, seed=3)
+    assert np.array_equal(np.asarray(PILImage.open(out)), np.asarray(api.images[0]))
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--image", "{tmp}/nope.png"], "does not exist"),
+    (["--image", "{tmp}/text.png"], "image"),
+    (["--strength", "0.5"], "strength applies to image-to-image"),
+    (["--scheduler", "lcm", "--steps", "60"], "at most original_inference_steps=50"),
+])
+def test_generate_bad_image_settings_are_one_line_exit_2_before_loading(sd15_artifacts, tmp_path, capsys, extra,
+                                                                         words):
+    (tmp_path / "text.png").write_text("not an image")
+    args = [a.format(tmp=tmp_path) for a in extra]
+    assert main(["generate", str(sd15_artifacts), "--prompt", "x", "--out", str(tmp_path / "o.png"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0] and "loading" not in err[0]
+    assert not (tmp_path / "o.png").exists()

@@ -40,10 +40,10 @@ def t_start_of(steps: int, strength: float) -> int:
     return max(steps - init_timestep, 0)
 
 
-def run_diffusers(name, config, steps, strength, image, x_noise, noise, monkeypatch):
-    """The img2img loop of diffusers' pipelines, with the inpainting pipeline's
-    add_noise after each step recorded (4-channel U-Net: the known region is re-noised
-    to the next timestep's level)."""
+def sliced_oracle(name, config, steps, strength, noise, monkeypatch):
+    """diffusers' scheduler set up as get_timesteps + set_begin_index leave it, with its
+    per-step noise taken from `noise`, numbered from the first step run (the sdrt loop's i).
+    Returns the scheduler, the timesteps run and t_start."""
     sched = oracle(name, config)
     sched.set_timesteps(steps)
     t_start = t_start_of(steps, strength)
@@ -52,9 +52,16 @@ def run_diffusers(name, config, steps, strength, image, x_noise, noise, monkeypa
         sched.set_begin_index(t_start * sched.order)
     if name in STOCHASTIC:
         module = __import__(type(sched).__module__, fromlist=["randn_tensor"])
-        # Per-step noise, numbered from the first step run (the sdrt loop's i).
         monkeypatch.setattr(module, "randn_tensor",
                             lambda *a, **k: torch.from_numpy(noise[sched.step_index - t_start]))
+    return sched, timesteps, t_start
+
+
+def run_diffusers(name, config, steps, strength, image, x_noise, noise, monkeypatch):
+    """The img2img loop of diffusers' pipelines, with the inpainting pipeline's
+    add_noise after each step recorded (4-channel U-Net: the known region is re-noised
+    to the next timestep's level)."""
+    sched, timesteps, t_start = sliced_oracle(name, config, steps, strength, noise, monkeypatch)
     img, eps = torch.from_numpy(image), torch.from_numpy(x_noise)
     latent_timestep = timesteps[:1].repeat(SHAPE[0])
     xt = sched.add_noise(img, eps, latent_timestep)
@@ -146,16 +153,7 @@ def test_inpainting_blend_matches_diffusers(name, monkeypatch):
     mask = np.zeros(SHAPE, np.float32)
     mask[..., :, SHAPE[-1] // 2:] = 1          # 1 = repaint, as diffusers' mask
 
-    sched = oracle(name, SD15)
-    sched.set_timesteps(steps)
-    t_start = t_start_of(steps, strength)
-    timesteps = sched.timesteps[t_start * sched.order:]
-    if hasattr(sched, "set_begin_index"):
-        sched.set_begin_index(t_start * sched.order)
-    if name in STOCHASTIC:
-        module = __import__(type(sched).__module__, fromlist=["randn_tensor"])
-        monkeypatch.setattr(module, "randn_tensor",
-                            lambda *a, **k: torch.from_numpy(noise[sched.step_index - t_start]))
+    sched, timesteps, t_start = sliced_oracle(name, SD15, steps, strength, noise, monkeypatch)
     img, eps, m = torch.from_numpy(image), torch.from_numpy(x_noise), torch.from_numpy(mask)
     ref = sched.add_noise(img, eps, timesteps[:1].repeat(SHAPE[0]))
     for i, t in enumerate(timesteps):

@@ -285,7 +285,7 @@ class Pipeline:
             if cfg_graph:
                 uncond, cond = raw[:b], raw[b:]
                 out = uncond + guidance * (cond - uncond) if use_cfg else cond
-            noise = rng.standard_normal(x.shape, dtype=np.float32) if sampler.stochastic else None
+            noise = rng.standard_normal(x.shape, dtype=np.float32) if sampler.draws_noise(i) else None
             x, state = sampler.step(state, i, x, out, noise)
             x = _f32(x)
             if latents.original is not None:

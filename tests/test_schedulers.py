@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sdrt.engines.errors import InvalidInput, InvalidType  # noqa: E402
-from sdrt.runtime.schedulers import SCHEDULERS, diffusers_scheduler, make_sampler  # noqa: E402
+from sdrt.runtime.schedulers import SAMPLERS, SCHEDULERS, diffusers_scheduler, make_sampler, names  # noqa: E402
 
 # The scheduler configs shipped with the two checkpoint families sdrt targets.
 SD15 = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
@@ -29,7 +29,6 @@ SD21 = {  # stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json
 }
 CONFIGS = {"sd15_epsilon": SD15, "sd21_v": SD21}
 
-STOCHASTIC = {"euler_a", "lcm"}
 SPACINGS = (None, "leading", "linspace", "trailing")   # None: whatever the config / class says
 STEPS = (1, 2, 7, 25, 50)
 SHAPE = (2, 4, 8, 8)
@@ -45,38 +44,45 @@ def model(x: np.ndarray, t: float) -> np.ndarray:
 def draws(steps: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal(SHAPE, dtype=np.float32)
-    return x, [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(steps + 2)]
+    return x, [rng.standard_normal(SHAPE, dtype=np.float32) for _ in range(2 * steps + 2)]
 
 
-def oracle(name: str, config: dict):
+def oracle(name: str, config: dict, options: dict | None = None):
     """The diffusers scheduler sampler `name` follows, built as sdrt says to build it."""
-    cls_name, overrides = diffusers_scheduler(name, config)
+    cls_name, overrides = diffusers_scheduler(name, config, options)
     return getattr(diffusers, cls_name).from_config(config, **overrides)
 
 
-def run_diffusers(name, config, steps, x, noise, monkeypatch):
-    sched = oracle(name, config)
+def run_diffusers(name, config, steps, x, noise, monkeypatch, options=None):
+    """diffusers' scheduler on the model above; each `randn_tensor` the scheduler module
+    draws is the next of `noise`, in draw order (returns how many it took)."""
+    sched = oracle(name, config, options)
     sched.set_timesteps(steps)
-    if name in STOCHASTIC:
-        module = __import__(type(sched).__module__, fromlist=["randn_tensor"])
-        # The scheduler draws its per-step noise here; hand it the step's pre-drawn noise.
+    module = __import__(type(sched).__module__, fromlist=["randn_tensor"])
+    taken = iter(noise)
+    used = []
+    if hasattr(module, "randn_tensor"):
         monkeypatch.setattr(module, "randn_tensor",
-                            lambda *a, **k: torch.from_numpy(noise[sched.step_index]))
+                            lambda *a, **k: used.append(1) or torch.from_numpy(next(taken)))
     xt = torch.from_numpy(x) * sched.init_noise_sigma
     for t in sched.timesteps:
         out = model(sched.scale_model_input(xt, t).numpy(), float(t))
         xt = sched.step(torch.from_numpy(out), t, xt).prev_sample
-    return sched.timesteps.numpy().astype(np.float32), float(sched.init_noise_sigma), xt.numpy()
+    return sched.timesteps.numpy().astype(np.float32), float(sched.init_noise_sigma), xt.numpy(), len(used)
 
 
-def run_sdrt(name, config, steps, x, noise):
-    s = make_sampler(name, config, steps)
+def run_sdrt(name, config, steps, x, noise, options=None):
+    s = make_sampler(name, config, steps, options=options)
     xt = x * s.init_noise_sigma
     state = s.init_state()
+    taken = iter(noise)
+    used = 0
     for i, t in enumerate(s.timesteps):
         out = model(s.scale_model_input(xt, i), float(t))
-        xt, state = s.step(state, i, xt, out, noise[i] if s.stochastic else None)
-    return s.timesteps, s.init_noise_sigma, xt
+        draw = s.draws_noise(i)
+        used += draw
+        xt, state = s.step(state, i, xt, out, next(taken) if draw else None)
+    return s.timesteps, s.init_noise_sigma, xt, used
 
 
 def _config(base: dict, spacing: str | None) -> dict:
@@ -85,23 +91,29 @@ def _config(base: dict, spacing: str | None) -> dict:
 
 CASES = [
     pytest.param(n, c, sp, k, id=f"{n}-{c}-{sp or 'default'}-{k}")
-    for n, c, sp, k in itertools.product(SCHEDULERS, CONFIGS, SPACINGS, STEPS)
-    # LCM picks its own timesteps (spacing is ignored), so one spacing covers it.
-    if not (n == "lcm" and sp is not None)
+    for n, c, sp, k in itertools.product(SAMPLERS, CONFIGS, SPACINGS, STEPS)
+    # LCM and TCD pick their own timesteps (spacing is ignored), so one spacing covers them.
+    if not (n in ("lcm", "tcd") and sp is not None)
+]
+# Every sigma ramp on every sampler that takes one ("dpmpp_2m_karras", "heun_beta", ...).
+RAMP_CASES = [
+    pytest.param(n, c, k, id=f"{n}-{c}-{k}")
+    for n, c, k in itertools.product([n for n in SCHEDULERS if names.split(n)[1]], CONFIGS, (1, 4, 25))
 ]
 
 
-def assert_matches_diffusers(name, config, steps, monkeypatch):
+def assert_matches_diffusers(name, config, steps, monkeypatch, options=None, rtol=RTOL):
     x, noise = draws(steps)
-    ref_t, ref_sigma, ref_x = run_diffusers(name, config, steps, x, noise, monkeypatch)
-    t, sigma, out = run_sdrt(name, config, steps, x, noise)
+    ref_t, ref_sigma, ref_x, ref_draws = run_diffusers(name, config, steps, x, noise, monkeypatch, options)
+    t, sigma, out, n_draws = run_sdrt(name, config, steps, x, noise, options)
     assert np.isfinite(ref_x).all(), "the oracle itself diverged: not a useful case"
+    assert n_draws == ref_draws, "the sampler draws noise on other calls than diffusers"
     # Timesteps are integers for most schedulers (then exactly equal); Karras ones are
     # interpolated from sigmas, where torch's float32 sqrt differs from numpy's by 1 ulp.
     np.testing.assert_allclose(t, ref_t, rtol=1e-6, atol=0)
     assert sigma == pytest.approx(ref_sigma, rel=1e-6)
     err = np.abs(out - ref_x).max() / np.abs(ref_x).max()
-    assert err <= RTOL, f"max relative error {err:.2e} after {len(t)} calls"
+    assert err <= rtol, f"max relative error {err:.2e} after {len(t)} calls"
 
 
 @pytest.mark.parametrize("name, config_name, spacing, steps", CASES)
@@ -109,8 +121,13 @@ def test_trajectory_matches_diffusers(name, config_name, spacing, steps, monkeyp
     assert_matches_diffusers(name, _config(CONFIGS[config_name], spacing), steps, monkeypatch)
 
 
+@pytest.mark.parametrize("name, config_name, steps", RAMP_CASES)
+def test_sigma_ramp_trajectory_matches_diffusers(name, config_name, steps, monkeypatch):
+    assert_matches_diffusers(name, CONFIGS[config_name], steps, monkeypatch)
+
+
 @pytest.mark.parametrize("strength", [None, 0.6])
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_step_does_not_change_sampler_or_state(name, strength):
     """Two interleaved generations with one sampler give the results of two separate runs:
     no hidden state in the sampler, the state object is never mutated."""
@@ -119,7 +136,7 @@ def test_step_does_not_change_sampler_or_state(name, strength):
     a = b = x * s.init_noise_sigma
     sa, sb = s.init_state(), s.init_state()
     for i, t in enumerate(s.timesteps):
-        na = noise[i] if s.stochastic else None
+        na = noise[i] if s.draws_noise(i) else None
         a, sa = s.step(sa, i, a, model(s.scale_model_input(a, i), float(t)), na)
         b2, sb2 = s.step(sb, i, b, model(s.scale_model_input(b, i), float(t)), na)
         b3, _ = s.step(sb, i, b, model(s.scale_model_input(b, i), float(t)), na)  # same state again

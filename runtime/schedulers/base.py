@@ -28,7 +28,7 @@ class Sampler(Protocol):
     name: str
     timesteps: np.ndarray        # float32 (n_calls,): the U-Net's `timestep` input at call i
     init_noise_sigma: float      # pure-noise latents = standard normal * init_noise_sigma
-    stochastic: bool             # step() needs fresh standard-normal noise
+    stochastic: bool             # some step() calls need fresh standard-normal noise (see draws_noise)
     order: int                   # diffusers' scheduler.order: a part-way start skips t_start * order calls
     begin_index: int             # where timesteps[0] sits in the full schedule (diffusers' set_begin_index)
 
@@ -41,6 +41,10 @@ class Sampler(Protocol):
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray: ...
 
+    def draws_noise(self, i: int) -> bool: ...
+
+    def schedule_problem(self) -> str | None: ...
+
 
 @dataclass(frozen=True, eq=False)
 class SamplerRecord:
@@ -51,8 +55,9 @@ class SamplerRecord:
     init_noise_sigma: float
     stochastic: bool
     begin_index: int
-    # All seven schedulers followed here are one U-Net call per step in diffusers
-    # (PNDM's extra call is in its timesteps list, not in its order).
+    # U-Net calls per step as diffusers counts them (`scheduler.order`): 2 for the
+    # second-order samplers that evaluate the U-Net twice per step (Heun, KDPM2); PNDM's
+    # extra call is in its timesteps list, not in its order.
     order: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
@@ -60,6 +65,42 @@ class SamplerRecord:
             value = getattr(self, f.name)
             if isinstance(value, np.ndarray):
                 value.flags.writeable = False
+
+    def draws_noise(self, i: int) -> bool:
+        """Whether call i's step() takes fresh noise: where diffusers' step draws one
+        `randn_tensor`, so a shared generator stays in step with diffusers' draws."""
+        return self.stochastic
+
+    def schedule_problem(self) -> str | None:
+        """Why this schedule cannot run as diffusers would run it (a repeated noise level
+        divides by zero, a timestep past the training range indexes out of its tables),
+        or None. The default checks the U-Net timesteps; samplers whose levels are
+        sigmas, or whose lists repeat on purpose, override it."""
+        cfg = getattr(self, "cfg", None)
+        return timesteps_problem(self.timesteps, cfg["num_train_timesteps"] if isinstance(cfg, dict) else None)
+
+
+def timesteps_problem(t: np.ndarray, num_train: int | None = None) -> str | None:
+    """A strictly descending list inside the training range, or what is wrong with it."""
+    t = np.asarray(t, dtype=np.float64)
+    if num_train is not None and t.size and (t.max() > num_train - 1 or t.min() < 0):
+        return (f"its timesteps reach {t.max():g}, past the {num_train} training timesteps"
+                if t.max() > num_train - 1 else f"its timesteps reach {t.min():g}, below 0")
+    if np.any(np.diff(t) >= 0):
+        k = int(np.argmax(np.diff(t) >= 0))
+        return f"its schedule repeats timestep {t[k + 1]:g} (calls {k} and {k + 1})"
+    return None
+
+
+def levels_problem(sigmas: np.ndarray) -> str | None:
+    """Noise levels (sigmas before each step) strictly descending, or what is wrong."""
+    s = np.asarray(sigmas, dtype=np.float64)
+    if not np.all(np.isfinite(s)):
+        return "its noise levels are not finite"
+    if np.any(np.diff(s) >= 0):
+        k = int(np.argmax(np.diff(s) >= 0))
+        return f"its schedule repeats noise level sigma={s[k + 1]:.6g} (steps {k} and {k + 1})"
+    return None
 
 
 def resolve(config: Mapping[str, Any], defaults: Mapping[str, Any], scheduler: str,
@@ -103,6 +144,9 @@ def resolve(config: Mapping[str, Any], defaults: Mapping[str, Any], scheduler: s
     if "timestep_spacing" in cfg and cfg["timestep_spacing"] not in SPACINGS:
         raise InvalidInput(f"{where}: unknown timestep_spacing {cfg['timestep_spacing']!r}; "
                            f"accepted: {', '.join(SPACINGS)}")
+    ramps = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if cfg.get(k)]
+    if len(ramps) > 1:
+        raise InvalidInput(f"{where}: only one of {', '.join(ramps)} can be on")
     off = cfg.get("steps_offset", 0)
     if isinstance(off, bool) or not isinstance(off, int) or not 0 <= off < n:
         raise InvalidInput(f"{where}: steps_offset must be an integer in 0..{n - 1}, got {off!r}")

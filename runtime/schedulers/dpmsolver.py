@@ -17,7 +17,7 @@ import numpy as np
 
 from . import parametrization as param
 from . import spacing, tables
-from .base import SamplerRecord, f32, resolve, unsupported
+from .base import SamplerRecord, f32, levels_problem, resolve, unsupported
 
 F32 = np.float32
 
@@ -87,6 +87,9 @@ class DPMSolverPP(SamplerRecord):
         return ((s_t / s_s0) * x - phi * m0 + (a_t * ((e - F32(1.0)) / h + F32(1.0))) * d1
                 - (a_t * ((e - F32(1.0) + h) / h ** 2 - F32(0.5))) * d2), history
 
+    def schedule_problem(self) -> str | None:
+        # Equal levels make h = 0 and the multistep ratio r0 = h0 / h infinite.
+        return levels_problem(self.sigma[:-1] / self.alpha[:-1])
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         # diffusers picks the sigma by step index once set_begin_index is called (the

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import parametrization as param
 from . import spacing, tables
-from .base import SamplerRecord, f32, resolve, unsupported
+from .base import SamplerRecord, f32, levels_problem, resolve, unsupported
 
 F32 = np.float32
 
@@ -75,6 +75,9 @@ class Euler(SamplerRecord):
         # so the marginal is right at sigma_{i+1} (k-diffusion `get_ancestral_step`).
         x = x + derivative * (self.sigma_down[i] - sigma)
         return x + f32(noise) * self.sigma_up[i], None
+
+    def schedule_problem(self) -> str | None:
+        return levels_problem(self.sigmas[:-1])
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         # diffusers picks the sigma by step index once set_begin_index is called: the

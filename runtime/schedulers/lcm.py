@@ -70,6 +70,9 @@ class LCM(SamplerRecord):
             return denoised, None
         return np.sqrt(a_prev) * denoised + np.sqrt(F32(1) - a_prev) * f32(noise), None
 
+    def draws_noise(self, i: int) -> bool:
+        return i != len(self.timesteps) - 1     # diffusers draws no noise for the last step
+
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         return param.vp_noise(f32(x0), f32(noise), self.noise_alpha[i], self.noise_sigma[i])
 

@@ -15,7 +15,9 @@ import numpy as np
 
 from . import parametrization as param
 from . import spacing, tables
-from .base import SamplerRecord, f32, resolve
+from sdrt.engines.errors import InvalidInput
+
+from .base import SamplerRecord, f32, resolve, timesteps_problem
 
 DEFAULTS = dict(
     num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
@@ -116,6 +118,13 @@ class PNDM(SamplerRecord):
         denom = a_t * b_prev ** 0.5 + (a_t * b_t * a_prev) ** 0.5
         return (a_prev / a_t) ** 0.5 * x - (a_prev - a_t) * e / denom
 
+    def schedule_problem(self) -> str | None:
+        # The repeats of the second call and of the Runge-Kutta calls are by design; the
+        # schedule's own steps (the PLMS calls after them) must still descend.
+        steps = np.array([t for t, k in zip(self.timesteps, self.kinds) if k in ("first", "plms")])
+        return (timesteps_problem(self.timesteps[:1], self.cfg["num_train_timesteps"])
+                or timesteps_problem(steps, self.cfg["num_train_timesteps"]))
+
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         return param.vp_noise(f32(x0), f32(noise), self.noise_alpha[i], self.noise_sigma[i])
 
@@ -123,6 +132,14 @@ class PNDM(SamplerRecord):
 def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "pndm",
          **overrides: Any) -> PNDM:
     cfg = resolve(config, DEFAULTS, name, prediction_types=("epsilon", "v_prediction"), **overrides)
+    T = cfg["num_train_timesteps"]
+    if not cfg["skip_prk_steps"] and not 4 <= steps <= T // 2:
+        # Four Runge-Kutta steps of four calls each, at t, t - d/2, t - d/2, t - d: fewer
+        # steps break diffusers' set_timesteps, and d/2 < 1 repeats every timestep.
+        raise InvalidInput(f"scheduler {name!r} with {steps} steps: its Runge-Kutta warm-up (skip_prk_steps=False, "
+                           f"the PNDM default when the config does not set it) needs 4 to {T // 2} steps; "
+                           f"use {'at least 4' if steps < 4 else f'at most {T // 2}'} steps, or "
+                           f"--scheduler-option skip_prk_steps=true")
     acp = tables.alphas_cumprod(cfg)
     final = np.float32(1.0) if cfg["set_alpha_to_one"] else acp[0]
     feed, t_alpha, t_prev, kinds = _call_plan(cfg, steps, begin)

@@ -129,3 +129,90 @@ def clip_or_threshold(x0: np.ndarray, cfg: dict) -> np.ndarray:
         r = cfg["clip_sample_range"]
         return np.clip(x0, -r, r).astype(F32)
     return x0
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """Sigmas evenly spaced in log sigma (k-diffusion's `get_sigmas_exponential`;
+    diffusers' `_convert_to_exponential`), float64."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz;
+    Press et al., "Numerical Recipes", 3rd ed., sec. 6.4)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 400):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((qam + m2) * (a + m2)),
+                    -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-16:
+            break
+    return h
+
+
+def _beta_cdf(x: float, a: float, b: float) -> float:
+    """I_x(a, b), the Beta(a, b) distribution function."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """The Beta(a, b) quantile function (scipy.stats.beta.ppf) by bisection on the
+    distribution function to float64 resolution: the runtime does not depend on scipy."""
+    if q <= 0.0:
+        return 0.0
+    if q >= 1.0:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if _beta_cdf(mid, a, b) < q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Sigmas at the quantiles of a Beta(alpha, beta) distribution (Lee et al. 2024,
+    "Beta Sampling is All You Need"; diffusers' `_convert_to_beta`), float64."""
+    return np.array([sigma_min + beta_ppf(float(q), alpha, beta) * (sigma_max - sigma_min)
+                     for q in 1 - np.linspace(0, 1, n)])
+
+
+SIGMA_RAMPS = ("karras", "exponential", "beta")
+
+
+def sigma_ramp(kind: str, sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """The n-point sigma ramp `kind` ("karras", "exponential" or "beta") from sigma_max
+    down to sigma_min, float64, as diffusers' use_<kind>_sigmas builds it."""
+    if kind == "karras":
+        return karras_sigmas(sigma_min, sigma_max, n)
+    if kind == "exponential":
+        return exponential_sigmas(sigma_min, sigma_max, n)
+    return beta_sigmas(sigma_min, sigma_max, n)
+
+
+def ramp_kind(cfg: dict) -> str | None:
+    """Which use_<kind>_sigmas option the resolved config turns on (None: the plain
+    spacing). More than one is refused in base.resolve, as diffusers refuses it."""
+    for kind in SIGMA_RAMPS:
+        if cfg.get(f"use_{kind}_sigmas"):
+            return kind
+    return None

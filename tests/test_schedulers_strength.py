@@ -16,11 +16,11 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_schedulers import SD15, SD21, SHAPE, STOCHASTIC, draws, model, oracle  # noqa: E402
+from test_schedulers import SD15, SD21, SHAPE, draws, model, oracle  # noqa: E402
 
 from sdrt.engines.errors import InvalidInput, InvalidType  # noqa: E402
 from sdrt.runtime.schedulers import (  # noqa: E402
-    DIFFUSERS_CLASS, SCHEDULERS, default_scheduler, diffusers_scheduler, make_sampler,
+    DIFFUSERS_CLASS, SAMPLERS, SCHEDULERS, default_scheduler, diffusers_scheduler, make_sampler,
 )
 
 CONFIGS = {
@@ -41,8 +41,8 @@ def t_start_of(steps: int, strength: float) -> int:
 
 
 def sliced_oracle(name, config, steps, strength, noise, monkeypatch):
-    """diffusers' scheduler set up as get_timesteps + set_begin_index leave it, with its
-    per-step noise taken from `noise`, numbered from the first step run (the sdrt loop's i).
+    """diffusers' scheduler set up as get_timesteps + set_begin_index leave it, each
+    `randn_tensor` its module draws being the next of `noise`, in draw order.
     Returns the scheduler, the timesteps run and t_start."""
     sched = oracle(name, config)
     sched.set_timesteps(steps)
@@ -50,10 +50,10 @@ def sliced_oracle(name, config, steps, strength, noise, monkeypatch):
     timesteps = sched.timesteps[t_start * sched.order:]
     if hasattr(sched, "set_begin_index"):
         sched.set_begin_index(t_start * sched.order)
-    if name in STOCHASTIC:
-        module = __import__(type(sched).__module__, fromlist=["randn_tensor"])
-        monkeypatch.setattr(module, "randn_tensor",
-                            lambda *a, **k: torch.from_numpy(noise[sched.step_index - t_start]))
+    module = __import__(type(sched).__module__, fromlist=["randn_tensor"])
+    if hasattr(module, "randn_tensor"):
+        taken = iter(noise)
+        monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: torch.from_numpy(next(taken)))
     return sched, timesteps, t_start
 
 
@@ -79,9 +79,10 @@ def run_sdrt(name, config, steps, strength, image, x_noise, noise):
     xt = s.add_noise(image, x_noise, 0)
     noised = [xt]
     state = s.init_state()
+    taken = iter(noise)
     for i, t in enumerate(s.timesteps):
         out = model(s.scale_model_input(xt, i), float(t))
-        xt, state = s.step(state, i, xt, out, noise[i] if s.stochastic else None)
+        xt, state = s.step(state, i, xt, out, next(taken) if s.draws_noise(i) else None)
         if i < len(s.timesteps) - 1:
             noised.append(s.add_noise(image, x_noise, i + 1))
     return s, xt, noised
@@ -111,9 +112,9 @@ def assert_part_way_matches_diffusers(name, config, steps, strength, monkeypatch
 
 CASES = [
     pytest.param(n, c, st, k, id=f"{n}-{c}-{st}-{k}")
-    for n, c, st, k in itertools.product(SCHEDULERS, CONFIGS, STRENGTHS, STEPS)
-    # LCM ignores timestep_spacing: one spacing covers it.
-    if not (n == "lcm" and c == "sd15_trailing")
+    for n, c, st, k in itertools.product(SAMPLERS, CONFIGS, STRENGTHS, STEPS)
+    # LCM and TCD ignore timestep_spacing: one spacing covers them.
+    if not (n in ("lcm", "tcd") and c == "sd15_trailing")
 ]
 
 
@@ -143,7 +144,7 @@ def test_part_way_with_less_common_options_matches_diffusers(name, extra, streng
     assert_part_way_matches_diffusers(name, {**SD15, **extra}, steps, strength, monkeypatch)
 
 
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_inpainting_blend_matches_diffusers(name, monkeypatch):
     """The 4-channel inpainting loop: after each step the known half is replaced by the
     image noised to the next call's level."""
@@ -164,14 +165,16 @@ def test_inpainting_blend_matches_diffusers(name, monkeypatch):
 
     s = make_sampler(name, SD15, steps, strength=strength)
     x, state = s.add_noise(image, x_noise, 0), s.init_state()
+    taken = iter(noise)
     for i, t in enumerate(s.timesteps):
-        x, state = s.step(state, i, x, model(s.scale_model_input(x, i), float(t)), noise[i] if s.stochastic else None)
+        x, state = s.step(state, i, x, model(s.scale_model_input(x, i), float(t)),
+                          next(taken) if s.draws_noise(i) else None)
         proper = s.add_noise(image, x_noise, i + 1) if i < len(s.timesteps) - 1 else image
         x = (1 - mask) * proper + mask * x
     assert rel_err(x, ref.numpy()) <= RTOL
 
 
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_strength_one_is_the_whole_schedule(name):
     full, one = make_sampler(name, SD15, 10), make_sampler(name, SD15, 10, strength=1)
     np.testing.assert_array_equal(one.timesteps, full.timesteps)
@@ -180,13 +183,13 @@ def test_strength_one_is_the_whole_schedule(name):
     a = b = x * full.init_noise_sigma
     sa, sb = full.init_state(), one.init_state()
     for i, t in enumerate(full.timesteps):
-        n = noise[i] if full.stochastic else None
+        n = noise[i] if full.draws_noise(i) else None
         a, sa = full.step(sa, i, a, model(full.scale_model_input(a, i), float(t)), n)
         b, sb = one.step(sb, i, b, model(one.scale_model_input(b, i), float(t)), n)
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_sampler_tables_are_read_only(name):
     """One sampler serves several threads: nobody can change its tables in place."""
     s = make_sampler(name, SD15, 8, strength=0.5)
@@ -301,7 +304,7 @@ def test_part_way_schedules_have_the_step_count_get_timesteps_returns():
         t_start = t_start_of(steps, strength)
         if steps - t_start < 1:
             continue
-        for name in SCHEDULERS:
+        for name in SAMPLERS:
             s = make_sampler(name, SD15, steps, strength=strength)
             extra = 1 if name == "pndm" and steps > 1 else 0
             assert len(s.timesteps) == steps - t_start + extra, (name, steps, strength)

@@ -299,13 +299,16 @@ def test_map_helpers_reject_bad_arguments():
 
 def test_part_way_schedules_have_the_step_count_get_timesteps_returns():
     """Sanity of the slicing itself over many (steps, strength): the sampler runs
-    steps - t_start steps (PNDM's skip_prk_steps list has one call more from 2 steps on)."""
+    steps - t_start steps, i.e. the whole schedule's calls from t_start * order on
+    (PNDM's skip_prk_steps list has one call more from 2 steps on; Heun and KDPM2 make
+    two calls per step but the last)."""
     for steps, strength in itertools.product((1, 2, 3, 7, 25, 50), (0.05, 0.2, 0.5, 0.51, 0.99, 1.0)):
         t_start = t_start_of(steps, strength)
         if steps - t_start < 1:
             continue
         for name in SAMPLERS:
-            s = make_sampler(name, SD15, steps, strength=strength)
-            extra = 1 if name == "pndm" and steps > 1 else 0
-            assert len(s.timesteps) == steps - t_start + extra, (name, steps, strength)
-            assert math.isclose(s.timesteps[-1], make_sampler(name, SD15, steps).timesteps[-1])
+            s, full = make_sampler(name, SD15, steps, strength=strength), make_sampler(name, SD15, steps)
+            calls = full.order * steps - (full.order - 1) + (1 if name == "pndm" and steps > 1 else 0)
+            assert len(full.timesteps) == calls, (name, steps)
+            assert s.begin_index == t_start * full.order
+            np.testing.assert_array_equal(s.timesteps, full.timesteps[t_start * full.order:])

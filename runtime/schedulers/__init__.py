@@ -92,7 +92,9 @@ _ENTRIES: dict[str, _Entry] = {
 def _available(entry: _Entry) -> bool:
     try:
         entry.load()
-    except (ImportError, AttributeError):
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{entry.module}":
+            raise
         return False
     return True
 

@@ -9,6 +9,8 @@ is imported when the command runs, never by `sdrt --help`.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -47,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_generation_args(p: argparse.ArgumentParser, prompt_required: bool) -> None:
     """The settings of one generation, shared by `generate` and `demo`."""
-    from sdrt.runtime.schedulers import SCHEDULERS   # NumPy only
+    from sdrt.runtime.schedulers import SAMPLERS   # NumPy only
 
     p.add_argument("--prompt", required=prompt_required, default=None if prompt_required else DEFAULT_PROMPT,
                    help="text prompt" + ("" if prompt_required else f" (default: {DEFAULT_PROMPT!r})"))
@@ -56,7 +58,15 @@ def add_generation_args(p: argparse.ArgumentParser, prompt_required: bool) -> No
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance scale; <= 1 disables it (default {DEFAULT_GUIDANCE})")
     p.add_argument("--scheduler", default=None,
-                   help=f"one of {', '.join(SCHEDULERS)} (default: the checkpoint's own)")
+                   help=f"sampler: one of {', '.join(SAMPLERS)}; add _karras, _exponential or _beta for that "
+                        f"sigma ramp (dpmpp_2m_karras), or give an AUTOMATIC1111 name ('DPM++ 2M Karras', "
+                        f"'Euler a'). Default: the checkpoint's own scheduler")
+    p.add_argument("--scheduler-option", dest="scheduler_options", action="append", default=[],
+                   metavar="KEY=VALUE", type=_scheduler_option,
+                   help="a diffusers option of the sampler on top of the checkpoint's scheduler config, as "
+                        "from_config(config, KEY=VALUE) takes it; repeatable. VALUE: true/false, none, a number, "
+                        "a JSON list, or text (e.g. use_karras_sigmas=true, solver_order=3, "
+                        "timestep_spacing=trailing)")
     p.add_argument("--seed", type=int, default=None,
                    help="0..2**64-1 (default: random, printed); gives diffusers' image for "
                         "torch.Generator('cpu').manual_seed(SEED)")
@@ -71,11 +81,36 @@ def add_generation_args(p: argparse.ArgumentParser, prompt_required: bool) -> No
                    help="extend --image by these pixel margins (N, X,Y or L,T,R,B) and paint the new area")
 
 
+def _scheduler_option(text: str) -> tuple[str, Any]:
+    """KEY=VALUE -> (key, value): JSON's true/false/null (and None), numbers and lists;
+    anything else is a string (timestep_spacing=trailing)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    raw = raw.strip()
+    words = {"true": True, "false": False, "none": None, "null": None}
+    if raw.lower() in words:
+        return key, words[raw.lower()]
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return key, raw
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{key}: {raw!r} is not a finite number")
+    return key, value if isinstance(value, (int, float, list)) else raw
+
+
 def generation_request(args: argparse.Namespace) -> dict[str, Any]:
     """The command line as the keyword arguments of one `Pipeline.__call__`."""
+    options = dict(args.scheduler_options) or None
+    if options is not None and len(options) < len(args.scheduler_options):
+        keys = [k for k, _ in args.scheduler_options]
+        raise InvalidInput(f"--scheduler-option {next(k for k in keys if keys.count(k) > 1)} is given twice")
     return dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
                 guidance=args.guidance, scheduler=args.scheduler, seed=args.seed, generator=args.generator,
-                image=args.image, mask_image=args.mask, strength=args.strength, outpaint=args.outpaint)
+                image=args.image, mask_image=args.mask, strength=args.strength, outpaint=args.outpaint,
+                scheduler_options=options)
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -116,13 +151,12 @@ def backend_options(args: argparse.Namespace, backend: Any) -> dict[str, Any]:
 def check_request(request: Mapping[str, Any], batch: int) -> None:
     """Validate the settings before loading engines, so a typo costs no load time.
     The pipeline validates them again (it is also an API entry point)."""
-    from sdrt.runtime.schedulers import SCHEDULERS
-
-    known = tuple(SCHEDULERS)
     r = request
+    if r["scheduler"] is None and r.get("scheduler_options"):
+        return   # options belong to the checkpoint's sampler: checked with the artifact's config
     GenerationConfig.create(r["prompt"], r["negative_prompt"], r["steps"], r["guidance"],
-                            known[0] if r["scheduler"] is None else r["scheduler"], r["seed"],
-                            batch=batch, schedulers=known, generator=r["generator"])
+                            "euler" if r["scheduler"] is None else r["scheduler"], r["seed"],
+                            batch=batch, generator=r["generator"], scheduler_options=r.get("scheduler_options"))
 
 
 def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], request: Mapping[str, Any],
@@ -158,7 +192,7 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
         c = result.config
         text = parameters_text(c.prompt, c.negative_prompt, c.steps, c.scheduler, c.guidance, result.seed,
                                pipe.width, pipe.height, model, generator=c.generator.value, task=c.task.value,
-                               strength=c.strength)
+                               strength=c.strength, scheduler_options=c.scheduler_options)
         with writing_into(paths[0].parent):
             write_pngs(paths, result.images, text, force=True)   # existence was checked up front
     finally:

@@ -9,7 +9,9 @@ pipeline then trusts the `Request`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,7 +25,7 @@ from sdrt.engines.specs import LATENT, Stage
 
 from . import inputs
 from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
-from .schedulers import SCHEDULERS, Sampler, default_scheduler, make_sampler
+from .schedulers import Sampler, SchedulerFallback, checkpoint_default, make_sampler, resolved_name
 from .tokenizer import Tokenizer
 
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
@@ -86,7 +88,9 @@ class Artifact:
 
     @property
     def default_scheduler(self) -> str:
-        return default_scheduler(self.scheduler_config)
+        """The sampler that runs when none is asked for: the checkpoint's own scheduler
+        class with its options, or the documented fallback (see `schedulers.checkpoint_default`)."""
+        return checkpoint_default(self.scheduler_config).name
 
     def tasks(self) -> tuple[Task, ...]:
         """What this artifact can do: an inpainting U-Net only inpaints; image tasks need
@@ -102,19 +106,30 @@ class Artifact:
     def request(self, prompt: Any, negative_prompt: Any = None, steps: Any = DEFAULT_STEPS,
                 guidance: Any = DEFAULT_GUIDANCE, scheduler: Any = None, seed: Any = None,
                 latents: Any = None, image: Any = None, mask_image: Any = None, strength: Any = None,
-                outpaint: Any = None, generator: Any = Generator.TORCH) -> Request:
+                outpaint: Any = None, generator: Any = Generator.TORCH,
+                scheduler_options: Any = None) -> Request:
         """Validate one generation's settings and inputs (see `Pipeline.__call__`)."""
         task = self._task(image, mask_image, outpaint)
+        if scheduler is None:
+            default = checkpoint_default(self.scheduler_config)
+            if default.notice:
+                warnings.warn(default.notice, SchedulerFallback, stacklevel=3)
+            scheduler = default.name
+            if default.options and isinstance(scheduler_options, (dict, type(None))):
+                scheduler_options = {**default.options, **(scheduler_options or {})}
         config = GenerationConfig.create(
-            prompt, negative_prompt, DEFAULT_STEPS if steps is None else steps, guidance,
-            self.default_scheduler if scheduler is None else scheduler, seed, batch=self.batch,
-            schedulers=SCHEDULERS, task=task, strength=strength, generator=generator)
+            prompt, negative_prompt, DEFAULT_STEPS if steps is None else steps, guidance, scheduler, seed,
+            batch=self.batch, task=task, strength=strength, generator=generator,
+            scheduler_options=scheduler_options)
         if config.guidance > 1.0 and not self.manifest.shape.cfg:
             raise InvalidInput(f"guidance {config.guidance:g} needs classifier-free guidance, but this artifact was "
                                f"exported with --no-cfg: use guidance <= 1 or export with CFG")
         if latents is not None and task is not Task.TEXT_TO_IMAGE:
             raise InvalidInput("latents apply to text-to-image only; with an image the seed draws the noise")
-        sampler = self.sampler(config.scheduler, config.steps, config.strength)
+        options = dict(config.scheduler_options)
+        sampler = self.sampler(config.scheduler, config.steps, config.strength, options)
+        # What runs is recorded: "dpmpp_2m" with use_karras_sigmas=True is "dpmpp_2m_karras".
+        config = dataclasses.replace(config, scheduler=resolved_name(config.scheduler, self.scheduler_config, options))
         h, w = self.height, self.width
         img = mask = None
         if task is Task.OUTPAINT:
@@ -132,11 +147,13 @@ class Artifact:
                 mask = inputs.preprocess_mask(mask_source, h, w, image_size=size)
         return Request(config, sampler, img, mask, self._check_latents(latents))
 
-    def sampler(self, name: str, steps: int, strength: float | None = None) -> Sampler:
-        # Samplers are immutable tables, so one per (name, steps, strength) serves all calls.
-        key = (name, steps, strength)
+    def sampler(self, name: str, steps: int, strength: float | None = None,
+                options: Mapping[str, Any] | None = None) -> Sampler:
+        # Samplers are immutable tables, so one per (name, steps, strength, options) serves all calls.
+        key = (name, steps, strength, repr(sorted((options or {}).items())))
         if key not in self._samplers:
-            self._samplers[key] = make_sampler(name, self.scheduler_config, steps, strength=strength)
+            self._samplers[key] = make_sampler(name, self.scheduler_config, steps, strength=strength,
+                                               options=options)
         return self._samplers[key]
 
     def _task(self, image: Any, mask_image: Any, outpaint: Any) -> Task:

@@ -12,9 +12,11 @@ import math
 import numbers
 import secrets
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping
 
 from sdrt.engines.errors import InvalidInput, InvalidType
+
+from . import schedulers
 
 DEFAULT_STEPS = 25          # the issue's example; diffusers' own default is 50
 DEFAULT_GUIDANCE = 7.5      # diffusers' StableDiffusionPipeline default
@@ -65,6 +67,8 @@ class GenerationConfig:
     task: Task = Task.TEXT_TO_IMAGE
     strength: float | None = None       # image tasks: how much of the schedule runs, in (0, 1]
     generator: Generator = Generator.TORCH
+    # diffusers scheduler options on top of the checkpoint's config, sorted (key, value) pairs
+    scheduler_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def prompt(self) -> str:
@@ -76,18 +80,22 @@ class GenerationConfig:
 
     @classmethod
     def create(cls, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, scheduler: Any,
-               seed: Any, *, batch: int, schedulers: Sequence[str], task: Task = Task.TEXT_TO_IMAGE,
-               strength: Any = None, generator: Any = Generator.TORCH) -> "GenerationConfig":
+               seed: Any, *, batch: int, task: Task = Task.TEXT_TO_IMAGE, strength: Any = None,
+               generator: Any = Generator.TORCH, scheduler_options: Any = None) -> "GenerationConfig":
+        """`scheduler`: an sdrt or AUTOMATIC1111 sampler name (see schedulers.canonical_name);
+        `scheduler_options`: a mapping of the sampler's diffusers options, checked against it."""
+        name = _scheduler(scheduler)
         return cls(
             prompts=_prompts("prompt", prompt, batch, allow_none=False),
             negative_prompts=_prompts("negative_prompt", negative_prompt, batch, allow_none=True),
             steps=_steps(steps),
             guidance=_guidance(guidance),
-            scheduler=_scheduler(scheduler, schedulers),
+            scheduler=name,
             seed=_seed(seed),
             task=task,
             strength=_strength(strength, task),
             generator=_generator(generator),
+            scheduler_options=_scheduler_options(name, scheduler_options),
         )
 
 
@@ -138,13 +146,22 @@ def _guidance(value: Any) -> float:
     return value
 
 
-def _scheduler(value: Any, known: Sequence[str]) -> str:
+def _scheduler(value: Any) -> str:
     if not isinstance(value, str):
-        raise InvalidType(f"scheduler must be a string, one of {', '.join(known)}; got {type(value).__name__}")
-    name = value.lower()
-    if name not in known:
-        raise InvalidInput(f"unknown scheduler {_short(value)}: choose one of {', '.join(known)}")
-    return name
+        raise InvalidType(f"scheduler must be a string such as 'euler_a' or 'DPM++ 2M Karras'; got {type(value).__name__}")
+    return schedulers.canonical_name(value)
+
+
+def _scheduler_options(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, Mapping):
+        raise InvalidType(f"scheduler_options must be a dict of option names to values, got {type(value).__name__}")
+    for key in value:
+        if not isinstance(key, str):
+            raise InvalidType(f"scheduler_options keys must be strings, got {type(key).__name__} {_short(key)}")
+    schedulers.option_keys(name)    # the name is known
+    return tuple(sorted(schedulers.check_options(name, value).items()))
 
 
 def _strength(value: Any, task: Task) -> float | None:

@@ -5,7 +5,7 @@ other SD tools (ComfyUI, InvokeAI, civitai, image viewers) read:
 
     a watercolor fox
     Negative prompt: blurry
-    Steps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, RNG: CPU
+    Steps: 25, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, RNG: CPU
 
 `RNG: CPU` is AUTOMATIC1111's name for torch's CPU generator, which sdrt's default
 generator reproduces (`RNG: NumPy`: sdrt 0.1's generator). Image tasks add
@@ -14,15 +14,18 @@ generator reproduces (`RNG: NumPy`: sdrt 0.1's generator). Image tasks add
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 from sdrt.engines.errors import AlreadyExists, InvalidInput
 from sdrt.engines.files import atomic_path
+
+from .schedulers import a1111_name
 
 PARAMETERS_KEY = "parameters"
 
@@ -37,11 +40,16 @@ RNG_NAMES = {"torch": "CPU", "numpy": "NumPy"}
 
 def parameters_text(prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float,
                     seed: int | None, width: int, height: int, model: str = "", *, generator: str = "torch",
-                    task: str = "txt2img", strength: float | None = None) -> str:
+                    task: str = "txt2img", strength: float | None = None,
+                    scheduler_options: Sequence[tuple[str, Any]] = ()) -> str:
+    """AUTOMATIC1111's `parameters` text: the sampler under its AUTOMATIC1111 name and
+    schedule type ("DPM++ 2M" + "Karras" for dpmpp_2m_karras), the sdrt name where
+    AUTOMATIC1111 has none; scheduler options as one JSON value."""
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    fields = [f"Steps: {steps}", f"Sampler: {sampler}", f"CFG scale: {guidance:g}"]
+    label, schedule = a1111_name(sampler)
+    fields = [f"Steps: {steps}", f"Sampler: {label}", f"Schedule type: {schedule}", f"CFG scale: {guidance:g}"]
     if seed is not None:
         fields.append(f"Seed: {seed}")
     fields.append(f"Size: {width}x{height}")   # A1111 writes width x height
@@ -51,6 +59,9 @@ def parameters_text(prompt: str, negative_prompt: str, steps: int, sampler: str,
         fields.append(f"Denoising strength: {strength:g}")
     if task != "txt2img":
         fields.append(f"Task: {task}")
+    if scheduler_options:
+        # AUTOMATIC1111 quotes a value holding commas or colons as a JSON string.
+        fields.append(f"Scheduler options: {json.dumps(json.dumps(dict(scheduler_options), sort_keys=True))}")
     fields.append(f"RNG: {RNG_NAMES[generator]}")
     lines.append(", ".join(fields))
     return "\n".join(lines)

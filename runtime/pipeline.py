@@ -173,12 +173,18 @@ class Pipeline:
                  scheduler: str | None = None, seed: int | None = None, latents: np.ndarray | None = None,
                  image: Any = None, mask_image: Any = None, strength: float | None = None,
                  outpaint: Any = None, generator: str = Generator.TORCH.value,
-                 on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
+                 on_step: Callable[[int, int], None] | None = None,
+                 scheduler_options: dict[str, Any] | None = None) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
         steps: denoising steps (default 25). guidance: CFG scale; <= 1 disables guidance.
-        scheduler: one of `schedulers` (default: the checkpoint's own scheduler).
+        scheduler: an sdrt sampler name ("dpmpp_2m_karras", see `SCHEDULERS`) or an
+        AUTOMATIC1111 one ("DPM++ 2M Karras", "Euler a"); default: the checkpoint's own
+        scheduler (a class sdrt does not follow runs "euler" with a SchedulerFallback warning).
+        scheduler_options: diffusers options of that sampler on top of the checkpoint's
+        config, as `Scheduler.from_config(config, **scheduler_options)` takes them
+        (e.g. {"use_karras_sigmas": True, "solver_order": 3}); an unknown key is refused.
         seed: 0..2**64-1 (default: random, reported in the result). With generator="torch"
         (the default) it gives the image diffusers gives with
         `generator=torch.Generator("cpu").manual_seed(seed)`; "numpy" is sdrt 0.1's generator.
@@ -192,7 +198,7 @@ class Pipeline:
         on_step(i, n): called after each denoising step (progress reporting).
         """
         request = self.artifact.request(prompt, negative_prompt, steps, guidance, scheduler, seed, latents,
-                                        image, mask_image, strength, outpaint, generator)
+                                        image, mask_image, strength, outpaint, generator, scheduler_options)
         return self.run(request, on_step)
 
     def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:

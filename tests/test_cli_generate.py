@@ -38,7 +38,7 @@ def test_generate_writes_the_png_with_a_parameters_chunk_and_prints_timings(sd15
     assert im.size == (pipe.width, pipe.height)
     assert read_parameters(out) == (
         "a watercolor fox\nNegative prompt: blurry\n"
-        f"Steps: 3, Sampler: euler_a, CFG scale: 6.5, Seed: 42, Size: {pipe.width}x{pipe.height}, "
+        f"Steps: 3, Sampler: Euler a, Schedule type: Uniform, CFG scale: 6.5, Seed: 42, Size: {pipe.width}x{pipe.height}, "
         f"Model: {Path(pipe.manifest.source).name}, RNG: CPU")
     # The file holds the same image the API gives for the same settings.
     api = pipe("a watercolor fox", negative_prompt="blurry", steps=3, guidance=6.5, scheduler="euler_a", seed=42)
@@ -116,12 +116,19 @@ def test_info_prints_facts_shapes_stages_and_files(sd15_artifacts, capsys):
 def test_parameters_text_follows_the_a1111_convention():
     from sdrt.runtime.images import parameters_text
     assert parameters_text("a fox", "", 25, "euler_a", 7.5, 42, 768, 512, "sd15") == (
-        "a fox\nSteps: 25, Sampler: euler_a, CFG scale: 7.5, Seed: 42, Size: 768x512, Model: sd15, RNG: CPU")
-    assert parameters_text("a\nfox", "blur", 4, "ddim", 1.0, None, 64, 64, generator="numpy") == (
-        "a\nfox\nNegative prompt: blur\nSteps: 4, Sampler: ddim, CFG scale: 1, Size: 64x64, RNG: NumPy")
-    assert parameters_text("a fox", "", 10, "ddim", 7.5, 1, 64, 64, task="inpaint", strength=0.6) == (
-        "a fox\nSteps: 10, Sampler: ddim, CFG scale: 7.5, Seed: 1, Size: 64x64, Denoising strength: 0.6, "
-        "Task: inpaint, RNG: CPU")
+        "a fox\nSteps: 25, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.5, Seed: 42, Size: 768x512, "
+        "Model: sd15, RNG: CPU")
+    assert parameters_text("a\nfox", "blur", 4, "dpmpp_2m_karras", 1.0, None, 64, 64, generator="numpy") == (
+        "a\nfox\nNegative prompt: blur\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 1, "
+        "Size: 64x64, RNG: NumPy")
+    assert parameters_text("a fox", "", 10, "pndm", 7.5, 1, 64, 64, task="inpaint", strength=0.6) == (
+        "a fox\nSteps: 10, Sampler: PLMS, Schedule type: Uniform, CFG scale: 7.5, Seed: 1, Size: 64x64, "
+        "Denoising strength: 0.6, Task: inpaint, RNG: CPU")
+    # A sampler AUTOMATIC1111 lacks keeps its sdrt name; options are one quoted JSON value.
+    assert parameters_text("a fox", "", 10, "ddim", 7.5, 1, 64, 64,
+                           scheduler_options=(("timestep_spacing", "trailing"),)) == (
+        'a fox\nSteps: 10, Sampler: DDIM, Schedule type: Uniform, CFG scale: 7.5, Seed: 1, Size: 64x64, '
+        'Scheduler options: "{\\"timestep_spacing\\": \\"trailing\\"}", RNG: CPU')
 
 
 def test_demo_reuses_a_complete_export_in_its_folder(sd15_artifacts, tmp_path, capsys):
@@ -131,7 +138,7 @@ def test_demo_reuses_a_complete_export_in_its_folder(sd15_artifacts, tmp_path, c
     printed = capsys.readouterr()
     assert "reusing the export" in printed.err and "exporting" not in printed.err
     assert f"wrote {out / 'demo.png'}" in printed.out and "U-Net per step" in printed.out
-    assert read_parameters(out / "demo.png").startswith("a watercolor fox\nSteps: 2, Sampler: pndm")
+    assert read_parameters(out / "demo.png").startswith("a watercolor fox\nSteps: 2, Sampler: PLMS, Schedule type: Uniform")
     # Its own image is replaced on the next run; the folder is the demo's.
     assert main(["demo", "--out", str(out), "--steps", "2", "--seed", "4"]) == 0
     assert "Seed: 4" in read_parameters(out / "demo.png")

@@ -139,7 +139,7 @@ def test_cli_writes_one_png_per_batch_item(batch2, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img-1.png", "img.png"]
     pixels = Pipeline.load(batch2)("a fox", steps=2, seed=5).images
     for i, name in enumerate(["img.png", "img-1.png"]):
-        assert read_parameters(tmp_path / name).startswith("a fox\nSteps: 2, Sampler: pndm, CFG scale: 7.5, Seed: 5")
+        assert read_parameters(tmp_path / name).startswith("a fox\nSteps: 2, Sampler: PLMS, Schedule type: Uniform, CFG scale: 7.5, Seed: 5")
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / name)), np.asarray(pixels[i]))
 
 

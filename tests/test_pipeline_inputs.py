@@ -10,7 +10,7 @@ import pytest
 
 from sdrt.engines.errors import ArtifactError, InvalidInput, InvalidType, MissingFile
 from sdrt.runtime import Pipeline
-from sdrt.runtime.schedulers import SCHEDULERS
+from sdrt.runtime.schedulers import SAMPLERS
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def pipe(sd15_artifacts):
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
-    ({"scheduler": "k_lms"}, InvalidInput, "unknown scheduler 'k_lms': choose one of " + ", ".join(SCHEDULERS)),
+    ({"scheduler": "k_lms"}, InvalidInput, "unknown scheduler 'k_lms': choose one of " + ", ".join(SAMPLERS)),
     ({"scheduler": 3}, InvalidType, "scheduler must be a string"),
     ({"steps": 0}, InvalidInput, "steps must be from 1 to 1000, got 0"),
     ({"steps": 10**6}, InvalidInput, "steps must be from 1 to 1000, got 1000000"),

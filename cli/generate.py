@@ -169,7 +169,10 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
     progress = progress or Progress()
     artifact = Artifact.open(folder)
     # Every setting, the sampler and the input images are checked here, before engines load.
-    prepared = artifact.request(**request)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepared = artifact.request(**request)
+    _print_warnings(caught, command)     # e.g. the checkpoint's scheduler class is not followed
     progress.say(f"loading {folder}")
     pipe = Pipeline.load(artifact, backend=backend, **options)
     try:
@@ -187,8 +190,7 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             result = pipe.run(prepared, on_step=on_step)
-        for w in caught:   # e.g. a truncated prompt: one line for a user, not a source listing
-            print(f"sdrt {command}: warning: {w.message}", file=sys.stderr)
+        _print_warnings(caught, command)     # e.g. a truncated prompt
         c = result.config
         text = parameters_text(c.prompt, c.negative_prompt, c.steps, c.scheduler, c.guidance, result.seed,
                                pipe.width, pipe.height, model, generator=c.generator.value, task=c.task.value,
@@ -200,6 +202,11 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
     print(format_timings(result.timings, c.steps, c.scheduler, result.seed))
     for path in paths:
         print(f"wrote {path}")
+
+
+def _print_warnings(caught: list, command: str) -> None:
+    for w in caught:   # one line for a user, not a source listing
+        print(f"sdrt {command}: warning: {w.message}", file=sys.stderr)
 
 
 def refuse_existing(paths: list[Path], force: bool) -> None:

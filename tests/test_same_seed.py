@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 
 from sdrt.engines.errors import InvalidInput
 from sdrt.runtime import Pipeline
-from sdrt.runtime.schedulers import SCHEDULERS, diffusers_scheduler
+from sdrt.runtime.schedulers import SAMPLERS, diffusers_scheduler
 
 TOL = 1e-4   # max abs on pixels in [0, 1] (the bar)
 PROMPT = "a watercolor fox, highly detailed"
@@ -153,7 +153,8 @@ def other(tmp_path_factory, export_into):
 # -- text to image ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+# Every sampler, and each sigma ramp on one sampler that takes them.
+@pytest.mark.parametrize("scheduler", SAMPLERS + ("dpmpp_2m_karras", "euler_exponential", "dpmpp_2m_sde_beta"))
 def test_text_to_image_with_a_seed_matches_diffusers_for_every_scheduler(sd15, scheduler):
     oracle, pipe = sd15
     ours = pipe(PROMPT, negative_prompt=NEGATIVE, steps=4, guidance=7.5, scheduler=scheduler, seed=42).pixels
@@ -162,7 +163,7 @@ def test_text_to_image_with_a_seed_matches_diffusers_for_every_scheduler(sd15, s
     assert _max_diff(ours, want) <= TOL
 
 
-@pytest.mark.parametrize("scheduler", ["euler_a", "ddim", "dpmpp_2m_karras", "lcm"])
+@pytest.mark.parametrize("scheduler", SAMPLERS + ("dpmpp_2m_karras",))
 def test_text_to_image_with_a_seed_matches_diffusers_on_a_v_prediction_model(sd2, scheduler):
     oracle, pipe = sd2
     ours = pipe(PROMPT, steps=3, guidance=5.0, scheduler=scheduler, seed=2**40 + 3).pixels
@@ -189,7 +190,8 @@ def test_seeds_equal_below_32_bits_give_one_image_as_in_torch_and_numpy_gives_an
 
 
 @pytest.mark.parametrize("strength", [0.3, 0.75, 1.0])
-@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m", "pndm", "lcm"])
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m", "pndm", "lcm", "heun", "kdpm2_a", "dpmpp_2m_sde",
+                                       "unipc", "ddpm"])
 def test_image_to_image_matches_diffusers(sd15, scheduler, strength):
     oracle, pipe = sd15
     image = _photo(100, 70)   # resized to the artifact's 128x128 as diffusers does

@@ -178,8 +178,8 @@ def test_less_common_config_options_match_diffusers(name, extra, steps, monkeypa
 
 
 def test_unknown_scheduler_lists_the_known_ones():
-    with pytest.raises(InvalidInput, match="unknown scheduler 'heun'.*ddim.*euler_a.*lcm"):
-        make_sampler("heun", SD15, 10)
+    with pytest.raises(InvalidInput, match="unknown scheduler 'k_heun'.*ddim.*euler_a.*lcm"):
+        make_sampler("k_heun", SD15, 10)
 
 
 @pytest.mark.parametrize("steps", [0, -3, 1001])

@@ -250,17 +250,24 @@ def test_the_suggested_values_do_leave_a_step(strength, steps):
 # --- the sdrt <-> diffusers map ---------------------------------------------------------
 
 def test_diffusers_scheduler_names_the_class_each_sampler_follows():
-    assert {n: diffusers_scheduler(n, SD15) for n in SCHEDULERS} == {
+    """The bare name is the plain spacing (every ramp off); a suffix turns on its ramp."""
+    off = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False}
+    expected = {
         "ddim": ("DDIMScheduler", {}),
         "pndm": ("PNDMScheduler", {}),
-        "euler": ("EulerDiscreteScheduler", {}),
+        "euler": ("EulerDiscreteScheduler", off),
         "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-        "dpmpp_2m": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": False}),
-        "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+        "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", **off}),
+        "dpmpp_2m_karras": ("DPMSolverMultistepScheduler",
+                            {"algorithm_type": "dpmsolver++", **off, "use_karras_sigmas": True}),
+        "dpmpp_2m_sde_beta": ("DPMSolverMultistepScheduler",
+                              {"algorithm_type": "sde-dpmsolver++", **off, "use_beta_sigmas": True}),
         "lcm": ("LCMScheduler", {}),
     }
-    assert DIFFUSERS_CLASS["dpmpp_2m_karras"] == "DPMSolverMultistepScheduler(use_karras_sigmas=True)"
-    assert DIFFUSERS_CLASS["dpmpp_2m"] == "DPMSolverMultistepScheduler"
+    assert {n: diffusers_scheduler(n, SD15) for n in expected} == expected
+    assert DIFFUSERS_CLASS["dpmpp_2m_karras"] == (
+        "DPMSolverMultistepScheduler(algorithm_type='dpmsolver++', use_karras_sigmas=True)")
+    assert DIFFUSERS_CLASS["euler"] == "EulerDiscreteScheduler"
 
 
 def test_dpmpp_2m_on_a_karras_checkpoint_is_still_the_plain_ramp(monkeypatch):
@@ -277,20 +284,23 @@ def test_dpmpp_2m_on_a_karras_checkpoint_is_still_the_plain_ramp(monkeypatch):
     ({"_class_name": "PNDMScheduler"}, "pndm"),
     ({"_class_name": "DDIMScheduler"}, "ddim"),
     ({"_class_name": "EulerDiscreteScheduler"}, "euler"),
+    ({"_class_name": "EulerDiscreteScheduler", "use_exponential_sigmas": True}, "euler_exponential"),
     ({"_class_name": "EulerAncestralDiscreteScheduler"}, "euler_a"),
     ({"_class_name": "DPMSolverMultistepScheduler"}, "dpmpp_2m"),
     ({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}, "dpmpp_2m_karras"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++",
+      "use_karras_sigmas": True}, "dpmpp_2m_sde_karras"),
     ({"_class_name": "LCMScheduler"}, "lcm"),
-    ({"_class_name": "UniPCMultistepScheduler"}, "pndm"),      # not followed: the SD 1.x default
-    ({}, "pndm"),
+    ({"_class_name": "EDMEulerScheduler"}, "euler"),        # not followed: the documented fallback
+    ({}, "euler"),
 ])
 def test_default_scheduler_follows_the_checkpoints_class(config, expected):
     assert default_scheduler(config) == expected
 
 
 def test_map_helpers_reject_bad_arguments():
-    with pytest.raises(InvalidInput, match="unknown scheduler 'heun'"):
-        diffusers_scheduler("heun", SD15)
+    with pytest.raises(InvalidInput, match="unknown scheduler 'k_heun'"):
+        diffusers_scheduler("k_heun", SD15)
     with pytest.raises(InvalidType, match="scheduler_config must be a mapping"):
         default_scheduler(["PNDMScheduler"])
     with pytest.raises(InvalidType, match="scheduler_config must be a mapping"):

@@ -137,7 +137,12 @@ FALLBACK_SCHEDULER = "euler"
 
 __all__ = ["SAMPLERS", "SCHEDULERS", "DIFFUSERS_CLASS", "MAX_STEPS", "Sampler", "make_sampler",
            "default_scheduler", "checkpoint_default", "diffusers_scheduler", "canonical_name",
-           "option_keys", "a1111_name", "CheckpointDefault", "FALLBACK_SCHEDULER"]
+           "option_keys", "check_options", "resolved_name", "a1111_name", "CheckpointDefault",
+           "FALLBACK_SCHEDULER", "SchedulerFallback"]
+
+
+class SchedulerFallback(UserWarning):
+    """The checkpoint's scheduler class is not one sdrt follows; another sampler runs."""
 
 
 def _check_config(scheduler_config: Any) -> None:
@@ -187,7 +192,7 @@ def option_keys(name: str) -> tuple[str, ...]:
     return _ENTRIES[names.split(_check_name(name))[0]].keys
 
 
-def _check_options(name: str, options: Any) -> dict[str, Any]:
+def check_options(name: str, options: Any) -> dict[str, Any]:
     """`options` as a dict, each key one the sampler's diffusers class takes and each value
     of that keyword's type (a bool for a bool keyword, a number for a number one)."""
     if options is None:
@@ -232,7 +237,7 @@ def resolved_name(name: str, scheduler_config: Mapping[str, Any], options: Mappi
     sampler, _ = names.split(name)
     if not _ENTRIES[sampler].ramps:
         return name
-    over = _overrides(name, _check_options(name, options))
+    over = _overrides(name, check_options(name, options))
     on = [r for r in names.RAMP_SUFFIXES if over.get(f"use_{r}_sigmas", scheduler_config.get(f"use_{r}_sigmas"))]
     return names.join(sampler, on[0] if len(on) == 1 else "")
 
@@ -288,7 +293,7 @@ def diffusers_scheduler(name: str, scheduler_config: Mapping[str, Any],
     name = _check_name(name)
     _check_config(scheduler_config)
     entry = _ENTRIES[names.split(name)[0]]
-    return entry.diffusers_class, _overrides(name, _check_options(name, options))
+    return entry.diffusers_class, _overrides(name, check_options(name, options))
 
 
 def _check_strength(strength: Any, steps: int, limit: int) -> int:
@@ -327,7 +332,7 @@ def make_sampler(name: str, scheduler_config: Mapping[str, Any], steps: int,
     nearest count that works."""
     name = _check_name(name)
     _check_config(scheduler_config)
-    options = _check_options(name, options)
+    options = check_options(name, options)
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise InvalidType(f"steps must be an integer, got {steps!r} ({type(steps).__name__})")
     train = scheduler_config.get("num_train_timesteps", MAX_STEPS)

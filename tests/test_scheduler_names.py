@@ -78,6 +78,7 @@ def test_every_name_round_trips_through_its_automatic1111_name(name):
 @pytest.mark.parametrize("text, words", [
     ("DPM++ 2S a Karras", "'DPM++ 2S a' is not supported: it is ancestral"),
     ("DPM fast", "'DPM fast' is not supported"),
+    ("DPM++ SDE Karras", "'DPM++ SDE' is not supported: its Brownian-tree noise depends on torch's"),
     ("Euler a Karras", "euler_a has no karras sigma ramp"),
     ("ddim_karras", "unknown scheduler 'ddim_karras'"),
     ("k_lms", "unknown scheduler 'k_lms': choose one of " + ", ".join(SAMPLERS)),

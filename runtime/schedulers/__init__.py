@@ -81,7 +81,6 @@ _ENTRIES: dict[str, _Entry] = {
     "dpmpp_2m_sde": _E("dpmsolver", "make", "DEFAULTS", "DPMSolverMultistepScheduler", True,
                        fixed={"algorithm_type": "sde-dpmsolver++"}),
     "dpmpp_2s": _E("singlestep", "make", "DEFAULTS", "DPMSolverSinglestepScheduler", False),
-    "dpmpp_sde": _E("sde", "make", "DEFAULTS", "DPMSolverSDEScheduler", True, order=2),
     "unipc": _E("unipc", "make", "DEFAULTS", "UniPCMultistepScheduler", False),
     "deis": _E("deis", "make", "DEFAULTS", "DEISMultistepScheduler", False),
     "lcm": _E("lcm", "make", "DEFAULTS", "LCMScheduler", True),

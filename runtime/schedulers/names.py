@@ -31,7 +31,6 @@ A1111_SAMPLERS: dict[str, str] = {
     "DPM2 a": "kdpm2_a",
     "DPM++ 2M": "dpmpp_2m",
     "DPM++ 2M SDE": "dpmpp_2m_sde",
-    "DPM++ SDE": "dpmpp_sde",
     "DDIM": "ddim",
     "PLMS": "pndm",
     "UniPC": "unipc",
@@ -44,6 +43,11 @@ A1111_UNSUPPORTED: dict[str, str] = {
                   "'dpmpp_2s' is the deterministic one",
     "DPM++ 2M SDE Heun": "use 'dpmpp_2m_sde' with --scheduler-option solver_type=heun",
     "DPM++ 3M SDE": "diffusers has no third-order SDE DPM-Solver++",
+    # DPMSolverSDEScheduler: its Brownian-tree noise (torchsde) is queried at times rounded
+    # to 1e-6 from torch's float32 exp/log/sqrt, which on x86 come from MKL and are not
+    # correctly rounded; NumPy's are, so about a third of trajectories part by up to 7e-4.
+    "DPM++ SDE": "its Brownian-tree noise depends on torch's platform-specific float32 exp/log/sqrt "
+                 "rounding, so sdrt cannot match diffusers' images; 'dpmpp_2m_sde' is the closest sampler",
     "DPM fast": "it has no diffusers counterpart",
     "DPM adaptive": "it has no diffusers counterpart",
     "Restart": "it has no diffusers counterpart",

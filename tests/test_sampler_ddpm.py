@@ -4,7 +4,6 @@ calls that draw noise, large step counts, part-way starts, and the options refus
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

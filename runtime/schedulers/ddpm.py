@@ -100,8 +100,8 @@ class DDPM(SamplerRecord):
             # Zero terminal SNR: x0 = (x - sigma eps) / 0 there (Lin et al. 2023, sec. 3.2:
             # such a schedule needs v-prediction).
             problem = (f"alpha_bar is 0 at timestep {t:g} (zero terminal SNR), where an epsilon "
-                       f"prediction divides by zero; use prediction_type='v_prediction' or a spacing "
-                       f"that does not start at the last training timestep")
+                       f"prediction divides by zero (it needs prediction_type='v_prediction', or a "
+                       f"spacing that does not start at the last training timestep)")
         return problem
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
@@ -123,10 +123,11 @@ def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "ddp
     a_prev = tables.alpha_bar_at(acp, prev, F32(1))
     b_t, b_prev = F32(1) - a_t, F32(1) - a_prev
     alpha_step = a_t / a_prev                                       # alpha_t of the span t' -> t
-    # Ho et al. eq. 7: mu~ = sqrt(a_prev) beta_t / (1 - a_t) x0 + sqrt(alpha_t) (1 - a_prev) / (1 - a_t) x_t
-    c_x0 = (np.sqrt(a_prev) * (F32(1) - alpha_step)) / b_t
-    c_x = np.sqrt(alpha_step) * b_prev / b_t
-    with np.errstate(divide="ignore", invalid="ignore"):            # only where refused
+    # A timestep below 0 has b_t = 0: not finite, and refused by schedule_problem.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # Ho et al. eq. 7: mu~ = sqrt(a_prev) beta_t / (1 - a_t) x0 + sqrt(alpha_t) (1 - a_prev) / (1 - a_t) x_t
+        c_x0 = (np.sqrt(a_prev) * (F32(1) - alpha_step)) / b_t
+        c_x = np.sqrt(alpha_step) * b_prev / b_t
         std = noise_std(a_t, a_prev, cfg["variance_type"])
     return DDPM(name=name, timesteps=t.astype(F32), init_noise_sigma=1.0,
                 stochastic=bool(np.any(t > 0)), begin_index=begin, cfg=cfg,

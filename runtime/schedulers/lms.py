@@ -58,7 +58,9 @@ def lms_coefficients(sigmas: np.ndarray, begin: int, n_calls: int) -> np.ndarray
         w = (b - a) / 2 * _GL_WEIGHTS
         for k in range(min(i + 1, ORDER)):
             others = np.delete(nodes, k)
-            basis = np.prod((tau[:, None] - others) / (nodes[k] - others), axis=1)
+            # A repeated node divides by zero here, as in diffusers; schedule_problem refuses it.
+            with np.errstate(divide="ignore", invalid="ignore"):
+                basis = np.prod((tau[:, None] - others) / (nodes[k] - others), axis=1)
             out[i, k] = w @ basis
     return out
 

@@ -82,7 +82,7 @@ class TCD(SamplerRecord):
         if problem is None and self.cfg["prediction_type"] == "epsilon" and not np.all(self.alpha_bar > 0):
             t = self.timesteps[int(np.argmin(self.alpha_bar > 0))]
             problem = (f"alpha_bar is 0 at timestep {t:g} (zero terminal SNR), where an epsilon "
-                       f"prediction divides by zero; use prediction_type='v_prediction'")
+                       f"prediction divides by zero (it needs prediction_type='v_prediction')")
         return problem
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:

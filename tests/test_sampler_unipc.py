@@ -188,9 +188,18 @@ def test_unipc_ramp_above_the_training_range_is_refused(ramp, monkeypatch):
     """sigma_max past the largest training sigma (14.6) maps the first levels to t = 999
     twice; diffusers then starts at the second of them and runs off the schedule's end."""
     options = {"sigma_max": 20.0}
-    with pytest.raises(InvalidInput, match="both map to timestep 999.*use fewer steps or a lower sigma_max"):
+    with pytest.raises(InvalidInput, match="both map to timestep 999.*use at most [0-9]+ steps or a lower sigma_max"):
         make_sampler(f"unipc_{ramp}", SD15, 25, options=options)
     assert not _finite_in_diffusers(SD15, 25, {**options, f"use_{ramp}_sigmas": True}, monkeypatch)
+
+
+def test_unipc_beta_ramp_from_32_steps_is_refused_with_the_most_that_work(monkeypatch):
+    """The beta ramp crowds its top levels: from 32 steps the first two both truncate to
+    timestep 998 and diffusers fails; 31 run."""
+    with pytest.raises(InvalidInput, match="with 32 steps: .*both map to timestep 998.*use at most 31 steps$"):
+        make_sampler("unipc_beta", SD15, 32)
+    assert not _finite_in_diffusers(SD15, 32, {"use_beta_sigmas": True}, monkeypatch)
+    assert_matches_diffusers("unipc_beta", SD15, 31, monkeypatch)
 
 
 def test_unipc_refused_step_counts_name_ones_that_work():

@@ -76,17 +76,28 @@ def levels(cfg: dict, steps: int, final: str, bounds: tuple = (None, None)) -> t
     return np.asarray(t).astype(np.int64), np.concatenate([sig, [last]]).astype(F32)
 
 
-def check_first_timestep(name: str, steps: int, t: np.ndarray, sigmas: np.ndarray, hint: str = "") -> None:
-    """Refuse a schedule whose first two timesteps coincide (a long sigma ramp whose top
-    levels map to the same timestep, or one reaching past the largest training sigma):
-    without set_begin_index diffusers finds its first step by timestep, takes the second
-    match (index_for_timestep) and runs off the schedule's end. Refused here, not in
-    schedule_problem: longer schedules only make it worse, and the search for a step
-    count that works would build every one of them."""
-    if len(t) > 1 and t[0] == t[1]:
-        raise InvalidInput(f"scheduler {name!r} with {steps} steps: its first two noise levels (sigma "
-                           f"{sigmas[0]:.6g} and {sigmas[1]:.6g}) both map to timestep {t[0]}, where diffusers "
-                           f"starts at the second and runs off the schedule's end; use fewer steps{hint}")
+def check_first_timestep(name: str, cfg: dict, steps: int, t: np.ndarray, sigmas: np.ndarray, final: str,
+                         bounds: tuple = (None, None)) -> None:
+    """Refuse levels (t, sigmas) = levels(cfg, steps, final, bounds) whose first two
+    timesteps coincide (a long sigma ramp whose top levels map to the same timestep, or
+    one reaching past the largest training sigma): without set_begin_index diffusers
+    finds its first step by timestep, takes the second match (index_for_timestep) and
+    runs off the schedule's end. Checked here rather than in schedule_problem, whose
+    search for a step count that works would build every longer schedule: the top of a
+    ramp only gets denser with more steps, so the most that work are found by bisection."""
+    def repeats(t: np.ndarray) -> bool:
+        return len(t) > 1 and t[0] == t[1]
+
+    if not repeats(t):
+        return
+    works, fails = 1, steps
+    while fails - works > 1:
+        mid = (works + fails) // 2
+        works, fails = (works, mid) if repeats(levels(cfg, mid, final, bounds)[0]) else (mid, fails)
+    raise InvalidInput(f"scheduler {name!r} with {steps} steps: its first two noise levels (sigma {sigmas[0]:.6g} "
+                       f"and {sigmas[1]:.6g}) both map to timestep {t[0]}, where diffusers starts at the second "
+                       f"and runs off the schedule's end; use at most {works} steps"
+                       + ("" if bounds[1] is None else " or a lower sigma_max"))
 
 
 def vp_levels(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

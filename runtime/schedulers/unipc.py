@@ -3,17 +3,18 @@ Sampling of Diffusion Models"), following diffusers' `UniPCMultistepScheduler`
 (scheduling_unipc_multistep.py) step for step.
 
 Each step of order p has two halves, both in lambda = log(alpha / sigma):
-  - UniC, the corrector (paper sec. 3.1): once the model has been evaluated at the
-    sample x_t the previous step predicted, x_t is recomputed from the previous sample
-    with that new evaluation included, which raises the order by one at no extra model
-    call. diffusers runs it at the start of the *next* step() call, so the state carries
-    the sample the previous predictor started from (`last_sample`) and its order.
-  - UniP, the predictor (sec. 3.2): a multistep update from the current level to the
-    next with the last p model evaluations.
+  - UniC, the corrector: once the model has been evaluated at the sample x_t the
+    previous step predicted, x_t is recomputed from the previous step's start with that
+    evaluation included, which raises the order by one at no extra model call.
+    diffusers runs it at the start of the *next* step() call, so the state carries the
+    sample the previous predictor started from (`last_sample`).
+  - UniP, the predictor: a multistep update from the current level to the next with
+    the last p model evaluations.
 Both weigh the divided differences D_k = (m_k - m_0) / r_k of the history by rhos that
 solve R rho = b, where b holds the phi functions of h divided by B(h): B(h) = h for
-solver_type "bh1", e^h - 1 for "bh2" (sec. 3.3). With predict_x0 the history is data
-predictions x0 (the UniPC-x0 / DPM-Solver++ form), else noise predictions.
+solver_type "bh1", e^h - 1 for "bh2" (the paper's two choices of B(h)). With
+predict_x0 the history is data predictions x0 (the DPM-Solver++ form), else noise
+predictions.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "uni
     cfg["disable_corrector"] = _disabled(cfg["disable_corrector"], name)
     bounds = multistep.ramp_bounds(cfg, name)
     t, sigmas = multistep.levels(cfg, steps, cfg["final_sigmas_type"], bounds)
-    multistep.check_first_timestep(name, steps, t, sigmas, "" if bounds[1] is None else " or a lower sigma_max")
+    multistep.check_first_timestep(name, cfg, steps, t, sigmas, cfg["final_sigmas_type"], bounds)
     n = len(t)       # can differ from steps: "trailing" takes a float arange
     orders = _orders(cfg, n, begin)
     # Refused here rather than in schedule_problem: every longer schedule fails the same

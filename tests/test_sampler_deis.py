@@ -232,3 +232,24 @@ def test_deis_history_survives_reused_buffers():
         nxt, state = s.step(state, i, x, out, None)
         x[...] = nxt
     np.testing.assert_array_equal(x, fresh)
+
+
+@pytest.mark.parametrize("bounds", [
+    {"sigma_min": 0.1, "sigma_max": 10.0},
+    {"sigma_min": 0.05, "sigma_max": None},
+    # diffusers drops keys its own config records as defaulted (extract_init_dict).
+    {"sigma_min": 0.1, "sigma_max": 10.0, "_use_default_values": ["sigma_max"]},
+])
+@pytest.mark.parametrize("ramp", ["karras", "exponential", "beta"])
+def test_deis_ramp_takes_the_checkpoint_configs_sigma_bounds_like_diffusers(ramp, bounds, monkeypatch):
+    """DEISMultistepScheduler has no sigma_min / sigma_max keywords, but from_config keeps
+    the checkpoint's keys and its ramps read them."""
+    assert_matches_diffusers(f"deis_{ramp}", {**SD15, **bounds}, 12, monkeypatch)
+    if ramp == "karras":
+        plain = make_sampler("deis_karras", SD15, 12)
+        assert make_sampler("deis_karras", {**SD15, **bounds}, 12).sigmas[-1] != plain.sigmas[-1]
+
+
+def test_deis_refuses_a_config_sigma_bound_that_is_not_a_positive_number():
+    with pytest.raises(InvalidInput, match="sigma_min must be a positive number or None"):
+        make_sampler("deis_karras", {**SD15, "sigma_min": -0.1}, 12)

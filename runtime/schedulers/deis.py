@@ -97,10 +97,12 @@ def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "dei
         cfg["solver_type"] = "logrho"
     unsupported(cfg, name, algorithm_type=("deis",), solver_type=("logrho",), solver_order=(1, 2, 3),
                 use_flow_sigmas=(False, None), use_dynamic_shifting=(False, None))
+    # DEIS takes no sigma_min / sigma_max, but its ramps use the checkpoint config's.
+    bounds = multistep.ramp_bounds(multistep.hidden_config(config), name)
     # DEIS has no final_sigmas_type: the level after the last step is sigma_min, the
     # smallest training sigma (a ramp's own last level, repeated, on a ramp).
-    t, sigmas = multistep.levels(cfg, steps, "sigma_min")
-    multistep.check_first_timestep(name, cfg, steps, t, sigmas, "sigma_min")
+    t, sigmas = multistep.levels(cfg, steps, "sigma_min", bounds)
+    multistep.check_first_timestep(name, cfg, steps, t, sigmas, "sigma_min", bounds)
     return DEIS(name=name, timesteps=t.astype(F32)[begin:], init_noise_sigma=1.0, stochastic=False,
                 begin_index=begin, cfg=cfg, orders=_orders(cfg, len(t), begin),
                 **multistep.tables_from(sigmas, begin))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -39,16 +39,27 @@ def training_sigmas(cfg: dict) -> np.ndarray:
     return tables.sigmas_from_alphas_cumprod(acp)
 
 
-def ramp_bounds(cfg: dict, name: str) -> tuple[float | None, float | None]:
-    """The sigma_min / sigma_max options that replace the training range's ends in a
-    sigma ramp (UniPC has them; diffusers uses them in `_convert_to_karras` & co.)."""
+def ramp_bounds(values: Mapping[str, Any], name: str) -> tuple[float | None, float | None]:
+    """The sigma_min / sigma_max that replace the training range's ends in a sigma ramp
+    (diffusers' `_convert_to_karras` & co. read `self.config.sigma_min` / `sigma_max`):
+    UniPC's keywords, or for DEIS, which has no such keywords, the checkpoint config's
+    own keys (see `hidden_config`)."""
     out = []
     for key in ("sigma_min", "sigma_max"):
-        v = cfg.get(key)
+        v = values.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, Real) or not 0 < v < float("inf")):
-            raise InvalidInput(f"scheduler {name!r}: {key} must be a positive number or None, got {v!r:.40}")
+            raise InvalidInput(f"scheduler {name!r}: {key} must be a positive number or None (it bounds the "
+                               f"sigma ramp), got {v!r:.40}")
         out.append(None if v is None else float(v))
     return out[0], out[1]
+
+
+def hidden_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The checkpoint config as diffusers' `self.config` holds it after `from_config`:
+    every key, those the class does not take included, but the ones listed in
+    `_use_default_values` (extract_init_dict drops them)."""
+    skip = config.get("_use_default_values") or ()
+    return {k: v for k, v in config.items() if k not in skip}
 
 
 def levels(cfg: dict, steps: int, final: str, bounds: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_schedulers import SD15, SD21, assert_matches_diffusers, draws, model  # noqa: E402
+from test_schedulers import SD15, SD21, assert_matches_diffusers, draws, model, step_kwargs  # noqa: E402
 
 from sdrt.cli.main import main  # noqa: E402
 from sdrt.engines.errors import InvalidInput, InvalidType  # noqa: E402
@@ -193,7 +193,8 @@ def test_checkpoints_own_scheduler_class_runs_as_diffusers_runs_it(cls, base):
             xt, state = s.step(state, i, xt, model(s.scale_model_input(xt, i), float(t)),
                                next(taken) if s.draws_noise(i) else None)
             tt = ref.timesteps[i]
-            rt = ref.step(torch.from_numpy(model(ref.scale_model_input(rt, tt).numpy(), float(tt))), tt, rt).prev_sample
+            rt = ref.step(torch.from_numpy(model(ref.scale_model_input(rt, tt).numpy(), float(tt))), tt, rt,
+                          **step_kwargs(ref)).prev_sample
     finally:
         if saved is not None:
             module.randn_tensor = saved
@@ -288,7 +289,7 @@ def test_the_suggested_step_count_works_and_is_the_nearest():
 @pytest.mark.parametrize("args, words", [
     (["--scheduler", "pndm", "--steps", "3", "--scheduler-option", "skip_prk_steps=false"],
      "needs 4 to 500 steps; use at least 4 steps"),
-    (["--scheduler", "dpmpp_2m", "--steps", "1000"], "repeats noise level"),
+    (["--scheduler", "dpmpp_2m", "--steps", "1000"], "with 1000 steps: its"),
     (["--scheduler", "euler", "--scheduler-option", "solver_order=3"], "has no option 'solver_order'"),
     (["--scheduler", "euler", "--scheduler-option", "use_karras_sigmas"], "expected KEY=VALUE"),
     (["--scheduler", "DPM++ 2S a"], "'DPM++ 2S a' is not supported"),

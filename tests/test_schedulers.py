@@ -4,6 +4,8 @@ U-Net timesteps and the same initial noise scale."""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import itertools
 
 import numpy as np
@@ -53,6 +55,42 @@ def oracle(name: str, config: dict, options: dict | None = None):
     return getattr(diffusers, cls_name).from_config(config, **overrides)
 
 
+# How far stock diffusers may sit from sdrt when the whole gap is torch's float32 maths:
+# on x86 torch takes float32 sqrt/exp/log from MKL (<= 1 ulp off in 1-19 % of arguments,
+# not correctly rounded; NumPy's are), and a few ill-conditioned steps (sigma_down =
+# sqrt(s_to^2 - s_up^2) into sigma 0, the first step from a zero-SNR sigma of 4096) amplify
+# one ulp to 1e-4 and more. Such a case must match diffusers run with correctly rounded
+# maths to the full bound (`correctly_rounded_torch`), and stock diffusers to this one.
+TORCH_ROUNDING_RTOL = 2e-3
+
+
+@contextlib.contextmanager
+def correctly_rounded_torch():
+    """torch's float32 sqrt, `** 0.5`, exp and log computed in float64 and rounded once,
+    as NumPy (and so sdrt) computes them."""
+    def rounded(fn):
+        return lambda t, *a: fn(t.double(), *a).float() if t.dtype == torch.float32 else fn(t, *a)
+    saved = {(torch.Tensor, n): getattr(torch.Tensor, n) for n in ("sqrt", "exp", "log", "__pow__")}
+    saved.update({(torch, n): getattr(torch, n) for n in ("sqrt", "exp", "log")})
+    power = torch.Tensor.__pow__
+    try:
+        for (owner, n), fn in saved.items():
+            if n != "__pow__":
+                setattr(owner, n, rounded(fn))
+        sqrt = torch.Tensor.sqrt
+        torch.Tensor.__pow__ = lambda t, e: sqrt(t) if isinstance(e, float) and e == 0.5 else power(t, e)
+        yield
+    finally:
+        for (owner, n), fn in saved.items():
+            setattr(owner, n, fn)
+
+
+def step_kwargs(sched) -> dict:
+    """The extra step() kwargs diffusers' Stable Diffusion pipelines pass
+    (prepare_extra_step_kwargs): their eta default, 0.0, to schedulers whose step takes eta."""
+    return {"eta": 0.0} if "eta" in inspect.signature(sched.step).parameters else {}
+
+
 def run_diffusers(name, config, steps, x, noise, monkeypatch, options=None):
     """diffusers' scheduler on the model above; each `randn_tensor` the scheduler module
     draws is the next of `noise`, in draw order (returns how many it took)."""
@@ -67,7 +105,7 @@ def run_diffusers(name, config, steps, x, noise, monkeypatch, options=None):
     xt = torch.from_numpy(x) * sched.init_noise_sigma
     for t in sched.timesteps:
         out = model(sched.scale_model_input(xt, t).numpy(), float(t))
-        xt = sched.step(torch.from_numpy(out), t, xt).prev_sample
+        xt = sched.step(torch.from_numpy(out), t, xt, **step_kwargs(sched)).prev_sample
     return sched.timesteps.numpy().astype(np.float32), float(sched.init_noise_sigma), xt.numpy(), len(used)
 
 
@@ -108,12 +146,18 @@ def assert_matches_diffusers(name, config, steps, monkeypatch, options=None, rto
     t, sigma, out, n_draws = run_sdrt(name, config, steps, x, noise, options)
     assert np.isfinite(ref_x).all(), "the oracle itself diverged: not a useful case"
     assert n_draws == ref_draws, "the sampler draws noise on other calls than diffusers"
-    # Timesteps are integers for most schedulers (then exactly equal); Karras ones are
-    # interpolated from sigmas, where torch's float32 sqrt differs from numpy's by 1 ulp.
-    np.testing.assert_allclose(t, ref_t, rtol=1e-6, atol=0)
     assert sigma == pytest.approx(ref_sigma, rel=1e-6)
     err = np.abs(out - ref_x).max() / np.abs(ref_x).max()
-    assert err <= rtol, f"max relative error {err:.2e} after {len(t)} calls"
+    # Integer timesteps are equal; interpolated ones (Karras, log-sigma) may differ by an
+    # ulp of a sigma, which near t = 0 is more than a relative 1e-6.
+    same_t = np.allclose(t, ref_t, rtol=1e-6, atol=1e-5)
+    if err > rtol or not same_t:
+        with correctly_rounded_torch():
+            ref_t, _, exact_x, _ = run_diffusers(name, config, steps, x, noise, monkeypatch, options)
+        np.testing.assert_allclose(t, ref_t, rtol=1e-6, atol=1e-5)
+        exact = np.abs(out - exact_x).max() / np.abs(exact_x).max()
+        assert exact <= rtol and err <= TORCH_ROUNDING_RTOL, (
+            f"max relative error {err:.2e} after {len(t)} calls ({exact:.2e} with correctly rounded torch maths)")
 
 
 @pytest.mark.parametrize("name, config_name, spacing, steps", CASES)
@@ -215,5 +259,5 @@ def test_bad_config_values_name_the_value_and_the_choices(key, value, accepted):
 
 
 def test_unsupported_diffusers_option_is_rejected_not_ignored():
-    with pytest.raises(InvalidInput, match="algorithm_type='sde-dpmsolver\\+\\+' is not supported"):
-        make_sampler("dpmpp_2m", {**SD15, "algorithm_type": "sde-dpmsolver++"}, 10)
+    with pytest.raises(InvalidInput, match="use_flow_sigmas=True is not supported"):
+        make_sampler("dpmpp_2m", {**SD15, "use_flow_sigmas": True}, 10)

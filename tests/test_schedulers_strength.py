@@ -16,7 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_schedulers import SD15, SD21, SHAPE, draws, model, oracle  # noqa: E402
+from test_schedulers import (  # noqa: E402
+    SD15, SD21, SHAPE, TORCH_ROUNDING_RTOL, correctly_rounded_torch, draws, model, oracle, step_kwargs,
+)
 
 from sdrt.engines.errors import InvalidInput, InvalidType  # noqa: E402
 from sdrt.runtime.schedulers import (  # noqa: E402
@@ -68,7 +70,7 @@ def run_diffusers(name, config, steps, strength, image, x_noise, noise, monkeypa
     noised = [xt.numpy()]
     for i, t in enumerate(timesteps):
         out = model(sched.scale_model_input(xt, t).numpy(), float(t))
-        xt = sched.step(torch.from_numpy(out), t, xt).prev_sample
+        xt = sched.step(torch.from_numpy(out), t, xt, **step_kwargs(sched)).prev_sample
         if i < len(timesteps) - 1:
             noised.append(sched.add_noise(img, eps, torch.tensor([timesteps[i + 1]])).numpy())
     return timesteps.numpy().astype(np.float32), float(sched.init_noise_sigma), xt.numpy(), noised
@@ -99,7 +101,7 @@ def assert_part_way_matches_diffusers(name, config, steps, strength, monkeypatch
                                                         noise, monkeypatch)
     s, out, noised = run_sdrt(name, config, steps, strength, image, x_noise, noise)
     assert np.isfinite(ref_x).all(), "the oracle itself diverged: not a useful case"
-    np.testing.assert_allclose(s.timesteps, ref_t, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(s.timesteps, ref_t, rtol=1e-6, atol=1e-5)
     assert s.begin_index == t_start_of(steps, strength) * s.order
     assert s.init_noise_sigma == pytest.approx(ref_sigma, rel=1e-6)
     assert len(noised) == len(ref_noised)
@@ -107,7 +109,12 @@ def assert_part_way_matches_diffusers(name, config, steps, strength, monkeypatch
         assert a.dtype == np.float32
         assert rel_err(a, ref) <= NOISE_RTOL, f"add_noise at call {i}: max relative error {rel_err(a, ref):.2e}"
     err = rel_err(out, ref_x)
-    assert err <= RTOL, f"max relative error {err:.2e} after {len(s.timesteps)} calls"
+    if err > RTOL:   # see test_schedulers.TORCH_ROUNDING_RTOL
+        with correctly_rounded_torch():
+            ref_x = run_diffusers(name, config, steps, strength, image, x_noise, noise, monkeypatch)[2]
+        exact = rel_err(out, ref_x)
+        assert exact <= RTOL and err <= TORCH_ROUNDING_RTOL, (
+            f"max relative error {err:.2e} after {len(s.timesteps)} calls ({exact:.2e} with correctly rounded maths)")
 
 
 CASES = [
@@ -159,7 +166,7 @@ def test_inpainting_blend_matches_diffusers(name, monkeypatch):
     ref = sched.add_noise(img, eps, timesteps[:1].repeat(SHAPE[0]))
     for i, t in enumerate(timesteps):
         out = model(sched.scale_model_input(ref, t).numpy(), float(t))
-        ref = sched.step(torch.from_numpy(out), t, ref).prev_sample
+        ref = sched.step(torch.from_numpy(out), t, ref, **step_kwargs(sched)).prev_sample
         proper = sched.add_noise(img, eps, torch.tensor([timesteps[i + 1]])) if i < len(timesteps) - 1 else img
         ref = (1 - m) * proper + m * ref
 

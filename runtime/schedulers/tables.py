@@ -137,63 +137,68 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta function (modified Lentz;
-    Press et al., "Numerical Recipes", 3rd ed., sec. 6.4)."""
+def _betacf(a: float, b: float, x: np.ndarray) -> np.ndarray:
+    """Continued fraction of the regularized incomplete beta function, elementwise
+    (modified Lentz; Press et al., "Numerical Recipes", 3rd ed., sec. 6.4), float64."""
     tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
+
+    def guard(v: np.ndarray) -> np.ndarray:
+        return np.where(np.abs(v) < tiny, tiny, v)
+
+    c = np.ones_like(x)
+    d = 1.0 / guard(1.0 - qab * x / qap)
+    h = d.copy()
     for m in range(1, 400):
         m2 = 2 * m
         for num in (m * (b - m) * x / ((qam + m2) * (a + m2)),
                     -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-16:
+            d = 1.0 / guard(1.0 + num * d)
+            c = guard(1.0 + num / c)
+            h = h * d * c
+        if np.all(np.abs(d * c - 1.0) < 1e-16):
             break
     return h
 
 
-def _beta_cdf(x: float, a: float, b: float) -> float:
-    """I_x(a, b), the Beta(a, b) distribution function."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+def _beta_cdf(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    """I_x(a, b), the Beta(a, b) distribution function, elementwise for x in (0, 1)."""
+    x = np.asarray(x, dtype=np.float64)
+    front = np.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * np.log(x) + b * np.log1p(-x))
+    lower = x < (a + 1.0) / (a + b + 2.0)
+    # Each branch where its continued fraction converges fast (Numerical Recipes 6.4.5).
+    low = front * _betacf(a, b, np.where(lower, x, 0.5)) / a
+    high = 1.0 - front * _betacf(b, a, np.where(lower, 0.5, 1.0 - x)) / b
+    return np.where(lower, low, high)
 
 
-def beta_ppf(q: float, a: float, b: float) -> float:
-    """The Beta(a, b) quantile function (scipy.stats.beta.ppf) by bisection on the
-    distribution function to float64 resolution: the runtime does not depend on scipy."""
-    if q <= 0.0:
-        return 0.0
-    if q >= 1.0:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    for _ in range(200):
+def beta_ppf(q: np.ndarray | float, a: float, b: float) -> np.ndarray:
+    """The Beta(a, b) quantile function (scipy.stats.beta.ppf), elementwise, by bisection on
+    the distribution function to float64 resolution: the runtime does not depend on scipy."""
+    q = np.asarray(q, dtype=np.float64)
+    ends = (q <= 0) | (q >= 1)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        x = _beta_quantile(np.where(ends, 0.5, q), a, b)
+    return np.where(q <= 0, 0.0, np.where(q >= 1, 1.0, x))
+
+
+def _beta_quantile(q: np.ndarray, a: float, b: float) -> np.ndarray:
+    lo, hi = np.zeros_like(q), np.ones_like(q)
+    for _ in range(32):   # bracket each quantile to 2^-32, then Newton steps kept inside it
         mid = 0.5 * (lo + hi)
-        if mid in (lo, hi):
-            break
-        if _beta_cdf(mid, a, b) < q:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+        below = _beta_cdf(mid, a, b) < q
+        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+    x = 0.5 * (lo + hi)
+    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    for _ in range(4):
+        pdf = np.exp(log_norm + (a - 1) * np.log(x) + (b - 1) * np.log1p(-x))
+        x = np.clip(x - (_beta_cdf(x, a, b) - q) / pdf, lo, hi)
+    return x
 
 
 def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
     """Sigmas at the quantiles of a Beta(alpha, beta) distribution (Lee et al. 2024,
     "Beta Sampling is All You Need"; diffusers' `_convert_to_beta`), float64."""
-    return np.array([sigma_min + beta_ppf(float(q), alpha, beta) * (sigma_max - sigma_min)
-                     for q in 1 - np.linspace(0, 1, n)])
+    return sigma_min + beta_ppf(1 - np.linspace(0, 1, n), alpha, beta) * (sigma_max - sigma_min)
 
 
 SIGMA_RAMPS = ("karras", "exponential", "beta")

@@ -163,7 +163,9 @@ def test_text_to_image_with_a_seed_matches_diffusers_for_every_scheduler(sd15, s
     assert _max_diff(ours, want) <= TOL
 
 
-@pytest.mark.parametrize("scheduler", SAMPLERS + ("dpmpp_2m_karras",))
+# Not pndm: this config has no skip_prk_steps, so PNDM runs its Runge-Kutta warm-up, which
+# needs 4 steps (3 crash diffusers and are refused by sdrt).
+@pytest.mark.parametrize("scheduler", tuple(s for s in SAMPLERS if s != "pndm") + ("dpmpp_2m_karras",))
 def test_text_to_image_with_a_seed_matches_diffusers_on_a_v_prediction_model(sd2, scheduler):
     oracle, pipe = sd2
     ours = pipe(PROMPT, steps=3, guidance=5.0, scheduler=scheduler, seed=2**40 + 3).pixels

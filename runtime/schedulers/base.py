@@ -66,6 +66,15 @@ class SamplerRecord:
             if isinstance(value, np.ndarray):
                 value.flags.writeable = False
 
+    def init_state(self) -> Any:
+        """The per-generation state before the first call; None for samplers without history."""
+        return None
+
+    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
+        """The U-Net's input at call i. VP samplers feed the latent as it is; the VE ones
+        (Euler, Heun, LMS, KDPM2) rescale it to unit variance."""
+        return f32(x)
+
     def draws_noise(self, i: int) -> bool:
         """Whether call i's step() takes fresh noise: where diffusers' step draws one
         `randn_tensor`, so a shared generator stays in step with diffusers' draws."""

@@ -16,8 +16,8 @@ of converted model outputs is the per-generation state. "dpmpp_2m_karras" etc. r
 same solver on a sigma ramp (`tables.sigma_ramp`); use_lu_lambdas is Lu et al.'s
 uniform-lambda ramp (DPM-Solver, sec. 3.3), with rounded timesteps.
 
-The update (`model_target`, `weights`, `combine`) and the noise levels (`ramp_levels`,
-`vp_levels`) are shared with the single-step solver (singlestep.py): the two classes use
+The update (`model_target`, `weights`, `combine`) and the noise levels (`schedule_levels`)
+are shared with the single-step solver (singlestep.py): the two classes use
 the same coefficients and differ in which earlier points they extrapolate from.
 """
 
@@ -180,6 +180,21 @@ def ramp_levels(cfg: dict, full: np.ndarray, steps: int, round_lu_karras: bool) 
     return sig, t
 
 
+def schedule_levels(cfg: dict, full: np.ndarray, t: np.ndarray, steps: int,
+                    round_lu_karras: bool) -> tuple[np.ndarray, ...]:
+    """(int64 timesteps, alpha, sigma, lambda) of the whole schedule: the training sigmas at
+    the spaced timesteps `t`, or the ramp the config turns on (with its own timesteps),
+    then the final sigma (0, or sigma_min with final_sigmas_type="sigma_min")."""
+    ramp = ramp_levels(cfg, full, steps, round_lu_karras)
+    if ramp is None:
+        sig = np.interp(t, np.arange(0, len(full)), full)
+    else:
+        sig, t = ramp
+    last = full[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+    alpha, sigma, lam = vp_levels(np.concatenate([sig, [last]]).astype(F32))
+    return np.asarray(t).astype(np.int64), alpha, sigma, lam     # diffusers' int64 timesteps (ramps: truncated)
+
+
 def nan_problem(lam: np.ndarray, orders: tuple, solver: str) -> str | None:
     """The first multistep update that divides by a zero step in lambda (a repeated
     noise level), which makes diffusers' float32 result inf or NaN, or None.
@@ -213,9 +228,6 @@ class DPMSolverMultistep(SamplerRecord):
 
     def init_state(self) -> tuple:
         return ()             # the previous converted model outputs, oldest first
-
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        return f32(x)
 
     def step(self, state: tuple, i: int, x: np.ndarray, model_output: np.ndarray,
              noise: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
@@ -298,14 +310,8 @@ def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "dpm
     full = tables.sigmas_from_alphas_cumprod(acp)
     t = spacing.dpmsolver(cfg["num_train_timesteps"], steps, cfg["timestep_spacing"], cfg["steps_offset"],
                           _last_timestep(cfg, acp))
-    ramp = ramp_levels(cfg, full, steps, round_lu_karras=cfg["beta_schedule"] != "squaredcos_cap_v2")
-    if ramp is None:
-        sig = np.interp(t, np.arange(0, len(full)), full)
-    else:
-        sig, t = ramp
-    last = full[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
-    alpha, sigma, lam = vp_levels(np.concatenate([sig, [last]]).astype(F32))
-    t = np.asarray(t).astype(np.int64)     # diffusers' int64 timesteps (ramps: truncated)
+    t, alpha, sigma, lam = schedule_levels(cfg, full, t, steps,
+                                           round_lu_karras=cfg["beta_schedule"] != "squaredcos_cap_v2")
     # A part-way start runs from step index `begin` (diffusers' set_begin_index).
     # The SDE solvers draw one randn_tensor in every step(), whatever its order: the base
     # draws_noise (every call when stochastic) is diffusers' draw pattern.

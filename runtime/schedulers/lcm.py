@@ -50,12 +50,6 @@ class LCM(SamplerRecord):
     noise_alpha: np.ndarray  # VP (alpha, sigma) of call i's timestep, for add_noise
     noise_sigma: np.ndarray
 
-    def init_state(self) -> Any:
-        return None
-
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        return f32(x)
-
     def step(self, state: Any, i: int, x: np.ndarray, model_output: np.ndarray,
              noise: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         x, out = f32(x), f32(model_output)

@@ -143,9 +143,6 @@ class Multistep(SamplerRecord):
     def init_state(self) -> Any:
         return ()
 
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        return f32(x)
-
     def x0(self, x: np.ndarray, out: np.ndarray, i: int) -> np.ndarray:
         """The data prediction at call i, dynamically thresholded when asked."""
         x0 = param.vp_x0(self.cfg["prediction_type"], x, out, self.alpha[i], self.sigma[i])

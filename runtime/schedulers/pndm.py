@@ -74,9 +74,6 @@ class PNDM(SamplerRecord):
     def init_state(self) -> PNDMState:
         return PNDMState()
 
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        return f32(x)
-
     def step(self, state: PNDMState, i: int, x: np.ndarray, model_output: np.ndarray,
              noise: np.ndarray | None = None) -> tuple[np.ndarray, PNDMState]:
         x, e = f32(x), f32(model_output)

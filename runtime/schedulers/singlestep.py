@@ -23,8 +23,8 @@ from sdrt.engines.errors import InvalidInput
 from . import parametrization as param
 from . import spacing, tables
 from .base import SamplerRecord, f32, resolve
-from .dpmsolver import (ONE, TWO, _last_timestep, check_common, combine, model_target, ramp_levels,
-                        repeat_problem, vp_levels, weights)
+from .dpmsolver import (ONE, TWO, _last_timestep, check_common, combine, model_target,
+                        repeat_problem, schedule_levels, weights)
 
 F32 = np.float32
 
@@ -56,9 +56,6 @@ class DPMSolverSinglestep(SamplerRecord):
 
     def init_state(self) -> State:
         return State()
-
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        return f32(x)
 
     def step(self, state: State, i: int, x: np.ndarray, model_output: np.ndarray,
              noise: np.ndarray | None = None) -> tuple[np.ndarray, State]:
@@ -153,14 +150,8 @@ def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "dpm
     full = tables.sigmas_from_alphas_cumprod(acp)
     # Linspace only (the class has no timestep_spacing), clipped by lambda_min_clipped.
     t = spacing.dpmsolver(cfg["num_train_timesteps"], steps, "linspace", 0, _last_timestep(cfg, acp))
-    ramp = ramp_levels(cfg, full, steps, round_lu_karras=True)   # Karras timesteps always rounded here
-    if ramp is None:
-        sig = np.interp(t, np.arange(0, len(full)), full)
-    else:
-        sig, t = ramp
-    last = full[0] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
-    alpha, sigma, lam = vp_levels(np.concatenate([sig, [last]]).astype(F32))
-    t = np.asarray(t).astype(np.int64)
+    # Karras timesteps are always rounded in this class.
+    t, alpha, sigma, lam = schedule_levels(cfg, full, t, steps, round_lu_karras=True)
     # sde-dpmsolver++ draws one randn_tensor in every step(): the base draws_noise.
     return DPMSolverSinglestep(name=name, timesteps=t.astype(F32)[begin:], init_noise_sigma=1.0,
                                stochastic=cfg["algorithm_type"] == "sde-dpmsolver++", begin_index=begin,

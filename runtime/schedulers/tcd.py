@@ -55,12 +55,6 @@ class TCD(SamplerRecord):
     draws: np.ndarray        # bool: diffusers draws noise (eta > 0, not the schedule's last step)
     alpha_bar: np.ndarray    # alpha_bar_t (a zero one cannot take an epsilon prediction)
 
-    def init_state(self) -> Any:
-        return None
-
-    def scale_model_input(self, x: np.ndarray, i: int) -> np.ndarray:
-        return f32(x)
-
     def step(self, state: Any, i: int, x: np.ndarray, model_output: np.ndarray,
              noise: np.ndarray | None = None) -> tuple[np.ndarray, Any]:
         x, out = f32(x), f32(model_output)

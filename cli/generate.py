@@ -152,11 +152,12 @@ def check_request(request: Mapping[str, Any], batch: int) -> None:
     """Validate the settings before loading engines, so a typo costs no load time.
     The pipeline validates them again (it is also an API entry point)."""
     r = request
-    if r["scheduler"] is None and r.get("scheduler_options"):
-        return   # options belong to the checkpoint's sampler: checked with the artifact's config
+    # Without --scheduler the options belong to the checkpoint's own sampler: they are
+    # checked against it by Artifact.request, still before loading.
     GenerationConfig.create(r["prompt"], r["negative_prompt"], r["steps"], r["guidance"],
                             "euler" if r["scheduler"] is None else r["scheduler"], r["seed"],
-                            batch=batch, generator=r["generator"], scheduler_options=r.get("scheduler_options"))
+                            batch=batch, generator=r["generator"],
+                            scheduler_options=None if r["scheduler"] is None else r.get("scheduler_options"))
 
 
 def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], request: Mapping[str, Any],

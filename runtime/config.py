@@ -160,7 +160,6 @@ def _scheduler_options(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
     for key in value:
         if not isinstance(key, str):
             raise InvalidType(f"scheduler_options keys must be strings, got {type(key).__name__} {_short(key)}")
-    schedulers.option_keys(name)    # the name is known
     return tuple(sorted(schedulers.check_options(name, value).items()))
 
 

@@ -5,7 +5,6 @@ large step counts, part-way starts and refusals."""
 from __future__ import annotations
 
 import inspect
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_schedulers import SD15, SD21, SHAPE, draws, model, oracle  # noqa: E402
+from test_schedulers import SD15, SD21, SHAPE, draws, model, oracle, step_kwargs  # noqa: E402
 from test_schedulers_strength import t_start_of  # noqa: E402
 
 from sdrt.engines.errors import InvalidInput  # noqa: E402
@@ -21,15 +20,6 @@ from sdrt.runtime.schedulers import make_sampler, tcd  # noqa: E402
 
 RTOL = 1e-5
 ZERO_SNR_V = {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}
-
-
-def pipeline_step_kwargs(sched) -> dict:
-    """The extra step() kwargs a plain `StableDiffusionPipeline(...)(prompt)` call gives
-    this scheduler: its own `eta` default through prepare_extra_step_kwargs."""
-    eta = inspect.signature(diffusers.StableDiffusionPipeline.__call__).parameters["eta"].default
-    kwargs = diffusers.StableDiffusionPipeline.prepare_extra_step_kwargs(SimpleNamespace(scheduler=sched), None, eta)
-    kwargs.pop("generator", None)
-    return kwargs
 
 
 def run_diffusers(config, steps, strength, step_kwargs, monkeypatch, seed=0):
@@ -84,31 +74,31 @@ def test_a_plain_pipeline_call_passes_tcd_eta_zero():
     """StableDiffusionPipeline's eta defaults to 0.0 and reaches every scheduler whose
     step() takes `eta`, TCD's included (whose own default, 0.3, is thus never used)."""
     sched = oracle("tcd", SD15)
-    assert pipeline_step_kwargs(sched) == {"eta": tcd.PIPELINE_ETA} == {"eta": 0.0}
+    assert step_kwargs(sched) == {"eta": tcd.PIPELINE_ETA} == {"eta": 0.0}
     assert inspect.signature(type(sched).step).parameters["eta"].default == 0.3
     assert "eta" not in tcd.DEFAULTS and "eta" not in inspect.signature(type(sched).__init__).parameters
     s = make_sampler("tcd", SD15, 4)
     assert not s.stochastic and not any(s.draws_noise(i) for i in range(4))
 
 
+def leaves_a_step(steps: int, strength: float | None) -> bool:
+    return strength is None or steps - t_start_of(steps, strength) >= 1
+
+
 @pytest.mark.parametrize("config", [SD15, SD21], ids=["sd15_epsilon", "sd21_v"])
-@pytest.mark.parametrize("strength", [None, 0.3, 0.75])
-@pytest.mark.parametrize("steps", [1, 2, 4, 8, 25, 50])
+@pytest.mark.parametrize("strength, steps", [(st, k) for st in (None, 0.3, 0.75) for k in (1, 2, 4, 8, 25, 50)
+                                             if leaves_a_step(k, st)])
 def test_tcd_matches_diffusers_as_a_plain_pipeline_call_runs_it(config, strength, steps, monkeypatch):
-    if strength is not None and steps - t_start_of(steps, strength) < 1:
-        pytest.skip("no step left")
     s = make_sampler("tcd", config, steps, strength=strength)
-    assert_same(s, config, steps, strength, pipeline_step_kwargs(oracle("tcd", config)), monkeypatch)
+    assert_same(s, config, steps, strength, step_kwargs(oracle("tcd", config)), monkeypatch)
 
 
 @pytest.mark.parametrize("eta", [0.1, 0.3, 0.9, 1.0])
-@pytest.mark.parametrize("strength", [None, 0.5])
-@pytest.mark.parametrize("steps", [1, 4, 8])
+@pytest.mark.parametrize("strength, steps", [(st, k) for st in (None, 0.5) for k in (1, 4, 8)
+                                             if leaves_a_step(k, st)])
 def test_tcd_eta_matches_diffusers_step_eta(eta, strength, steps, monkeypatch):
     """gamma > 0: fresh noise on every call but the whole schedule's last (a part-way run
     ends on that step too)."""
-    if strength is not None and steps - t_start_of(steps, strength) < 1:
-        pytest.skip("no step left")
     begin = 0 if strength is None else t_start_of(steps, strength)
     s = tcd.make(SD15, steps, begin, eta=eta)
     assert_same(s, SD15, steps, strength, {"eta": eta}, monkeypatch)

@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_schedulers import SD15, SD21, assert_matches_diffusers, draws, model, run_diffusers  # noqa: E402
+from test_schedulers import SD15, SD21, assert_matches_diffusers, diffusers_finite, draws, model, run_diffusers  # noqa: E402
 from test_schedulers_strength import assert_part_way_matches_diffusers  # noqa: E402
 
 from sdrt.engines.errors import InvalidInput  # noqa: E402
@@ -24,12 +24,8 @@ CONFIGS = {"sd15_epsilon": SD15, "sd21_v": SD21}
 
 
 def _finite_in_diffusers(config: dict, steps: int, options: dict, monkeypatch) -> bool:
-    """Whether diffusers' own run ends finite (False where it returns NaN or raises)."""
-    x, noise = draws(steps)
-    try:
-        return bool(np.isfinite(run_diffusers("unipc", config, steps, x, noise, monkeypatch, options)[2]).all())
-    except (RuntimeError, IndexError, AssertionError):     # torch's LinAlgError is a RuntimeError
-        return False
+    return diffusers_finite("unipc", config, steps, monkeypatch, options,
+                            errors=(RuntimeError, IndexError, AssertionError))     # torch's LinAlgError is a RuntimeError
 
 
 def test_unipc_defaults_are_the_diffusers_constructor_defaults():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -86,9 +87,13 @@ def correctly_rounded_torch():
 
 
 def step_kwargs(sched) -> dict:
-    """The extra step() kwargs diffusers' Stable Diffusion pipelines pass
-    (prepare_extra_step_kwargs): their eta default, 0.0, to schedulers whose step takes eta."""
-    return {"eta": 0.0} if "eta" in inspect.signature(sched.step).parameters else {}
+    """The extra step() kwargs a plain `StableDiffusionPipeline(...)(prompt)` call gives this
+    scheduler (prepare_extra_step_kwargs): the pipeline's `eta` default, 0.0, to schedulers
+    whose step takes eta (DDIM, TCD); the generator is the harness's injected noise."""
+    eta = inspect.signature(diffusers.StableDiffusionPipeline.__call__).parameters["eta"].default
+    kwargs = diffusers.StableDiffusionPipeline.prepare_extra_step_kwargs(SimpleNamespace(scheduler=sched), None, eta)
+    kwargs.pop("generator", None)
+    return kwargs
 
 
 def run_diffusers(name, config, steps, x, noise, monkeypatch, options=None):
@@ -107,6 +112,16 @@ def run_diffusers(name, config, steps, x, noise, monkeypatch, options=None):
         out = model(sched.scale_model_input(xt, t).numpy(), float(t))
         xt = sched.step(torch.from_numpy(out), t, xt, **step_kwargs(sched)).prev_sample
     return sched.timesteps.numpy().astype(np.float32), float(sched.init_noise_sigma), xt.numpy(), len(used)
+
+
+def diffusers_finite(name, config, steps, monkeypatch, options=None, errors=(RuntimeError, IndexError)) -> bool:
+    """Whether diffusers' own run ends finite: False where it returns NaN/inf or raises one
+    of `errors` (the failures a degenerate schedule gives that scheduler class)."""
+    x, noise = draws(steps)
+    try:
+        return bool(np.isfinite(run_diffusers(name, config, steps, x, noise, monkeypatch, options)[2]).all())
+    except errors:
+        return False
 
 
 def run_sdrt(name, config, steps, x, noise, options=None):

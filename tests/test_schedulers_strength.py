@@ -8,7 +8,6 @@ timesteps[i + 1])` after each step."""
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from test_schedulers import (  # noqa: E402
 
 from sdrt.engines.errors import InvalidInput, InvalidType  # noqa: E402
 from sdrt.runtime.schedulers import (  # noqa: E402
-    DIFFUSERS_CLASS, SAMPLERS, SCHEDULERS, default_scheduler, diffusers_scheduler, make_sampler,
+    DIFFUSERS_CLASS, SAMPLERS, default_scheduler, diffusers_scheduler, make_sampler,
 )
 
 CONFIGS = {

@@ -334,7 +334,7 @@ def test_ctrl_c_during_generate_exits_130_and_writes_no_image(sd15_artifacts, tm
     temporary file left beside it."""
     out = tmp_path / "image.png"
     cmd = [sys.executable, "-m", "sdrt.cli.main", "generate", str(sd15_artifacts), "--prompt", "a fox",
-           "--steps", "1000", "--seed", "1", "--out", str(out)]
+           "--steps", "999", "--seed", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         lines = []
@@ -404,7 +404,7 @@ def test_ctrl_c_while_generate_starts_is_one_line_and_writes_nothing(sd15_artifa
     folder = tmp_path / "artifacts"
     shutil.copytree(sd15_artifacts, folder, ignore=shutil.ignore_patterns(".sdrt-cache"))   # load writes the cache
     out = tmp_path / "out"
-    code, lines, err = _interrupt(["generate", str(folder), "--prompt", "a fox", "--steps", "1000",
+    code, lines, err = _interrupt(["generate", str(folder), "--prompt", "a fox", "--steps", "999",
                                    "--out", str(out / "fox.png")], delay_s)
     assert _exited_130(code) and lines == ["sdrt generate: interrupted"], err
     assert not out.exists()

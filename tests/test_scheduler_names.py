@@ -324,3 +324,19 @@ def test_generate_with_options_and_an_automatic1111_name_equals_the_api(sd15_art
     text = read_parameters(out)
     assert "Sampler: DPM++ 2M, Schedule type: Karras" in text
     assert 'Scheduler options: "{\\"solver_order\\": 3, \\"timestep_spacing\\": \\"trailing\\"}"' in text
+
+
+@pytest.mark.parametrize("name", ["euler", "ddim", "heun", "dpmpp_2m", "unipc"])
+def test_config_keys_listed_in_use_default_values_take_the_class_default(name, monkeypatch):
+    """A config saved from a live scheduler lists the values it never set in
+    `_use_default_values`; from_config drops those keys, so the class default applies."""
+    config = {**SD15, "timestep_spacing": "trailing", "steps_offset": 1,
+              "_use_default_values": ["timestep_spacing", "steps_offset"]}
+    ref = getattr(diffusers, diffusers_class_of(name)).from_config(config)
+    assert ref.config.get("timestep_spacing") != "trailing"
+    assert_matches_diffusers(name, config, 9, monkeypatch)
+
+
+def diffusers_class_of(name):
+    from sdrt.runtime.schedulers import diffusers_scheduler
+    return diffusers_scheduler(name, SD15)[0]

@@ -112,6 +112,15 @@ def levels_problem(sigmas: np.ndarray) -> str | None:
     return None
 
 
+def hidden_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The checkpoint config as diffusers' `self.config` holds it after `from_config`:
+    every key, those the class does not take included, but the ones listed in
+    `_use_default_values` (diffusers' extract_init_dict drops them, so the class default
+    applies: a config saved from a live scheduler lists the values it never set)."""
+    skip = config.get("_use_default_values") or ()
+    return {k: v for k, v in config.items() if k not in skip}
+
+
 def resolve(config: Mapping[str, Any], defaults: Mapping[str, Any], scheduler: str,
             prediction_types: tuple[str, ...] = PREDICTION_TYPES,
             **overrides: Any) -> dict[str, Any]:
@@ -120,6 +129,7 @@ def resolve(config: Mapping[str, Any], defaults: Mapping[str, Any], scheduler: s
     own defaults (so a PNDM config run through Euler gets Euler's "linspace" spacing
     unless the config names one). Values that would make diffusers fail are rejected
     here with the value and what is accepted."""
+    config = hidden_config(config)
     cfg = {k: config.get(k, v) for k, v in defaults.items()}
     cfg.update(overrides)
     where = f"scheduler {scheduler!r}"

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import multistep
-from .base import f32, resolve, unsupported
+from .base import f32, hidden_config, resolve, unsupported
 
 F32 = np.float32
 
@@ -98,7 +98,7 @@ def make(config: Mapping[str, Any], steps: int, begin: int = 0, name: str = "dei
     unsupported(cfg, name, algorithm_type=("deis",), solver_type=("logrho",), solver_order=(1, 2, 3),
                 use_flow_sigmas=(False, None), use_dynamic_shifting=(False, None))
     # DEIS takes no sigma_min / sigma_max, but its ramps use the checkpoint config's.
-    bounds = multistep.ramp_bounds(multistep.hidden_config(config), name)
+    bounds = multistep.ramp_bounds(hidden_config(config), name)
     # DEIS has no final_sigmas_type: the level after the last step is sigma_min, the
     # smallest training sigma (a ramp's own last level, repeated, on a ramp).
     t, sigmas = multistep.levels(cfg, steps, "sigma_min", bounds)

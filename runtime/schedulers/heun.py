@@ -25,7 +25,7 @@ from sdrt.engines.errors import InvalidInput
 
 from . import parametrization as param
 from . import spacing, tables
-from .base import SamplerRecord, f32, levels_problem, resolve
+from .base import SamplerRecord, f32, hidden_config, levels_problem, resolve
 
 F32 = np.float32
 
@@ -44,10 +44,10 @@ def _ramp_bounds(config: Mapping[str, Any], sig: np.ndarray, name: str) -> tuple
     a keyword of these classes: `from_config` keeps every key of the checkpoint's
     config (but those listed in `_use_default_values`) as a hidden config attribute.
     Otherwise the ends of the spaced schedule."""
-    defaults = config.get("_use_default_values") or ()
+    config = hidden_config(config)
     out = []
     for key, fallback in (("sigma_min", sig[-1].item()), ("sigma_max", sig[0].item())):
-        value = config.get(key) if key not in defaults else None
+        value = config.get(key)
         if value is None:
             out.append(fallback)
             continue

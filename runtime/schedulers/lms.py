@@ -23,7 +23,7 @@ from sdrt.engines.errors import InvalidInput
 
 from . import parametrization as param
 from . import spacing, tables
-from .base import SamplerRecord, f32, levels_problem, resolve
+from .base import SamplerRecord, f32, hidden_config, levels_problem, resolve
 from .euler import init_sigma
 
 F32 = np.float32
@@ -103,7 +103,7 @@ def _ramp_bound(config: Mapping[str, Any], key: str, name: str) -> float | None:
     """diffusers' exponential and beta ramps read `config.sigma_min` / `sigma_max` when the
     checkpoint's config carries them (from_config keeps keys the class does not take), even
     though LMSDiscreteScheduler has no such keyword."""
-    v = config.get(key)
+    v = hidden_config(config).get(key)
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, Real) or not 0 < v < float("inf"):

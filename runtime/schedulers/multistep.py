@@ -43,7 +43,7 @@ def ramp_bounds(values: Mapping[str, Any], name: str) -> tuple[float | None, flo
     """The sigma_min / sigma_max that replace the training range's ends in a sigma ramp
     (diffusers' `_convert_to_karras` & co. read `self.config.sigma_min` / `sigma_max`):
     UniPC's keywords, or for DEIS, which has no such keywords, the checkpoint config's
-    own keys (see `hidden_config`)."""
+    own keys (see `base.hidden_config`)."""
     out = []
     for key in ("sigma_min", "sigma_max"):
         v = values.get(key)
@@ -52,14 +52,6 @@ def ramp_bounds(values: Mapping[str, Any], name: str) -> tuple[float | None, flo
                                f"sigma ramp), got {v!r:.40}")
         out.append(None if v is None else float(v))
     return out[0], out[1]
-
-
-def hidden_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The checkpoint config as diffusers' `self.config` holds it after `from_config`:
-    every key, those the class does not take included, but the ones listed in
-    `_use_default_values` (extract_init_dict drops them)."""
-    skip = config.get("_use_default_values") or ()
-    return {k: v for k, v in config.items() if k not in skip}
 
 
 def levels(cfg: dict, steps: int, final: str, bounds: tuple = (None, None)) -> tuple[np.ndarray, np.ndarray]:

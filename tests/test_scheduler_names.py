@@ -340,3 +340,14 @@ def test_config_keys_listed_in_use_default_values_take_the_class_default(name, m
 def diffusers_class_of(name):
     from sdrt.runtime.schedulers import diffusers_scheduler
     return diffusers_scheduler(name, SD15)[0]
+
+
+def test_beta_quantiles_equal_scipys():
+    """The runtime's scipy-free Beta(0.6, 0.6) quantiles (diffusers' use_beta_sigmas), over
+    every ramp point up to 1000 steps and the tails."""
+    stats = pytest.importorskip("scipy.stats")
+    from sdrt.runtime.schedulers import tables
+    q = np.concatenate([1 - np.linspace(0, 1, 1000), np.random.default_rng(0).random(2000),
+                        np.logspace(-12, -1, 100), 1 - np.logspace(-12, -1, 100)])
+    ref = stats.beta.ppf(q, 0.6, 0.6)
+    np.testing.assert_allclose(tables.beta_ppf(q, 0.6, 0.6), ref, rtol=1e-13, atol=1e-300)

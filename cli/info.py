@@ -38,6 +38,10 @@ def format_info(folder: Path, m: Any, checked: bool = False) -> str:
                f"text {f.text_max_length} x {f.text_hidden_size}")
     out.append(f"  image         {s.width}x{s.height} (native {f.native_image_size}), batch {s.batch}, "
                f"classifier-free guidance {'on' if s.cfg else 'off (--no-cfg)'}")
+    room = f.text_max_length - 2
+    skip = f"clip skip 0-{f.max_clip_skip}" if f.text_num_layers else "no clip skip (exported by an older sdrt)"
+    out.append(f"  prompts       up to {s.prompt_chunks} chunk(s) of {room} tokens ({s.prompt_chunks * room} tokens), "
+               f"{skip}")
     out.append("stages")
     for stage, spec in m.specs.items():
         out.append(f"  {stage.value:<13} {m.precisions[stage].value}")

@@ -69,6 +69,11 @@ class GenerationConfig:
     generator: Generator = Generator.TORCH
     # diffusers scheduler options on top of the checkpoint's config, sorted (key, value) pairs
     scheduler_options: tuple[tuple[str, Any], ...] = ()
+    # AUTOMATIC1111 attention syntax ("(word:1.2)", "[word]", BREAK); False: the text is literal
+    prompt_weighting: bool = True
+    # diffusers' clip_skip: condition on the hidden state this many layers before the text
+    # encoder's last, through its final layer norm (0 = the last; AUTOMATIC1111's "Clip skip" - 1)
+    clip_skip: int = 0
 
     @property
     def prompt(self) -> str:
@@ -81,9 +86,11 @@ class GenerationConfig:
     @classmethod
     def create(cls, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, scheduler: Any,
                seed: Any, *, batch: int, task: Task = Task.TEXT_TO_IMAGE, strength: Any = None,
-               generator: Any = Generator.TORCH, scheduler_options: Any = None) -> "GenerationConfig":
+               generator: Any = Generator.TORCH, scheduler_options: Any = None, prompt_weighting: Any = True,
+               clip_skip: Any = None, max_clip_skip: int | None = None) -> "GenerationConfig":
         """`scheduler`: an sdrt or AUTOMATIC1111 sampler name (see schedulers.canonical_name);
-        `scheduler_options`: a mapping of the sampler's diffusers options, checked against it."""
+        `scheduler_options`: a mapping of the sampler's diffusers options, checked against it;
+        `clip_skip`: None or 0 (no skip) to `max_clip_skip` (the text encoder's layers - 1)."""
         name = _scheduler(scheduler)
         return cls(
             prompts=_prompts("prompt", prompt, batch, allow_none=False),
@@ -96,6 +103,8 @@ class GenerationConfig:
             strength=_strength(strength, task),
             generator=_generator(generator),
             scheduler_options=_scheduler_options(name, scheduler_options),
+            prompt_weighting=_flag("prompt_weighting", prompt_weighting),
+            clip_skip=_clip_skip(clip_skip, max_clip_skip),
         )
 
 
@@ -161,6 +170,25 @@ def _scheduler_options(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
         if not isinstance(key, str):
             raise InvalidType(f"scheduler_options keys must be strings, got {type(key).__name__} {_short(key)}")
     return tuple(sorted(schedulers.check_options(name, value).items()))
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidType(f"{name} must be True or False, got {type(value).__name__} {_short(value)}")
+    return value
+
+
+def _clip_skip(value: Any, most: int | None) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidType(f"clip_skip must be an integer (0 = no skip), got {type(value).__name__} {_short(value)}")
+    if most is not None and not 0 <= value <= most:
+        raise InvalidInput(f"clip_skip must be from 0 to {most} for this text encoder ({most + 1} layers), "
+                           f"got {_short(value)}")
+    if value < 0:
+        raise InvalidInput(f"clip_skip must be 0 or more (layers skipped before the last), got {_short(value)}")
+    return int(value)
 
 
 def _strength(value: Any, task: Task) -> float | None:

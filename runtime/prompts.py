@@ -129,7 +129,8 @@ class Chunk:
 
 
 def tokenize_chunks(tokenizer: Tokenizer, text: str, weighting: bool = True,
-                    comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK) -> list[Chunk]:
+                    comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK,
+                    max_chunks: int | None = None) -> list[Chunk]:
     """The prompt as the web UI's chunks (sd_hijack_clip.py `tokenize_line`).
 
     Tokens fill chunks of `tokenizer.max_length - 2` (75). When a chunk is full and the
@@ -138,6 +139,9 @@ def tokenize_chunks(tokenizer: Tokenizer, text: str, weighting: bool = True,
     run closes the current chunk, even an empty one. `weighting=False` is the web UI's
     emphasis "None": the text is taken literally, BREAK included, with weight 1.0.
     A prompt without syntax and of at most 75 tokens gives `tokenizer.encode`'s ids.
+    With `max_chunks`, chunk number max_chunks (the last that will be kept) is filled
+    to 75 tokens rather than broken at a comma, as nothing follows it: at max_chunks=1
+    a long prompt keeps its first 75 tokens, as diffusers' truncation does.
     """
     if not isinstance(text, str):
         raise InvalidType(f"prompt must be a string, got {type(text).__name__}: {text!r:.80}")
@@ -169,7 +173,8 @@ def tokenize_chunks(tokenizer: Tokenizer, text: str, weighting: bool = True,
             if token == comma:
                 last_comma = len(ids)
             elif (comma_padding_backtrack and len(ids) == room and last_comma != -1
-                  and len(ids) - last_comma <= comma_padding_backtrack):
+                  and len(ids) - last_comma <= comma_padding_backtrack
+                  and (max_chunks is None or len(chunks) < max_chunks - 1)):
                 close(last_comma + 1)
             if len(ids) == room:
                 close(room)
@@ -268,3 +273,54 @@ def apply_emphasis(z: np.ndarray, weights: np.ndarray, chunk_length: int = DEFAU
         # prevent artifacts that happen otherwise" (sd_emphasis.py)
         view[b, k] = scaled * np.float32(original_mean / scaled.mean(dtype=np.float64))
     return out.astype(z.dtype, copy=False)
+
+
+@dataclass(frozen=True, eq=False)
+class Truncation:
+    """A prompt cut at the artifact's chunk limit."""
+    prompt: str
+    tokens: int           # prompt tokens in all
+    dropped: list[int]    # the token ids left out
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkedPrompts:
+    """Prompts as text-encoder calls: call j encodes ids[j], one row per prompt.
+
+    ids (chunks, prompts, max_length) int32; weights (prompts, chunks * max_length)
+    float32, in the order the calls' outputs are joined along the token axis."""
+    ids: np.ndarray
+    weights: np.ndarray
+    truncated: tuple[Truncation, ...]
+
+    @property
+    def chunks(self) -> int:
+        return self.ids.shape[0]
+
+
+def chunk_prompts(tokenizer: Tokenizer, prompts: Sequence[str], weighting: bool = True,
+                  max_chunks: int | None = None) -> ChunkedPrompts:
+    """Every prompt in chunks, cut at `max_chunks` and padded with empty chunks to the
+    count of the longest, as the web UI conditions a batch (negative prompts included)."""
+    per_prompt, truncated = [], []
+    for text in prompts:
+        chunks = tokenize_chunks(tokenizer, text, weighting, max_chunks=max_chunks)
+        if max_chunks is not None and len(chunks) > max_chunks:
+            dropped = [int(t) for c in chunks[max_chunks:] for t in c.ids[1:c.length + 1]]
+            truncated.append(Truncation(text, sum(c.length for c in chunks), dropped))
+            chunks, _ = truncate_chunks(chunks, max_chunks)
+        per_prompt.append(chunks)
+    padded = pad_chunks(tokenizer, per_prompt)
+    ids = np.stack([np.stack([p[j].ids for p in padded]) for j in range(len(padded[0]))]).astype(np.int32)
+    weights = np.stack([np.concatenate([c.weights for c in p]) for p in padded])
+    return ChunkedPrompts(ids, weights, tuple(truncated))
+
+
+def truncation_message(tokenizer: Tokenizer, truncated: Sequence[Truncation], max_chunks: int) -> str:
+    """One warning for every prompt of a call that was cut, naming token counts and K."""
+    room = tokenizer.max_length - 2
+    parts = [f"prompt {t.prompt[:40]!r}... has {t.tokens} tokens; {len(t.dropped)} were dropped: "
+             f"{tokenizer.decode(t.dropped)[:80]!r}" for t in truncated]
+    return (f"{'; '.join(parts)}. This artifact takes at most {max_chunks} chunk(s) of {room} tokens "
+            f"(sdrt export --max-prompt-chunks {max_chunks}); export with a larger --max-prompt-chunks for "
+            f"longer prompts")

@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from sdrt.engines.errors import InvalidInput, InvalidType
-from sdrt.runtime.prompts import (Chunk, apply_emphasis, empty_chunk, pad_chunks, parse_prompt_attention,
-                                  stack_chunks, tokenize_chunks, truncate_chunks)
+from sdrt.runtime.prompts import (Chunk, apply_emphasis, chunk_prompts, empty_chunk, pad_chunks,
+                                  parse_prompt_attention, stack_chunks, tokenize_chunks, truncate_chunks,
+                                  truncation_message)
 from sdrt.runtime.tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -379,3 +380,44 @@ def test_prompts_module_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- batches
+
+def test_last_kept_chunk_is_filled_to_75_not_broken_at_a_comma(tok, family):
+    cat, dog, comma = (tok.backend.token_to_id(t) for t in ("cat</w>", "dog</w>", ",</w>"))
+    text = "cat " * 70 + ", " + "dog " * 10
+    (only,) = tokenize_chunks(tok, text, max_chunks=1)[:1]
+    _check_chunk(only, [cat] * 70 + [comma] + [dog] * 4, PAD[family[0]])   # diffusers' first 75 tokens
+    # Earlier chunks still break at the comma; the last one allowed does not.
+    text = "cat " * 70 + ", " + "dog " * 70 + ", " + "cat " * 10
+    assert [c.length for c in tokenize_chunks(tok, text)] == [71, 71, 10]
+    assert [c.length for c in tokenize_chunks(tok, text, max_chunks=2)] == [71, 75, 6]
+
+
+def test_chunk_prompts_pads_every_prompt_to_the_longest(tok, family):
+    texts = ["", "cat " * 100, "dog"]
+    batch = chunk_prompts(tok, texts, max_chunks=4)
+    assert batch.ids.shape == (2, 3, 77) and batch.ids.dtype == np.int32 and batch.chunks == 2
+    assert batch.weights.shape == (3, 154) and (batch.weights == 1.0).all()
+    empty = empty_chunk(tok).ids
+    assert batch.ids[1, 0].tolist() == empty.tolist() and batch.ids[1, 2].tolist() == empty.tolist()
+    assert batch.ids[1, 1, :27].tolist() == [BOS] + [tok.backend.token_to_id("cat</w>")] * 25 + [EOS]
+    assert batch.truncated == ()
+
+
+def test_chunk_prompts_cuts_at_max_chunks_and_reports_what_was_dropped(tok):
+    texts = ["cat " * 200, "dog " * 10, "cat " * 80]
+    batch = chunk_prompts(tok, texts, max_chunks=2)
+    assert batch.chunks == 2
+    (cut,) = batch.truncated
+    assert cut.prompt == texts[0] and cut.tokens == 200 and len(cut.dropped) == 50
+    message = truncation_message(tok, batch.truncated, 2)
+    assert "has 200 tokens; 50 were dropped" in message and "at most 2 chunk(s) of 75 tokens" in message
+    assert "--max-prompt-chunks 2" in message
+
+
+def test_chunk_prompts_literal_mode_keeps_brackets_as_tokens(tok, oracle):
+    batch = chunk_prompts(tok, ["a (fox:1.5)"], weighting=False)
+    tokens = oracle("a (fox:1.5)")
+    assert batch.ids[0, 0, 1:len(tokens) + 1].tolist() == tokens and (batch.weights == 1.0).all()

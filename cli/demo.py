@@ -10,7 +10,7 @@ from sdrt.engines.errors import AlreadyExists, BackendUnavailable, InvalidInput,
 from sdrt.engines.progress import Progress
 
 from .errors import writing_into
-from .generate import add_generation_args, check_request, generate_and_save, generation_request
+from .generate import DEFAULT_PROMPT, add_generation_args, check_request, generate_and_save, generation_request
 
 DEFAULT_DEMO_DIR = "sdrt-demo"
 DEMO_IMAGE = "demo.png"
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "an image and print the timings. Needs the export extra (torch).")
     d.add_argument("--out", type=Path, default=Path(DEFAULT_DEMO_DIR),
                    help=f"folder for the model, artifacts and image (default: ./{DEFAULT_DEMO_DIR})")
-    add_generation_args(d, prompt_required=False)
+    add_generation_args(d, default_prompt=DEFAULT_PROMPT)
     d.add_argument("--force", action="store_true", help=f"overwrite {DEMO_IMAGE} in a folder the demo did not make")
     d.set_defaults(handler=run_demo)
 
@@ -60,11 +60,11 @@ def run_demo(args: argparse.Namespace) -> int:
                 progress.say(f"writing the built-in tiny SD 1.5 model to {model_dir}")
                 make_tiny_model(model_dir, variant="sd15", force=model_dir.exists())
             progress.say(f"exporting it to ONNX in {artifact_dir}")
-            export_artifacts(ExportConfig(model_dir=model_dir, out_dir=artifact_dir, force=artifact_dir.exists()),
-                             progress)
+            export_artifacts(ExportConfig(model_dir=model_dir, out_dir=artifact_dir, force=artifact_dir.exists(),
+                                          model_name=DEMO_MODEL), progress)
         else:
             progress.say(f"reusing the export in {artifact_dir}")
-        generate_and_save(artifact_dir, Backend.ONNXRUNTIME, {}, request, output_paths(image, 1), model=DEMO_MODEL,
+        generate_and_save(artifact_dir, Backend.ONNXRUNTIME, {}, request, output_paths(image, 1),
                           command=args.command, progress=progress)
     progress.say("demo done")
     return 0

@@ -7,7 +7,9 @@ list with each stage's specs and precision, a SHA-256 and size for every file th
 runtime reads, tool versions and export's verification results.
 
 Format 2 lists the stages (format 1, written by sdrt 0.1, always had the same three:
-text encoder, U-Net, VAE decoder); both are read, and format 2 is written.
+text encoder, U-Net, VAE decoder); both are read, and format 2 is written. An optional
+"checkpoint" entry names the source checkpoint as PNG metadata records it (its name and
+AUTOMATIC1111's model hash); manifests written before it existed lack it.
 
 Loading checks sizes always and content hashes unless a stamp proves the file is
 unchanged since it was last hashed (see `_Stamps`), so a normal load of a multi-GB
@@ -18,12 +20,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from . import files
-from .errors import ArtifactError, MissingFile
+from .errors import ArtifactError, InvalidInput, MissingFile
 from .families import Family, family
 from .specs import ModelFacts, Precision, ShapeConfig, Stage, StageSpec, stage_specs
 
@@ -45,6 +49,84 @@ class FileRecord:
         return {"sha256": self.sha256, "size": self.size}
 
 
+# AUTOMATIC1111's infotext separates fields with ", " and a key from its value with ":",
+# so a name holding either (or a line break) would be read back as other fields;
+# a '"' could make it look like a JSON-quoted value.
+_NAME_BREAKERS = frozenset(',:"')
+# A Hugging Face hub cache snapshot: .../models--ORG--NAME/snapshots/<40-hex commit>.
+_HUB_REPO = re.compile(r"^models--(?:[^/]+--)?(?P<name>[^/]+)$")
+_HUB_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+MODEL_HASH_DIGITS = 10      # AUTOMATIC1111's short hash: sha256 hex digest[:10]
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_model_name(name: str, what: str = "model name") -> str:
+    """`name` if it can stand as AUTOMATIC1111's `Model:` value; InvalidInput naming the
+    character that would break the PNG parameters text otherwise."""
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInput(f"{what} must be a non-empty string, got {name!r:.60}")
+    bad = next((c for c in name if c in _NAME_BREAKERS or unicodedata.category(c).startswith("C")), None)
+    if bad is not None:
+        raise InvalidInput(f"{what} {name!r:.80} holds {bad!r}: a model name may not contain commas, colons, "
+                           f"quotes or line breaks (the PNG parameters text separates its fields with them)")
+    if name != name.strip():
+        raise InvalidInput(f"{what} {name!r:.80} starts or ends with spaces, which the PNG parameters text drops")
+    return name
+
+
+def model_name(path: str | os.PathLike[str]) -> str:
+    """The checkpoint's name for a checkpoint folder: NAME for a Hugging Face hub cache
+    snapshot (.../models--ORG--NAME/snapshots/<commit>), else the folder's own name;
+    characters `check_model_name` refuses become "_". "" when nothing is left."""
+    path = Path(path)
+    name = path.name
+    if _HUB_COMMIT.match(path.name) and path.parent.name == "snapshots":
+        hub = _HUB_REPO.match(path.parent.parent.name)
+        if hub:
+            name = hub.group("name")
+    cleaned = "".join("_" if c in _NAME_BREAKERS or unicodedata.category(c).startswith("C") else c for c in name)
+    return cleaned.strip()
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """The checkpoint an artifact was exported from, as PNG metadata names it."""
+
+    name: str               # AUTOMATIC1111's `Model`: the checkpoint's name, not a cache folder
+    sha256: str = ""        # SHA-256 of the U-Net weights (see `weights`); "" = not computed
+    # The files hashed, relative to the checkpoint folder, in the order their bytes were
+    # hashed (a sharded U-Net: its shards in the order of their numbers).
+    weights: tuple[str, ...] = ()
+
+    @property
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's `Model hash`: the first 10 hex digits of the weights' SHA-256
+        (its `shorthash` of a single-file checkpoint), "" when not computed."""
+        return self.sha256[:MODEL_HASH_DIGITS]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "model_hash": self.model_hash, "sha256": self.sha256,
+                "weights": list(self.weights)}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = MANIFEST_NAME) -> "CheckpointInfo":
+        if not isinstance(data, Mapping):
+            raise ArtifactError(f"{where}: 'checkpoint' must be an object, got {type(data).__name__}")
+        name, sha, weights = data.get("name"), data.get("sha256", ""), data.get("weights", [])
+        try:
+            check_model_name(name, "checkpoint name")
+        except InvalidInput as e:
+            raise ArtifactError(f"{where}: {e}") from None
+        if not isinstance(sha, str) or (sha and not _SHA256.match(sha)):
+            raise ArtifactError(f"{where}: checkpoint sha256 {sha!r:.80} is not 64 lowercase hex digits")
+        if data.get("model_hash", sha[:MODEL_HASH_DIGITS]) != sha[:MODEL_HASH_DIGITS]:
+            raise ArtifactError(f"{where}: checkpoint model_hash {data.get('model_hash')!r:.40} is not the first "
+                                f"{MODEL_HASH_DIGITS} digits of its sha256")
+        if not isinstance(weights, list) or not all(isinstance(w, str) for w in weights):
+            raise ArtifactError(f"{where}: checkpoint weights must be a list of file names")
+        return cls(name, sha, tuple(weights))
+
+
 @dataclass(frozen=True)
 class Manifest:
     facts: ModelFacts
@@ -55,6 +137,7 @@ class Manifest:
     verification: Mapping[str, Any] = field(default_factory=dict)
     source: str = ""
     format_version: int = FORMAT_VERSION       # what the folder was written as (1: sdrt 0.1)
+    checkpoint: CheckpointInfo | None = None   # None: exported before sdrt recorded it
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -72,12 +155,26 @@ class Manifest:
     def has(self, stage: Stage) -> bool:
         return stage in self.precisions
 
+    @property
+    def model_name(self) -> str:
+        """The checkpoint's name for PNG metadata: as recorded at export, or for an older
+        manifest derived from its source folder the same way; "" when unknown."""
+        if self.checkpoint is not None:
+            return self.checkpoint.name
+        return model_name(self.source) if self.source else ""
+
+    @property
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's model hash of the checkpoint ("" for an older manifest)."""
+        return self.checkpoint.model_hash if self.checkpoint is not None else ""
+
     def to_json(self) -> dict[str, Any]:
         specs = self.specs
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "source": self.source,
+            **({"checkpoint": self.checkpoint.to_json()} if self.checkpoint is not None else {}),
             "family": self.facts.family,
             "model": self.facts.to_json(),
             "shape": self.shape.to_json(),
@@ -111,8 +208,9 @@ class Manifest:
             stated = _stated_stages(data, version, where)
             precisions = {s: Precision(entry["precision"]) for s, entry in stated.items()}
             records = {str(k): FileRecord(str(v["sha256"]), int(v["size"])) for k, v in data["files"].items()}
+            checkpoint = CheckpointInfo.from_json(data["checkpoint"], where) if "checkpoint" in data else None
             manifest = cls(facts, shape, precisions, records, dict(data.get("tools", {})),
-                           dict(data.get("verification", {})), str(data.get("source", "")), version)
+                           dict(data.get("verification", {})), str(data.get("source", "")), version, checkpoint)
             if version >= 2 and data.get("family") != facts.family:
                 raise ArtifactError(f"{where}: family {data.get('family')!r:.40} differs from the model's "
                                     f"{facts.family!r:.40}")

@@ -1,31 +1,21 @@
 """Decoded pixels to PIL images, and PNGs that remember how they were made.
 
-The PNG `parameters` text chunk follows the AUTOMATIC1111 web UI convention, which
-other SD tools (ComfyUI, InvokeAI, civitai, image viewers) read:
-
-    a watercolor fox
-    Negative prompt: blurry
-    Steps: 25, Sampler: Euler a, Schedule type: Uniform, CFG scale: 7.5, Seed: 42, Size: 512x512, Model: sd15, RNG: CPU
-
-`RNG: CPU` is AUTOMATIC1111's name for torch's CPU generator, which sdrt's default
-generator reproduces (`RNG: NumPy`: sdrt 0.1's generator). Image tasks add
-`Denoising strength` (AUTOMATIC1111's key) and `Task` (img2img, inpaint, outpaint).
+Each PNG carries a `parameters` text chunk in the AUTOMATIC1111 web UI's format, which
+other SD tools (ComfyUI, InvokeAI, civitai, sd-parsers, image viewers) read; infotext.py
+writes and reads that text.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from sdrt.engines.errors import AlreadyExists, InvalidInput
+from sdrt.engines.errors import AlreadyExists, InvalidInput, MissingFile
 from sdrt.engines.files import atomic_path
-
-from .schedulers import a1111_name
 
 PARAMETERS_KEY = "parameters"
 
@@ -33,38 +23,6 @@ PARAMETERS_KEY = "parameters"
 def to_pil(pixels: np.ndarray) -> list[Image.Image]:
     """(batch, H, W, 3) floats in [0, 1] -> 8-bit RGB images, rounded like diffusers' numpy_to_pil."""
     return [Image.fromarray(img) for img in (pixels * 255).round().astype(np.uint8)]
-
-
-RNG_NAMES = {"torch": "CPU", "numpy": "NumPy"}
-
-
-def parameters_text(prompt: str, negative_prompt: str, steps: int, sampler: str, guidance: float,
-                    seed: int | None, width: int, height: int, model: str = "", *, generator: str = "torch",
-                    task: str = "txt2img", strength: float | None = None,
-                    scheduler_options: Sequence[tuple[str, Any]] = ()) -> str:
-    """AUTOMATIC1111's `parameters` text: the sampler under its AUTOMATIC1111 name and
-    schedule type ("DPM++ 2M" + "Karras" for dpmpp_2m_karras), the sdrt name where
-    AUTOMATIC1111 has none; scheduler options as one JSON value."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    label, schedule = a1111_name(sampler)
-    fields = [f"Steps: {steps}", f"Sampler: {label}", f"Schedule type: {schedule}", f"CFG scale: {guidance:g}"]
-    if seed is not None:
-        fields.append(f"Seed: {seed}")
-    fields.append(f"Size: {width}x{height}")   # A1111 writes width x height
-    if model:
-        fields.append(f"Model: {model}")
-    if strength is not None:
-        fields.append(f"Denoising strength: {strength:g}")
-    if task != "txt2img":
-        fields.append(f"Task: {task}")
-    if scheduler_options:
-        # AUTOMATIC1111 quotes a value holding commas or colons as a JSON string.
-        fields.append(f"Scheduler options: {json.dumps(json.dumps(dict(scheduler_options), sort_keys=True))}")
-    fields.append(f"RNG: {RNG_NAMES[generator]}")
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
 
 
 def output_paths(out: str | os.PathLike[str], count: int) -> list[Path]:
@@ -75,10 +33,13 @@ def output_paths(out: str | os.PathLike[str], count: int) -> list[Path]:
     return [out] + [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(1, count)]
 
 
-def write_pngs(paths: Sequence[Path], images: Sequence[Image.Image], parameters: str,
-               force: bool = False) -> None:
-    """Write each image atomically with its `parameters` chunk. Refuses, before
-    writing anything, to replace an existing file unless `force`."""
+def write_pngs(paths: Sequence[str | os.PathLike[str]], images: Sequence[Image.Image],
+               parameters: str | None = None, force: bool = False) -> None:
+    """Write each image atomically with a `parameters` chunk: `parameters`, or (None)
+    the image's own image.info["parameters"], which the pipeline sets and PIL's
+    Image.save leaves out. Refuses, before writing anything, to replace an existing
+    file unless `force`."""
+    paths = [Path(p) for p in paths]
     if not force:
         for path in paths:
             if path.exists():
@@ -87,11 +48,25 @@ def write_pngs(paths: Sequence[Path], images: Sequence[Image.Image], parameters:
         if path.is_dir():
             raise InvalidInput(f"output {path} is a folder; name a .png file")
         info = PngImagePlugin.PngInfo()
-        info.add_text(PARAMETERS_KEY, parameters)
+        text = image.info.get(PARAMETERS_KEY) if parameters is None else parameters
+        if text is not None:
+            info.add_text(PARAMETERS_KEY, text)
         with atomic_path(path) as tmp:
             image.save(tmp, format="PNG", pnginfo=info)
 
 
 def read_parameters(path: str | os.PathLike[str]) -> str | None:
-    with Image.open(path) as im:
-        return im.info.get(PARAMETERS_KEY)
+    """The image's `parameters` text, None when it has none. Raises MissingFile or
+    InvalidInput (not an image) naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFile(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        with Image.open(path) as im:
+            text = im.info.get(PARAMETERS_KEY)
+            if text is None and im.format == "PNG":
+                text = im.text.get(PARAMETERS_KEY)   # a text chunk after the pixels: read to the end
+    except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        # PIL's errors for a damaged or hostile file
+        raise InvalidInput(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+    return text if isinstance(text, str) else None

@@ -60,6 +60,12 @@ def test_automatic1111_names_map_to_the_sampler_and_ramp_diffusers_documents(a11
     ("DPM++ 2M SDE", "Exponential", "dpmpp_2m_sde_exponential"),
     ("Euler", "Beta", "euler_beta"),
     ("Euler a", "Automatic", "euler_a"),
+    # "Automatic" is the sampler's own default schedule in the web UI 1.9+
+    # (sd_samplers_kdiffusion.py: DPM++ 2M karras, DPM++ 2M SDE exponential).
+    ("DPM++ 2M", "Automatic", "dpmpp_2m_karras"),
+    ("DPM++ 2M SDE", "Automatic", "dpmpp_2m_sde_exponential"),
+    ("dpmpp_2m", "automatic", "dpmpp_2m_karras"),
+    ("DPM++ 2M", None, "dpmpp_2m"),               # before 1.9 no schedule type: "DPM++ 2M" was uniform
     ("DPM++ 2M", "Uniform", "dpmpp_2m"),
     ("heun", "karras", "heun_karras"),           # an sdrt sampler with an AUTOMATIC1111 schedule type
 ])

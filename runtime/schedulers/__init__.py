@@ -159,7 +159,7 @@ def canonical_name(name: Any, schedule_type: str | None = None) -> str:
     if schedule_type is None and key in SCHEDULERS:
         return key
     if schedule_type is not None and key in SAMPLERS:
-        sampler, ramp = key, names._schedule(schedule_type)
+        sampler, ramp = key, names._schedule(schedule_type, key)
     else:
         found = names.from_a1111(name, schedule_type)
         if found is None:

@@ -63,6 +63,10 @@ A1111_SCHEDULES: dict[str, str] = {
     "Beta": "beta",
 }
 A1111_PLAIN_SCHEDULE = "Uniform"
+# What "Schedule type: Automatic" runs in the web UI (1.9+): the sampler's own default
+# schedule, the 'scheduler' option of its entry in sd_samplers_kdiffusion.py
+# (DPM++ 2M: karras, DPM++ 2M SDE: exponential); the others run the uniform one.
+A1111_AUTOMATIC: dict[str, str] = {"dpmpp_2m": "karras", "dpmpp_2m_sde": "exponential"}
 
 
 def split(name: str) -> tuple[str, str]:
@@ -85,7 +89,7 @@ def from_a1111(text: str, schedule_type: str | None = None) -> tuple[str, str] |
     words = " ".join(text.split()).lower()
     ramp = None
     if schedule_type is not None:
-        ramp = _schedule(schedule_type)
+        ramp = schedule_type   # resolved below, once the sampler is known
     else:
         for label, suffix in A1111_SCHEDULES.items():
             if suffix and words.endswith(" " + label.lower()):
@@ -96,14 +100,15 @@ def from_a1111(text: str, schedule_type: str | None = None) -> tuple[str, str] |
             raise InvalidInput(f"the AUTOMATIC1111 sampler {label!r} is not supported: {why}")
     for label, sampler in A1111_SAMPLERS.items():
         if words == label.lower():
-            return sampler, ramp or ""
+            return sampler, _schedule(ramp, sampler) if schedule_type is not None else ramp or ""
     return None
 
 
-def _schedule(label: str) -> str:
+def _schedule(label: str, sampler: str) -> str:
+    """The ramp suffix of an AUTOMATIC1111 schedule type for `sampler`."""
     for known, suffix in A1111_SCHEDULES.items():
         if " ".join(label.split()).lower() == known.lower():
-            return suffix
+            return A1111_AUTOMATIC.get(sampler, "") if known == "Automatic" else suffix
     raise InvalidInput(f"unknown or unsupported schedule type {label!r}: sdrt follows "
                        f"{', '.join(A1111_SCHEDULES)}")
 

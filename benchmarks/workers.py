@@ -236,6 +236,10 @@ def _example(spec: Any, rng: np.random.Generator) -> np.ndarray:
     """An input of the spec's shape and dtype with plausible values (timing does not
     depend on them, but NaN-free realistic ranges keep every kernel on its normal path)."""
     dtype = spec.dtype.numpy
+    if spec.name == "clip_skip":
+        return np.zeros(spec.shape, dtype=dtype)
+    if spec.name == "encoder_attention_mask":
+        return np.ones(spec.shape, dtype=dtype)
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, 49407, size=spec.shape).astype(dtype)
     if spec.shape == (1,):   # the timestep

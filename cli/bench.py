@@ -23,7 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("artifact_dir", type=Path, help="folder written by `sdrt export` (or `sdrt build`)")
     p.add_argument("--backend", default=Backend.ONNXRUNTIME.value,
                    help=f"one of {', '.join(b.value for b in Backend)} (default onnxruntime)")
-    p.add_argument("--steps", type=int, default=BenchConfig.steps, help="denoising steps (default 25)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the artifact's, 25; 4 for an LCM model)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale (default: the artifact's, 7.5; 1 on a --no-cfg artifact, which runs "
+                        "no CFG; an LCM model's embedded scale, 8.5)")
     p.add_argument("--scheduler", default=None, help="scheduler name (default: the model's)")
     p.add_argument("--runs", type=int, default=BenchConfig.runs, help="measured generations (default 10)")
     p.add_argument("--warmup", type=int, default=BenchConfig.warmup, help="untimed generations first (default 2)")
@@ -38,7 +42,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from sdrt.engines.files import atomic_write_json
 
     config = BenchConfig(
-        artifact_dir=args.artifact_dir, backend=Backend.parse(args.backend), steps=args.steps,
+        artifact_dir=args.artifact_dir, backend=Backend.parse(args.backend), steps=args.steps, guidance=args.guidance,
         scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, prompt=args.prompt,
         json_path=args.json_path, force=args.force,
     ).validate()

@@ -24,9 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--height", type=int, help="image height in pixels (default: the model's native size)")
     export.add_argument("--width", type=int, help="image width in pixels (default: the model's native size)")
     export.add_argument("--batch", type=int, default=1, help="images per call (default: 1)")
-    export.add_argument("--no-cfg", dest="cfg", action="store_false",
-                        help="no classifier-free guidance (distilled few-step models): the U-Net takes "
-                             "batch x1 instead of batch x2")
+    export.add_argument("--no-cfg", dest="cfg", action="store_const", const=False, default=None,
+                        help="no classifier-free guidance (distilled few-step models such as SD-Turbo): the "
+                             "U-Net takes batch x1 instead of batch x2. LCM U-Nets (time_cond_proj_dim) never "
+                             "run CFG and are exported this way without the flag")
+    export.add_argument("--max-prompt-chunks", dest="prompt_chunks", type=int, default=1, metavar="K",
+                        help="prompt length the U-Net takes, in chunks of 75 tokens (default 1: 75 tokens, "
+                             "as CLIP); longer prompts are cut at K chunks with a warning. Prompts of fewer "
+                             "chunks give the same images as on a K=1 artifact")
     export.add_argument("--precision", default="fp32", choices=[p.value for p in Precision],
                         help="precision of the graphs (default: fp32); inputs and outputs stay float32")
     export.add_argument("--vae-precision", choices=[p.value for p in Precision],
@@ -34,6 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--no-vae-encoder", dest="vae_encoder", action="store_false",
                         help="leave out the VAE encoder (text-to-image only: no input images); not for "
                              "inpainting checkpoints")
+    export.add_argument("--model-name", metavar="NAME", default=None,
+                        help="the checkpoint's name in the PNG metadata of generated images (AUTOMATIC1111's "
+                             "'Model:'; no commas, colons, quotes or line breaks). Default: the model folder's "
+                             "name, or NAME for a Hugging Face cache snapshot (models--ORG--NAME/snapshots/...)")
     export.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the ONNX Runtime vs torch check")
     export.add_argument("--force", action="store_true", help="replace artifacts already in --out")
@@ -50,9 +59,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     config = ExportConfig(
         model_dir=args.model_dir, out_dir=args.out_dir, height=args.height, width=args.width,
-        batch=args.batch, cfg=args.cfg, precision=Precision(args.precision),
+        batch=args.batch, cfg=args.cfg, prompt_chunks=args.prompt_chunks, precision=Precision(args.precision),
         vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
         vae_encoder=args.vae_encoder, verify=args.verify, force=args.force, allow_pickle=args.allow_pickle,
+        model_name=args.model_name,
     )
     with writing_into(args.out_dir):
         manifest = export_artifacts(config)

@@ -2,7 +2,9 @@
 
 argparse stops here. `generation_request` turns the command line into the keyword
 arguments of one `Pipeline.__call__`: a new generation flag is one argument in
-`add_generation_args` and one entry there. The pipeline (and with it the backend)
+`add_generation_args` and one entry in `_GIVEN`. With --from-png the PNG's parameters
+text fills every setting the command line leaves out, so the generation flags default
+to None ("not given") and are resolved there. The pipeline (and with it the backend)
 is imported when the command runs, never by `sdrt --help`.
 """
 
@@ -18,12 +20,22 @@ from typing import Any, Mapping
 
 from sdrt.engines.errors import AlreadyExists, InvalidInput
 from sdrt.engines.progress import Progress
-from sdrt.runtime.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig
+from sdrt.runtime.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
 
 from .errors import writing_into
 from .folders import artifact_folder, check_folder_for
 
 DEFAULT_PROMPT = "a watercolor fox"   # `sdrt demo` has no required prompt
+# What a generation gets for a setting neither the command line nor a PNG gives.
+# steps and guidance None: the artifact's defaults (an LCM model runs 4 steps at 8.5,
+# a --no-cfg artifact guidance 1); see Artifact.default_steps / default_guidance.
+DEFAULTS: dict[str, Any] = dict(negative_prompt=None, steps=None, guidance=None, scheduler=None,
+                                seed=None, generator=Generator.TORCH.value, image=None, mask_image=None, strength=None,
+                                outpaint=None, scheduler_options=None, prompt_weighting=True, clip_skip=None)
+# Pipeline.__call__ argument <- argparse destination, for the flags a PNG's settings yield to.
+_GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps", guidance="guidance",
+              scheduler="scheduler", seed="seed", generator="generator", image="image", mask_image="mask",
+              strength="strength", outpaint="outpaint", prompt_weighting="prompt_weighting", clip_skip="clip_skip")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,7 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "per-stage timings. For an artifact exported with --batch N, image i>0 "
                                    "goes to OUT-i.png.")
     g.add_argument("artifact_dir", metavar="ARTIFACT_DIR", type=Path)
-    add_generation_args(g, prompt_required=True)
+    add_generation_args(g, default_prompt=None)
+    g.add_argument("--from-png", type=Path, default=None, metavar="IMAGE.png",
+                   help="regenerate from the PNG's parameters text (sdrt's or AUTOMATIC1111's): its prompt, "
+                        "negative prompt, steps, sampler, CFG scale, seed, clip skip, RNG and denoising strength; "
+                        "flags given here override them. The same seed and artifact give the same image")
     g.add_argument("--out", type=Path, default=Path("image.png"), help="output PNG (default: image.png)")
     g.add_argument("--force", action="store_true", help="overwrite existing output files")
     g.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
@@ -47,16 +63,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(handler=run_generate)
 
 
-def add_generation_args(p: argparse.ArgumentParser, prompt_required: bool) -> None:
-    """The settings of one generation, shared by `generate` and `demo`."""
+def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) -> None:
+    """The settings of one generation, shared by `generate` and `demo`. Defaults are
+    None ("not given") and filled in by `generation_request`."""
     from sdrt.runtime.schedulers import SAMPLERS   # NumPy only
 
-    p.add_argument("--prompt", required=prompt_required, default=None if prompt_required else DEFAULT_PROMPT,
-                   help="text prompt" + ("" if prompt_required else f" (default: {DEFAULT_PROMPT!r})"))
+    p.add_argument("--prompt", default=default_prompt,
+                   help="text prompt" + (f" (default: {default_prompt!r})" if default_prompt else
+                                         "; required unless --from-png gives one"))
     p.add_argument("--negative-prompt", default=None, help="what to steer away from")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps (default {DEFAULT_STEPS})")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                   help=f"classifier-free guidance scale; <= 1 disables it (default {DEFAULT_GUIDANCE})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoising steps (default {DEFAULT_STEPS}; 4 for an LCM model, as diffusers)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale; <= 1 disables it (default {DEFAULT_GUIDANCE}; 1 on a "
+                        f"--no-cfg artifact; an LCM model's embedded guidance scale, default 8.5)")
     p.add_argument("--scheduler", default=None,
                    help=f"sampler: one of {', '.join(SAMPLERS)}; add _karras, _exponential or _beta for that "
                         f"sigma ramp (dpmpp_2m_karras), or give an AUTOMATIC1111 name ('DPM++ 2M Karras', "
@@ -67,10 +87,16 @@ def add_generation_args(p: argparse.ArgumentParser, prompt_required: bool) -> No
                         "from_config(config, KEY=VALUE) takes it; repeatable. VALUE: true/false, none, a number, "
                         "a JSON list, or text (e.g. use_karras_sigmas=true, solver_order=3, "
                         "timestep_spacing=trailing)")
+    p.add_argument("--clip-skip", type=int, default=None, metavar="N",
+                   help="condition on the text encoder's hidden state N layers before the last (diffusers' "
+                        "clip_skip; AUTOMATIC1111's 'Clip skip' N+1). Default 0: the last")
+    p.add_argument("--no-weighting", dest="prompt_weighting", action="store_const", const=False, default=None,
+                   help="take the prompt literally: no AUTOMATIC1111 attention syntax ('(word:1.2)', "
+                        "'[word]', BREAK), which is read by default")
     p.add_argument("--seed", type=int, default=None,
                    help="0..2**64-1 (default: random, printed); gives diffusers' image for "
                         "torch.Generator('cpu').manual_seed(SEED)")
-    p.add_argument("--generator", default="torch", choices=("torch", "numpy"),
+    p.add_argument("--generator", default=None, choices=[g.value for g in Generator],
                    help="random numbers: torch (default; torch-compatible seeds) or numpy (sdrt 0.1's)")
     p.add_argument("--image", type=Path, default=None,
                    help="input image (PNG, JPEG, WebP): image-to-image, or with --mask / --outpaint")
@@ -101,16 +127,73 @@ def _scheduler_option(text: str) -> tuple[str, Any]:
     return key, value if isinstance(value, (int, float, list)) else raw
 
 
-def generation_request(args: argparse.Namespace) -> dict[str, Any]:
-    """The command line as the keyword arguments of one `Pipeline.__call__`."""
-    options = dict(args.scheduler_options) or None
-    if options is not None and len(options) < len(args.scheduler_options):
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The `Pipeline.__call__` arguments the command line sets itself."""
+    given = {name: getattr(args, dest) for name, dest in _GIVEN.items() if getattr(args, dest) is not None}
+    options = dict(args.scheduler_options)
+    if len(options) < len(args.scheduler_options):
         keys = [k for k, _ in args.scheduler_options]
         raise InvalidInput(f"--scheduler-option {next(k for k in keys if keys.count(k) > 1)} is given twice")
-    return dict(prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
-                guidance=args.guidance, scheduler=args.scheduler, seed=args.seed, generator=args.generator,
-                image=args.image, mask_image=args.mask, strength=args.strength, outpaint=args.outpaint,
-                scheduler_options=options)
+    if options:
+        given["scheduler_options"] = options
+    return given
+
+
+def generation_request(args: argparse.Namespace, png: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of one `Pipeline.__call__`: the command line's settings,
+    then those of a PNG (`png`: infotext.settings(...).kwargs), then the defaults.
+    --scheduler-option adds to the PNG's options unless --scheduler names another
+    sampler (the options belong to the sampler)."""
+    given = given_settings(args)
+    png = dict(png or {})
+    if "scheduler_options" in given and "scheduler" not in given and png.get("scheduler_options"):
+        given["scheduler_options"] = {**png["scheduler_options"], **given["scheduler_options"]}
+    if "scheduler" in given:
+        png.pop("scheduler_options", None)
+    return {"prompt": None, **DEFAULTS, **png, **given}
+
+
+def png_settings(path: Path, args: argparse.Namespace) -> Any:
+    """The settings of a PNG's parameters text (infotext.Settings), leaving out those
+    the command line gives. Errors name the file."""
+    from sdrt.runtime import infotext
+    from sdrt.runtime.images import PARAMETERS_KEY, read_parameters
+
+    text = read_parameters(path)
+    if text is None:
+        raise InvalidInput(f"{path} has no '{PARAMETERS_KEY}' text: it was not written by sdrt or AUTOMATIC1111, "
+                           f"or its metadata was removed")
+    given = set(given_settings(args))
+    # --scheduler-option alone adds to the PNG's options (generation_request merges them).
+    given.discard("scheduler_options")
+    try:
+        return infotext.settings(text, skip=given)
+    except InvalidInput as e:
+        raise InvalidInput(f"{path}: {e}") from None
+
+
+def check_png_fits(path: Path, png: Any, request: Mapping[str, Any], manifest: Any) -> list[str]:
+    """Refuse a PNG this artifact cannot regenerate (another size; an image task without
+    its input images); return warning lines (another model, what is not reproduced)."""
+    shape = manifest.shape
+    if png.size is not None and png.size != (shape.width, shape.height):
+        w, h = png.size
+        raise InvalidInput(f"{path} is {w}x{h} (its Size), and this artifact generates {shape.width}x{shape.height}: "
+                           f"export the model with --width {w} --height {h}")
+    task = png.task
+    inputs = (("--image", "image", task.takes_image), ("--mask", "mask_image", task is Task.INPAINT),
+              ("--outpaint", "outpaint", task is Task.OUTPAINT))
+    needs = [flag for flag, key, wanted in inputs if wanted and request.get(key) is None]
+    if needs:
+        strength = png.kwargs.get("strength")
+        made = f"{task.value}" + (f" (Denoising strength {strength:g})" if strength is not None else "")
+        raise InvalidInput(f"{path} was made by {made}: pass {' and '.join(needs)} to regenerate it")
+    notes = list(png.notes)
+    if png.model_hash and manifest.model_hash and png.model_hash.lower() != manifest.model_hash:
+        notes.append(f"{path} was made with model hash {png.model_hash}"
+                        f"{f' ({png.model})' if png.model else ''}, this artifact's is {manifest.model_hash}"
+                        f"{f' ({manifest.model_name})' if manifest.model_name else ''}: the image will differ")
+    return notes
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -118,17 +201,24 @@ def run_generate(args: argparse.Namespace) -> int:
     from sdrt.engines.manifest import read_manifest
     from sdrt.runtime.images import output_paths
 
+    if args.prompt is None and args.from_png is None:
+        # argparse's own wording, from when --prompt was a required flag
+        raise InvalidInput("the following arguments are required: --prompt (or --from-png IMAGE.png, whose prompt "
+                           "is used)")
     backend = Backend.parse(args.backend)
     options = backend_options(args, backend)
     folder = artifact_folder(args.artifact_dir)
     manifest = read_manifest(folder)   # fail fast on a missing or incomplete folder
-    request = generation_request(args)
+    png = png_settings(args.from_png, args) if args.from_png is not None else None
+    request = generation_request(args, png.kwargs if png else None)
+    notes = check_png_fits(args.from_png, png, request, manifest) if png else []
     check_request(request, manifest.shape.batch)
     paths = output_paths(args.out, manifest.shape.batch)
     refuse_existing(paths, args.force)   # before minutes of work, not after
     check_folder_for(args.out)
-    model = Path(manifest.source).name if manifest.source else folder.resolve().name
-    generate_and_save(folder, backend, options, request, paths, model=model, command=args.command)
+    for note in notes:
+        print(f"sdrt {args.command}: warning: {note}", file=sys.stderr)
+    generate_and_save(folder, backend, options, request, paths, command=args.command)
     return 0
 
 
@@ -154,17 +244,20 @@ def check_request(request: Mapping[str, Any], batch: int) -> None:
     r = request
     # Without --scheduler the options belong to the checkpoint's own sampler: they are
     # checked against it by Artifact.request, still before loading.
-    GenerationConfig.create(r["prompt"], r["negative_prompt"], r["steps"], r["guidance"],
+    GenerationConfig.create(r["prompt"], r["negative_prompt"],
+                            DEFAULT_STEPS if r["steps"] is None else r["steps"],
+                            DEFAULT_GUIDANCE if r["guidance"] is None else r["guidance"],
                             "euler" if r["scheduler"] is None else r["scheduler"], r["seed"],
                             batch=batch, generator=r["generator"],
-                            scheduler_options=None if r["scheduler"] is None else r.get("scheduler_options"))
+                            scheduler_options=None if r["scheduler"] is None else r.get("scheduler_options"),
+                            clip_skip=r.get("clip_skip"))
 
 
 def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], request: Mapping[str, Any],
-                      paths: list[Path], model: str, command: str, progress: Progress | None = None) -> None:
+                      paths: list[Path], command: str, progress: Progress | None = None) -> None:
     """Load the pipeline, generate, write the PNGs (atomically) and print the timings."""
     from sdrt.runtime.artifact import Artifact
-    from sdrt.runtime.images import parameters_text, write_pngs
+    from sdrt.runtime.images import write_pngs
     from sdrt.runtime.pipeline import Pipeline
 
     progress = progress or Progress()
@@ -180,7 +273,7 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
         cached = [getattr(e, "cached", None) for e in pipe.engines.values()]
         how = ("optimized graphs from the cache" if all(cached) else
                "graphs optimized now; later loads reuse them" if any(c is False for c in cached) else "")
-        steps = request["steps"]
+        steps = prepared.config.steps
         progress.say(f"loaded{f' ({how})' if how else ''}; generating {steps} steps")
         every = max(1, steps // 5)
 
@@ -193,11 +286,9 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
             result = pipe.run(prepared, on_step=on_step)
         _print_warnings(caught, command)     # e.g. a truncated prompt
         c = result.config
-        text = parameters_text(c.prompt, c.negative_prompt, c.steps, c.scheduler, c.guidance, result.seed,
-                               pipe.width, pipe.height, model, generator=c.generator.value, task=c.task.value,
-                               strength=c.strength, scheduler_options=c.scheduler_options)
         with writing_into(paths[0].parent):
-            write_pngs(paths, result.images, text, force=True)   # existence was checked up front
+            # Batch items share the first one's text, as their prompts are one string here.
+            write_pngs(paths, result.images, result.parameters, force=True)   # existence was checked up front
     finally:
         pipe.close()
     print(format_timings(result.timings, c.steps, c.scheduler, result.seed))

@@ -28,6 +28,9 @@ from .errors import ArtifactError, InvalidInput
 # need tens of GB; nothing in the SD 1.x/2.x families was trained near it.
 MAX_IMAGE_SIDE = 4096
 MAX_BATCH = 64
+# Most 77-token prompt chunks a U-Net context may hold: 16 x 75 = 1200 prompt tokens,
+# far past any prompt a person writes; cross-attention cost grows with it.
+MAX_PROMPT_CHUNKS = 16
 
 
 class Stage(str, enum.Enum):
@@ -83,6 +86,22 @@ class ModelFacts:
     # for inpainting U-Nets (latents, mask, masked-image latents). 0 = latent_channels
     # (format-1 manifests predate the field).
     unet_in_channels: int = 0
+    # text_encoder.num_hidden_layers. The text encoder graph takes a `clip_skip` input
+    # (0 .. layers - 1) when this is known; 0 = an artifact exported before clip skip.
+    text_num_layers: int = 0
+    # unet.time_cond_proj_dim of an LCM-distilled U-Net: it takes the guidance scale as an
+    # embedding (`timestep_cond`) and runs without classifier-free guidance. 0 = none.
+    time_cond_proj_dim: int = 0
+
+    @property
+    def guidance_embedding(self) -> bool:
+        """The U-Net takes the guidance scale as an input (LCM) instead of running CFG."""
+        return self.time_cond_proj_dim > 0
+
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest clip_skip the text encoder graph takes (0: it has no clip_skip input)."""
+        return max(self.text_num_layers - 1, 0)
 
     def __post_init__(self) -> None:
         if self.unet_in_channels == 0:
@@ -107,7 +126,7 @@ class ModelFacts:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ModelFacts":
         names = {f.name for f in fields(cls)}
-        missing = names - set(data) - {"family", "unet_in_channels"}
+        missing = names - set(data) - {"family", "unet_in_channels", "text_num_layers", "time_cond_proj_dim"}
         if missing:
             raise InvalidInput(f"model facts lack {sorted(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names}).validate()
@@ -117,7 +136,8 @@ class ModelFacts:
         a ZeroDivisionError in stage_specs or a NaN image from a scaling factor of nan."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            least = 0 if f.name in ("text_num_layers", "time_cond_proj_dim") else 1
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise InvalidInput(f"model fact {f.name} must be a positive integer, got {value!r:.40}")
         scaling = self.vae_scaling_factor
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < float("inf"):
@@ -140,12 +160,16 @@ def inpaint_channels(latent_channels: int) -> int:
 
 @dataclass(frozen=True)
 class ShapeConfig:
-    """The static shapes chosen at export: image size, images per call, and CFG."""
+    """The static shapes chosen at export: image size, images per call, CFG, and how
+    many 77-token prompt chunks the U-Net's context holds."""
 
     height: int
     width: int
     batch: int = 1
     cfg: bool = True   # classifier-free guidance: U-Net and text encoder run 2 x batch
+    # The U-Net's context is prompt_chunks x 77 tokens. Above 1 it also takes
+    # `encoder_attention_mask`, so a prompt of fewer chunks attends to its own tokens only.
+    prompt_chunks: int = 1
 
     def validate(self, facts: ModelFacts) -> "ShapeConfig":
         m = facts.image_size_multiple
@@ -159,6 +183,10 @@ class ShapeConfig:
                 )
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or not 1 <= self.batch <= MAX_BATCH:
             raise InvalidInput(f"batch must be an integer from 1 to {MAX_BATCH}, got {self.batch!r}")
+        chunks = self.prompt_chunks
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= MAX_PROMPT_CHUNKS:
+            raise InvalidInput(f"max prompt chunks must be an integer from 1 to {MAX_PROMPT_CHUNKS} "
+                               f"(75 prompt tokens each), got {chunks!r}")
         return self
 
     @property
@@ -172,7 +200,7 @@ class ShapeConfig:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ShapeConfig":
         return cls(height=int(data["height"]), width=int(data["width"]),
-                   batch=int(data["batch"]), cfg=bool(data["cfg"]))
+                   batch=int(data["batch"]), cfg=bool(data["cfg"]), prompt_chunks=int(data.get("prompt_chunks", 1)))
 
 
 @dataclass(frozen=True)
@@ -240,6 +268,9 @@ LATENT = "latent"
 IMAGES = "images"
 LATENT_MEAN = "latent_mean"
 LATENT_STD = "latent_std"
+CLIP_SKIP = "clip_skip"
+ENCODER_ATTENTION_MASK = "encoder_attention_mask"
+TIMESTEP_COND = "timestep_cond"
 
 # Images the VAE encoder takes per call. image-to-image and inpainting take one input
 # image for all batch items, as diffusers does with a single image: it encodes it
@@ -254,15 +285,23 @@ def _latent_hw(facts: ModelFacts, shape: ShapeConfig) -> tuple[int, int]:
 
 
 def text_encoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
+    """One 77-token chunk per prompt per call (a long prompt takes one call per chunk).
+    `clip_skip` (int32, one per prompt): a row's output is the hidden state that many
+    layers before the last, through the final layer norm (0: the last hidden state)."""
     gb, tl, th = shape.guided_batch, facts.text_max_length, facts.text_hidden_size
+    skip = (TensorSpec(CLIP_SKIP, (gb,), _I32),) if facts.text_num_layers else ()
     return StageSpec(Stage.TEXT_ENCODER,
-                     inputs=(TensorSpec(INPUT_IDS, (gb, tl), _I32),),
+                     inputs=(TensorSpec(INPUT_IDS, (gb, tl), _I32), *skip),
                      outputs=(TensorSpec(TEXT_EMBEDDINGS, (gb, tl, th), _F32),))
 
 
 def unet_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
     gb, (lh, lw) = shape.guided_batch, _latent_hw(facts, shape)
-    tl, th = facts.text_max_length, facts.text_hidden_size
+    tl, th = facts.text_max_length * shape.prompt_chunks, facts.text_hidden_size
+    # 1 for the tokens of the chunks a call uses, 0 for the rest of the context.
+    mask = (TensorSpec(ENCODER_ATTENTION_MASK, (gb, tl), _F32),) if shape.prompt_chunks > 1 else ()
+    # An LCM U-Net's guidance-scale embedding, one row per batch item.
+    cond = (TensorSpec(TIMESTEP_COND, (gb, facts.time_cond_proj_dim), _F32),) if facts.guidance_embedding else ()
     return StageSpec(Stage.UNET,
                      inputs=(
                          # An inpainting U-Net's sample is [latents, mask, masked-image latents].
@@ -271,6 +310,8 @@ def unet_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
                          # feed fractional timesteps.
                          TensorSpec(TIMESTEP, (1,), _F32),
                          TensorSpec(ENCODER_HIDDEN_STATES, (gb, tl, th), _F32),
+                         *mask,
+                         *cond,
                      ),
                      outputs=(TensorSpec(LATENT, (gb, facts.latent_channels, lh, lw), _F32),))
 

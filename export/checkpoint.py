@@ -21,7 +21,8 @@ STAGE_COMPONENT = {Stage.TEXT_ENCODER: "text_encoder", Stage.UNET: "unet", Stage
                    Stage.VAE_DECODER: "vae"}
 # diffusers pipeline classes whose checkpoints hold an SD 1.x/2.x text encoder, U-Net and VAE.
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
-                       "StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipelineLegacy")
+                       "StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipelineLegacy",
+                       "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
 # Pipeline classes recognised by name, for a message that says what they are.
 KNOWN_UNSUPPORTED = {
     "StableDiffusionXLPipeline": "SDXL (two text encoders and added time conditioning) is not supported yet",
@@ -33,8 +34,6 @@ KNOWN_UNSUPPORTED = {
     "StableUnCLIPImg2ImgPipeline": "unCLIP (an image-embedding-conditioned U-Net) is not supported",
     "StableDiffusionUpscalePipeline": "the x4 upscaler (a noise-level-conditioned U-Net) is not supported",
     "StableDiffusionDepth2ImgPipeline": "depth-to-image (a depth-conditioned 5-channel U-Net) is not supported",
-    "LatentConsistencyModelPipeline": "LCM-distilled U-Nets (guidance embedding, time_cond_proj_dim) are not "
-                                      "supported yet",
 }
 WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 SUFFIX_WORDS = ("safetensors", "bin", "ckpt", "pt", "pth", "pkl")
@@ -105,6 +104,8 @@ class Checkpoint:
             prediction_type=prediction,
             family="sd2" if unet.get("use_linear_projection") or prediction == "v_prediction" else "sd1",
             unet_in_channels=int(unet["in_channels"]),
+            text_num_layers=int(text.get("num_hidden_layers", 12)),   # CLIPTextConfig default
+            time_cond_proj_dim=int(unet.get("time_cond_proj_dim") or 0),
         )
 
     def tokenizer_files(self) -> list[Path]:
@@ -169,8 +170,8 @@ _UNET_CONDITIONS = {
     "addition_embed_type": "added conditioning (SDXL's text_time, or image embeddings)",
     "class_embed_type": "class conditioning (unCLIP, the x4 upscaler)",
     "num_class_embeds": "class conditioning (class labels)",
-    "time_cond_proj_dim": "a guidance embedding (an LCM-distilled U-Net), not supported yet",
     "encoder_hid_dim": "a projected encoder input (encoder_hid_dim)",
+    "encoder_hid_dim_type": "a projected encoder input (encoder_hid_dim_type)",
     "projection_class_embeddings_input_dim": "projected class embeddings",
 }
 
@@ -179,8 +180,9 @@ def _refuse_unsupported_networks(folder: Path, configs: dict[str, dict[str, Any]
     unet, text = configs["unet"], configs["text_encoder"]
     for key, what in _UNET_CONDITIONS.items():
         if unet.get(key) is not None:
-            raise InvalidInput(f"{folder}: the U-Net takes {what} ({key}={unet[key]!r:.40}): sdrt runs Stable "
-                               f"Diffusion 1.x/2.x U-Nets conditioned on text alone")
+            raise InvalidInput(f"{folder}: the U-Net takes {what} ({key}={unet[key]!r:.40}), an input sdrt does "
+                               f"not feed: sdrt runs Stable Diffusion 1.x/2.x U-Nets conditioned on text (and "
+                               f"LCM U-Nets' guidance embedding, time_cond_proj_dim)")
     if unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise InvalidInput(f"{folder}: unet is a {unet.get('_class_name')!r:.60}, not a UNet2DConditionModel")
     model_type = text.get("model_type", "clip_text_model")

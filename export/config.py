@@ -15,7 +15,10 @@ class ExportConfig:
     height: int | None = None          # None: the model's native size
     width: int | None = None
     batch: int = 1                     # images per call
-    cfg: bool = True                   # classifier-free guidance: U-Net runs 2 x batch
+    # classifier-free guidance: U-Net runs 2 x batch. None: on, except for U-Nets that
+    # take the guidance scale as an embedding (LCM), which never run CFG.
+    cfg: bool | None = None
+    prompt_chunks: int = 1             # U-Net context: this many 77-token prompt chunks
     precision: Precision = Precision.FP32
     vae_precision: Precision | None = None   # None: same as `precision`; both VAE stages
     # Export the VAE encoder (image-to-image, inpainting, outpainting). On by default:
@@ -26,6 +29,9 @@ class ExportConfig:
     verify: bool = True
     force: bool = False
     allow_pickle: bool = False         # allow loading .bin/.ckpt weights (executes code)
+    # The checkpoint's name in PNG metadata (AUTOMATIC1111's `Model:`). None: derived from
+    # model_dir (NAME for a Hugging Face hub cache snapshot, else the folder's name).
+    model_name: str | None = None
 
     def stage_precision(self, stage: Stage) -> Precision:
         if stage in (Stage.VAE_ENCODER, Stage.VAE_DECODER) and self.vae_precision is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import importlib
 import os
 import shutil
@@ -23,7 +24,8 @@ from typing import Any
 from sdrt.engines import files
 from sdrt.engines.errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType, NumericsError
 from sdrt.engines.families import family
-from sdrt.engines.manifest import FileRecord, Manifest, file_record, write_manifest
+from sdrt.engines.manifest import (CheckpointInfo, FileRecord, Manifest, check_model_name, file_record, model_name,
+                                   write_manifest)
 from sdrt.engines.specs import ModelFacts, Precision, ShapeConfig, Stage, StageSpec, check_io, stage_specs
 
 from . import outdir
@@ -45,7 +47,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     shape = ShapeConfig(
         height=native if config.height is None else config.height,
         width=native if config.width is None else config.width,
-        batch=config.batch, cfg=bool(config.cfg),
+        batch=config.batch, cfg=_cfg(facts, config.cfg), prompt_chunks=config.prompt_chunks,
     ).validate(facts)
     if Precision.FP16 in precisions.values():
         _precision_module()  # fail before any work if fp16 cannot be done here
@@ -83,14 +85,56 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
         names += [n for n in (stage.onnx_file, stage.data_file) if n]
     with progress.step("hashing files"):
         records = {name: known.get(name) or file_record(out_dir, name) for name in names + copied}
+    with progress.step("hashing the U-Net weights (AUTOMATIC1111's model hash)"):
+        checkpoint = checkpoint_info(ckpt, config.model_name)
     manifest = Manifest(
         facts=facts, shape=shape, precisions=precisions, files=records, tools=_tool_versions(),
         verification={c.stage.value: c.to_json() for c in checks},
-        source=str(ckpt.folder.resolve()),
+        source=str(ckpt.folder.resolve()), checkpoint=checkpoint,
     )
     write_manifest(out_dir, manifest)
     progress.say(f"wrote {out_dir / 'manifest.json'}")
     return manifest
+
+
+def checkpoint_info(ckpt: Checkpoint, name: str | None = None) -> CheckpointInfo:
+    """The checkpoint's name and AUTOMATIC1111's model hash, for PNG metadata.
+
+    AUTOMATIC1111 hashes a single-file checkpoint (SHA-256 of the whole file, first 10
+    hex digits: modules/hashes.py). A diffusers folder has no such file; its U-Net's
+    weights are the part that identifies a fine-tune, so those are hashed: the file
+    export loads for the U-Net, or for a sharded U-Net its shards' bytes one after
+    another in the order of their numbers. A single-file U-Net's hash is the one
+    `sha256sum unet/diffusion_pytorch_model.safetensors` prints."""
+    weights = ckpt.weights["unet"]
+    unet = ckpt.folder / "unet"
+    shards = [weights.file]
+    if weights.file.endswith(".index.json"):   # shard names were checked by open_checkpoint
+        weight_map = files.read_json_object(unet / weights.file, InvalidInput, "shard index")["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
+    digest = hashlib.sha256()
+    block = bytearray(1 << 20)   # 1 MiB at a time: a 3.4 GB fp32 U-Net is never held in memory
+    view = memoryview(block)
+    for shard in shards:
+        with open(unet / shard, "rb", buffering=0) as f:
+            while n := f.readinto(block):
+                digest.update(view[:n])
+    derived = model_name(ckpt.folder.resolve()) or "checkpoint"
+    return CheckpointInfo(derived if name is None else check_model_name(name),
+                          digest.hexdigest(), tuple(f"unet/{shard}" for shard in shards))
+
+
+def _cfg(facts: ModelFacts, asked: bool | None) -> bool:
+    """CFG unless the U-Net takes the guidance scale as an embedding (LCM), which
+    diffusers runs without CFG (LatentConsistencyModelPipeline, and
+    StableDiffusionPipeline for a U-Net with time_cond_proj_dim)."""
+    if asked is None:
+        return not facts.guidance_embedding
+    if asked and facts.guidance_embedding:
+        raise InvalidInput(f"this U-Net takes the guidance scale as an embedding (time_cond_proj_dim "
+                           f"{facts.time_cond_proj_dim}, an LCM-distilled model) and runs without classifier-free "
+                           f"guidance; export it without cfg=True")
+    return bool(asked)
 
 
 def _stages(facts: ModelFacts, config: ExportConfig) -> tuple[Stage, ...]:
@@ -109,6 +153,8 @@ def _check_config(config: ExportConfig) -> None:
         raise InvalidType(f"out_dir must be a path, got {type(config.out_dir).__name__}")
     if isinstance(config.batch, bool) or not isinstance(config.batch, int) or config.batch < 1:
         raise InvalidInput(f"batch must be an integer >= 1 (images per call), got {config.batch!r}")
+    if config.model_name is not None:
+        check_model_name(config.model_name)   # before minutes of export
     accepted = ", ".join(p.value for p in Precision)
     for name, value in (("precision", config.precision), ("vae_precision", config.vae_precision)):
         if value is not None and not isinstance(value, Precision):
@@ -136,7 +182,7 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
     name = stage.value
     with files.temp_folder(out_dir, prefix=f"{files.TEMP_PREFIX}{name}-") as work:
         with progress.step(f"{name}: loading weights"):
-            graph = graphs.wrap(stage, load_module(ckpt, stage))
+            graph = graphs.wrap(stage, load_module(ckpt, stage), spec)
         inputs = random_inputs(spec, facts)
         raw = work / "raw"
         raw.mkdir()

@@ -30,33 +30,61 @@ DATA_ALIGNMENT = 64
 
 
 class TextEncoderGraph(torch.nn.Module):
-    """int32 token ids -> the last hidden state, which SD conditions on."""
+    """int32 token ids and a clip skip per prompt -> the hidden states SD conditions on.
 
-    def __init__(self, text_encoder: torch.nn.Module):
+    A row's clip_skip = 0 gives its last hidden state (the final layer norm of the
+    last layer's output); clip_skip = n the final layer norm of the output n layers
+    before the last, as diffusers' `encode_prompt(clip_skip=n)` computes it
+    (`hidden_states[-(n + 1)]` then `final_layer_norm`). One value per row, because
+    diffusers skips layers for the prompt and not for the negative prompt. Every
+    layer's output is computed anyway, so the choice costs one gather per call.
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module, spec: StageSpec):
         super().__init__()
         self.text_encoder = text_encoder
+        self.layers = int(text_encoder.config.num_hidden_layers)
+        # transformers 5 flattened CLIPTextModel (no `text_model` level); 4.x nests it.
+        self.final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
         # int32 at the boundary (TensorRT has no int64 I/O); embeddings index with int64.
-        return self.text_encoder(input_ids.to(torch.int64), return_dict=False)[0]
+        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
+        layers = torch.stack(out.hidden_states[1:], dim=1)    # (batch, layers, tokens, width)
+        b, _, t, w = layers.shape
+        # Out-of-range values are clamped rather than left to fail inside the engine.
+        skip = torch.clamp(clip_skip.to(torch.int64), 0, self.layers - 1)
+        index = ((self.layers - 1) - skip).reshape(b, 1, 1, 1).expand(b, 1, t, w)
+        return self.final_layer_norm(torch.gather(layers, 1, index)[:, 0])
 
 
 class UNetGraph(torch.nn.Module):
-    """(sample, one float timestep for the whole batch, text embeddings) -> model output."""
+    """(sample, one float timestep for the whole batch, text embeddings, and the
+    optional inputs its spec lists) -> model output. The optional inputs go to the
+    diffusers U-Net by name:
 
-    def __init__(self, unet: torch.nn.Module):
+    - `encoder_attention_mask` (1 = a token of the prompt, 0 = unused context): the
+      U-Net adds -10000 to the cross-attention scores of masked tokens, whose softmax
+      weights are then exactly 0 in float32;
+    - `timestep_cond`: an LCM-distilled U-Net's guidance-scale embedding.
+    """
+
+    def __init__(self, unet: torch.nn.Module, spec: StageSpec):
         super().__init__()
         self.unet = unet
+        self.optional = tuple(t.name for t in spec.inputs[3:])
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *optional: torch.Tensor) -> torch.Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                         **dict(zip(self.optional, optional)), return_dict=False)[0]
 
 
 class VaeDecoderGraph(torch.nn.Module):
     """Latent already divided by the scaling factor -> image in about [-1, 1]; the
     runtime does the division and the conversion to pixels."""
 
-    def __init__(self, vae: torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, spec: StageSpec):
         super().__init__()
         self.vae = vae
 
@@ -69,7 +97,7 @@ class VaeEncoderGraph(torch.nn.Module):
     diffusers' DiagonalGaussianDistribution computes them (log-variance clamped to
     [-30, 20]); the runtime draws mean + std * noise from the seed."""
 
-    def __init__(self, vae: torch.nn.Module):
+    def __init__(self, vae: torch.nn.Module, spec: StageSpec):
         super().__init__()
         self.vae = vae
 
@@ -89,8 +117,10 @@ WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.UNET: UNetGraph, Stage.V
             Stage.VAE_DECODER: VaeDecoderGraph}
 
 
-def wrap(stage: Stage, module: torch.nn.Module) -> torch.nn.Module:
-    return WRAPPERS[stage](module).eval()
+def wrap(stage: Stage, module: torch.nn.Module, spec: StageSpec) -> torch.nn.Module:
+    """The export wrapper of `stage` around its diffusers/transformers module, with the
+    inputs and outputs of `spec`."""
+    return WRAPPERS[stage](module, spec).eval()
 
 
 def export_raw(graph: torch.nn.Module, spec: StageSpec, inputs: dict[str, np.ndarray],

@@ -25,7 +25,7 @@ from sdrt.engines.files import fsync_tree, temp_folder
 from . import vocab
 from sdrt.engines.progress import Progress
 
-VARIANTS = ("sd15", "sd2", "sd15-inpaint", "sd15-full", "sd21-full")
+VARIANTS = ("sd15", "sd2", "sd15-inpaint", "lcm", "sd15-full", "sd21-full")
 MAX_SEED = 2**32 - 1
 
 _DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -45,6 +45,14 @@ _SD2_SCHEDULER = {
     "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
     "steps_offset": 1, "clip_sample": False, "trained_betas": None,
     "prediction_type": "v_prediction", "timestep_spacing": "leading",
+}
+
+# SimianLuo/LCM_Dreamshaper_v7 scheduler/scheduler_config.json
+_LCM_SCHEDULER = {
+    "_class_name": "LCMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "original_inference_steps": 50,
+    "set_alpha_to_one": True, "steps_offset": 1, "clip_sample": False, "trained_betas": None,
+    "prediction_type": "epsilon", "timestep_spacing": "leading", "timestep_scaling": 10.0,
 }
 
 
@@ -70,20 +78,24 @@ def _vae(block_out: tuple[int, ...], groups: int, layers: int, sample_size: int)
 
 
 def _variant(name: str) -> Variant:
-    if name in ("sd15", "sd15-inpaint"):
+    if name in ("sd15", "sd15-inpaint", "lcm"):
         # sd15-inpaint: runwayml/stable-diffusion-inpainting's layout, whose U-Net takes
-        # 9 channels (latents, mask, masked-image latents).
-        inpaint = name == "sd15-inpaint"
+        # 9 channels (latents, mask, masked-image latents). lcm: an LCM-distilled SD 1.5
+        # (LCM_Dreamshaper_v7's layout): the U-Net takes the guidance scale as an
+        # embedding (time_cond_proj_dim), with the LCM scheduler.
+        inpaint, lcm = name == "sd15-inpaint", name == "lcm"
         return Variant(
             unet=dict(sample_size=16, in_channels=9 if inpaint else 4, out_channels=4, down_block_types=_DOWN,
                       up_block_types=_UP, block_out_channels=(16, 32, 32, 32), layers_per_block=1,
-                      norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4),
+                      norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+                      **(dict(time_cond_proj_dim=32) if lcm else {})),
             vae=_vae((8, 16, 16, 16), groups=4, layers=1, sample_size=128),
             text=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                       hidden_act="quick_gelu", projection_dim=32),
-            scheduler=_SD15_SCHEDULER, pad_token=vocab.EOS,
-            pipeline="StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline")
+            scheduler=_LCM_SCHEDULER if lcm else _SD15_SCHEDULER, pad_token=vocab.EOS,
+            pipeline="StableDiffusionInpaintPipeline" if inpaint else
+            "LatentConsistencyModelPipeline" if lcm else "StableDiffusionPipeline")
     if name == "sd2":
         # SD 2.x differences: v-prediction, linear projections in the transformer
         # blocks, per-level head counts, a wider text encoder with GELU, "!" padding.
@@ -179,7 +191,7 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
     import diffusers
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import DDIMScheduler, PNDMScheduler
+    from diffusers.schedulers import DDIMScheduler, LCMScheduler, PNDMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     # One seed per component, so changing one component's config leaves the others' bytes alone.
@@ -190,7 +202,8 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
         vae = AutoencoderKL(**spec.vae)
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text))
-    sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler}[spec.scheduler["_class_name"]]
+    sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler,
+                 "LCMScheduler": LCMScheduler}[spec.scheduler["_class_name"]]
     scheduler = sched_cls.from_config({k: v for k, v in spec.scheduler.items() if k != "_class_name"})
 
     with temp_folder(out_dir.parent) as tmp:

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sdrt.engines.specs import DType, ModelFacts, Precision, Stage, StageSpec
+from sdrt.engines.specs import CLIP_SKIP, ENCODER_ATTENTION_MASK, TIMESTEP_COND, DType, ModelFacts, Precision, Stage, StageSpec
 
 # fp32: graph and torch differ only by kernel order and fused ops.
 FP32_TOLERANCE = (1e-4, 1e-4)  # (atol, rtol of output scale)
@@ -57,7 +57,17 @@ def random_inputs(spec: StageSpec, facts: ModelFacts, seed: int = 0) -> dict[str
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for t in spec.inputs:
-        if t.dtype is DType.INT32:
+        if t.name == CLIP_SKIP:
+            out[t.name] = rng.integers(0, facts.max_clip_skip + 1, size=t.shape).astype(np.int32)
+        elif t.name == ENCODER_ATTENTION_MASK:
+            # Each prompt uses a random number of the context's chunks, the rest masked.
+            chunks = t.shape[1] // facts.text_max_length
+            used = rng.integers(1, chunks + 1, size=t.shape[0]) * facts.text_max_length
+            out[t.name] = (np.arange(t.shape[1])[None, :] < used[:, None]).astype(np.float32)
+        elif t.name == TIMESTEP_COND:
+            # A guidance embedding: sines and cosines (see runtime guidance_embedding).
+            out[t.name] = np.sin(rng.uniform(-10, 10, size=t.shape)).astype(np.float32)
+        elif t.dtype is DType.INT32:
             # Random token ids (CLIP attends causally; every position matters).
             out[t.name] = rng.integers(0, 49408, size=t.shape).astype(np.int32)
         elif spec.stage is Stage.UNET and t.name == "timestep":

@@ -25,10 +25,18 @@ from sdrt.engines.specs import LATENT, Stage
 
 from . import inputs
 from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
+from .prompts import parse_prompt_attention
 from .schedulers import Sampler, SchedulerFallback, checkpoint_default, make_sampler, resolved_name
 from .tokenizer import Tokenizer
 
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
+# diffusers' LatentConsistencyModelPipeline defaults: num_inference_steps=4, guidance_scale=8.5.
+LCM_DEFAULT_STEPS = 4
+LCM_DEFAULT_GUIDANCE = 8.5
+
+
+class IgnoredSetting(UserWarning):
+    """A setting the request gave that this artifact cannot use (and that is not recorded)."""
 TOKENIZER_DIR = "tokenizer"
 
 
@@ -87,6 +95,20 @@ class Artifact:
         return self.manifest.specs[Stage.VAE_DECODER].input(LATENT).shape
 
     @property
+    def default_steps(self) -> int:
+        """Steps when none are asked for: LatentConsistencyModelPipeline's 4 for an LCM
+        U-Net, else sdrt's 25."""
+        return LCM_DEFAULT_STEPS if self.manifest.facts.guidance_embedding else DEFAULT_STEPS
+
+    @property
+    def default_guidance(self) -> float:
+        """Guidance when none is asked for: LatentConsistencyModelPipeline's 8.5 for an
+        LCM U-Net (the embedded scale), 1.0 (no guidance) for a --no-cfg artifact, else 7.5."""
+        if self.manifest.facts.guidance_embedding:
+            return LCM_DEFAULT_GUIDANCE
+        return DEFAULT_GUIDANCE if self.manifest.shape.cfg else 1.0
+
+    @property
     def default_scheduler(self) -> str:
         """The sampler that runs when none is asked for: the checkpoint's own scheduler
         class with its options, or the documented fallback (see `schedulers.checkpoint_default`)."""
@@ -103,11 +125,11 @@ class Artifact:
 
     # -- requests ------------------------------------------------------------------------
 
-    def request(self, prompt: Any, negative_prompt: Any = None, steps: Any = DEFAULT_STEPS,
-                guidance: Any = DEFAULT_GUIDANCE, scheduler: Any = None, seed: Any = None,
+    def request(self, prompt: Any, negative_prompt: Any = None, steps: Any = None,
+                guidance: Any = None, scheduler: Any = None, seed: Any = None,
                 latents: Any = None, image: Any = None, mask_image: Any = None, strength: Any = None,
                 outpaint: Any = None, generator: Any = Generator.TORCH,
-                scheduler_options: Any = None) -> Request:
+                scheduler_options: Any = None, prompt_weighting: Any = True, clip_skip: Any = None) -> Request:
         """Validate one generation's settings and inputs (see `Pipeline.__call__`)."""
         task = self._task(image, mask_image, outpaint)
         if scheduler is None:
@@ -118,12 +140,28 @@ class Artifact:
             if default.options and isinstance(scheduler_options, (dict, type(None))):
                 scheduler_options = {**default.options, **(scheduler_options or {})}
         config = GenerationConfig.create(
-            prompt, negative_prompt, DEFAULT_STEPS if steps is None else steps, guidance, scheduler, seed,
+            prompt, negative_prompt, self.default_steps if steps is None else steps,
+            self.default_guidance if guidance is None else guidance, scheduler, seed,
             batch=self.batch, task=task, strength=strength, generator=generator,
-            scheduler_options=scheduler_options)
-        if config.guidance > 1.0 and not self.manifest.shape.cfg:
+            scheduler_options=scheduler_options, prompt_weighting=prompt_weighting, clip_skip=clip_skip,
+            max_clip_skip=self.manifest.facts.max_clip_skip if self.manifest.facts.text_num_layers else None)
+        if config.clip_skip and not self.manifest.facts.text_num_layers:
+            raise InvalidInput(f"clip_skip {config.clip_skip} needs a text encoder exported with clip skip; "
+                               f"{self.folder} was exported by an older sdrt: export the model again")
+        embedded = self.manifest.facts.guidance_embedding
+        if config.guidance > 1.0 and not self.manifest.shape.cfg and not embedded:
             raise InvalidInput(f"guidance {config.guidance:g} needs classifier-free guidance, but this artifact was "
                                f"exported with --no-cfg: use guidance <= 1 or export with CFG")
+        if any(config.negative_prompts) and (embedded or config.guidance <= 1.0 or not self.manifest.shape.cfg):
+            # diffusers encodes no negative prompt without CFG; say so, and record none.
+            why = ("this LCM model takes the guidance scale as an embedding and runs no classifier-free guidance"
+                   if embedded else "this artifact was exported with --no-cfg" if not self.manifest.shape.cfg
+                   else f"guidance {config.guidance:g} <= 1 turns classifier-free guidance off")
+            warnings.warn(f"the negative prompt is ignored: {why}", IgnoredSetting, stacklevel=3)
+            config = dataclasses.replace(config, negative_prompts=("",) * self.batch)
+        if config.prompt_weighting:   # a malformed weight fails now, not after engines load
+            for text in set(config.prompts + config.negative_prompts):
+                parse_prompt_attention(text)
         if latents is not None and task is not Task.TEXT_TO_IMAGE:
             raise InvalidInput("latents apply to text-to-image only; with an image the seed draws the noise")
         options = dict(config.scheduler_options)

@@ -139,18 +139,18 @@ def _busy_warning() -> str | None:
 class BenchConfig:
     artifact_dir: Path
     backend: Backend = Backend.ONNXRUNTIME
-    steps: int = 25
+    steps: int | None = None        # None: the artifact's default (25; 4 for an LCM model)
     scheduler: str | None = None
     runs: int = 10
     warmup: int = 2
     prompt: str = DEFAULT_PROMPT
-    guidance: float = 7.5
+    guidance: float | None = None   # None: the artifact's default (7.5; 1 on --no-cfg; LCM 8.5)
     seed: int = 0
     json_path: Path | None = None
     force: bool = False
 
     def validate(self) -> "BenchConfig":
-        for name, value, low, high in (("steps", self.steps, 1, MAX_STEPS),
+        for name, value, low, high in (("steps", 1 if self.steps is None else self.steps, 1, MAX_STEPS),
                                        ("runs", self.runs, 1, MAX_RUNS),
                                        ("warmup", self.warmup, 0, MAX_RUNS)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -165,21 +165,26 @@ class BenchConfig:
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
     """Load the pipeline, warm up, time `config.runs` generations; return every figure."""
     config.validate()
+    from sdrt.runtime.artifact import Artifact
     from sdrt.runtime.pipeline import Pipeline  # imports the backend: keep `sdrt --help` fast
 
     busy = _busy_warning()
     if busy:
         progress(busy)
-    progress(f"loading {config.artifact_dir} on {config.backend.value}")
     t0 = time.perf_counter()
-    pipe = Pipeline.load(config.artifact_dir, backend=config.backend.value)
+    artifact = Artifact.open(config.artifact_dir)
+    # The settings are checked, and the artifact's defaults resolved, before engines load.
+    settings = artifact.request(config.prompt, steps=config.steps, guidance=config.guidance,
+                                scheduler=config.scheduler, seed=config.seed).config
+    progress(f"loading {config.artifact_dir} on {config.backend.value}")
+    pipe = Pipeline.load(artifact, backend=config.backend.value)
     load_s = time.perf_counter() - t0
     progress(f"loaded in {load_s:.2f} s")
     gpu = _GpuMemory(config.backend)
 
     def generate(i: int):
         t = time.perf_counter()
-        result = pipe(config.prompt, steps=config.steps, guidance=config.guidance,
+        result = pipe(config.prompt, steps=settings.steps, guidance=settings.guidance,
                       scheduler=config.scheduler, seed=config.seed + i)
         return result, time.perf_counter() - t
 
@@ -210,12 +215,12 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda m: N
         "backend": config.backend.value,
         "settings": {
             "artifact_dir": str(config.artifact_dir),
-            "steps": config.steps,
+            "steps": settings.steps,
             "scheduler": config.scheduler or getattr(pipe, "default_scheduler", None),
             "runs": config.runs,
             "warmup": config.warmup,
             "prompt": config.prompt,
-            "guidance": config.guidance,
+            "guidance": settings.guidance,
             "seed": config.seed,
             **({"height": shape.height, "width": shape.width, "batch": shape.batch, "cfg": shape.cfg}
                if shape is not None else {}),

@@ -29,6 +29,7 @@ import os
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -37,14 +38,16 @@ from PIL import Image
 
 from sdrt.engines.base import Backend, Engine, open_engines
 from sdrt.engines.errors import InvalidType, NumericsError
-from sdrt.engines.specs import (ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE,
-                                TEXT_EMBEDDINGS, TIMESTEP, Stage)
+from sdrt.engines.specs import (CLIP_SKIP, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT,
+                                LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TIMESTEP, TIMESTEP_COND, Stage)
 
-from . import inputs
+from . import inputs, prompts
 from .artifact import Artifact, Request
-from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
-from .images import to_pil
+from .config import GenerationConfig, Generator, Task
+from .images import PARAMETERS_KEY, to_pil
+from .infotext import parameters_text
 from .schedulers import SCHEDULERS, Sampler
+from .tokenizer import PromptTruncated
 from .torch_random import TorchGenerator
 
 
@@ -81,6 +84,25 @@ class GenerationResult:
     seed: int                   # the seed used (drawn at random when none was given)
     config: GenerationConfig    # the validated settings
     latents_given: bool = False # True when the caller supplied the initial latents
+    # AUTOMATIC1111's PNG `parameters` text of the first image (each image's own is in
+    # image.info["parameters"]; batch items differ only where their prompts do)
+    parameters: str = ""
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the U-Net is conditioned on: the text context (guided batch, tokens, width)
+    and, for an artifact of several prompt chunks, its mask (1 = a token of the chunks
+    used)."""
+
+    hidden_states: np.ndarray
+    attention_mask: np.ndarray | None = None
+
+    def unet_inputs(self) -> dict[str, np.ndarray]:
+        inputs = {ENCODER_HIDDEN_STATES: self.hidden_states}
+        if self.attention_mask is not None:
+            inputs[ENCODER_ATTENTION_MASK] = self.attention_mask
+        return inputs
 
 
 @dataclass
@@ -169,16 +191,20 @@ class Pipeline:
     # -- generation ----------------------------------------------------------------------
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
-                 steps: int | None = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE,
+                 steps: int | None = None, guidance: float | None = None,
                  scheduler: str | None = None, seed: int | None = None, latents: np.ndarray | None = None,
                  image: Any = None, mask_image: Any = None, strength: float | None = None,
                  outpaint: Any = None, generator: str = Generator.TORCH.value,
                  on_step: Callable[[int, int], None] | None = None,
-                 scheduler_options: dict[str, Any] | None = None) -> GenerationResult:
+                 scheduler_options: dict[str, Any] | None = None, prompt_weighting: bool = True,
+                 clip_skip: int | None = None) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
-        steps: denoising steps (default 25). guidance: CFG scale; <= 1 disables guidance.
+        steps: denoising steps (default 25; 4 for an LCM model). guidance: CFG scale, <= 1
+        disables guidance (default 7.5; 1.0 on a --no-cfg artifact; an LCM model's embedded
+        guidance scale, default 8.5). A negative prompt that will not be used (no CFG) is
+        dropped with an IgnoredSetting warning.
         scheduler: an sdrt sampler name ("dpmpp_2m_karras", see `SCHEDULERS`) or an
         AUTOMATIC1111 one ("DPM++ 2M Karras", "Euler a"); default: the checkpoint's own
         scheduler (a class sdrt does not follow runs "euler" with a SchedulerFallback warning).
@@ -195,10 +221,18 @@ class Pipeline:
         right, bottom) pixel margins outpainting. Inputs of another size are resized to
         the artifact's. strength in (0, 1]: how much of the schedule runs (default 0.8 for
         image-to-image, 1.0 for inpainting, as in diffusers).
+        prompt_weighting: read AUTOMATIC1111's attention syntax: "(word)" x1.1, "[word]" /1.1,
+        "(word:1.5)", "\\(" for a literal bracket, and BREAK to start a new 75-token chunk;
+        False takes the text literally. Prompts past 75 tokens run in chunks, up to the
+        artifact's max prompt chunks (`sdrt export --max-prompt-chunks`); the rest is
+        dropped with a PromptTruncated warning.
+        clip_skip: diffusers' clip_skip, the text encoder's hidden state this many layers
+        before the last (AUTOMATIC1111's "Clip skip" is clip_skip + 1); None or 0: none.
         on_step(i, n): called after each denoising step (progress reporting).
         """
         request = self.artifact.request(prompt, negative_prompt, steps, guidance, scheduler, seed, latents,
-                                        image, mask_image, strength, outpaint, generator, scheduler_options)
+                                        image, mask_image, strength, outpaint, generator, scheduler_options,
+                                        prompt_weighting, clip_skip)
         return self.run(request, on_step)
 
     def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -212,25 +246,61 @@ class Pipeline:
         start = time.perf_counter()
         config, sampler = request.config, request.sampler
         rng = _random_source(config)
-        embeddings, text_time = self.encode_prompt(config)
+        conditioning, text_time = self.encode_prompt(config)
         latents, vae_encoder_time = self.prepare_latents(request, rng)
-        x, step_times, unet_times = self.denoise(config, sampler, latents, embeddings, rng, on_step)
+        x, step_times, unet_times = self.denoise(config, sampler, latents, conditioning, rng, on_step)
         pixels, vae_time = self.decode(x)
         timings = Timings(text_time, tuple(step_times), tuple(unet_times), vae_time, time.perf_counter() - start,
                           vae_encoder_time)
-        return GenerationResult(to_pil(pixels), pixels, timings, config.seed, config, request.latents is not None)
+        images = to_pil(pixels)
+        given = request.latents is not None   # the seed did not draw these latents: it is not recorded
+        m = self.manifest
+        for i, image in enumerate(images):
+            image.info[PARAMETERS_KEY] = parameters_text(config, self.width, self.height, m.model_name, m.model_hash,
+                                                         index=i, seed=not given)
+        return GenerationResult(images, pixels, timings, config.seed, config, given, images[0].info[PARAMETERS_KEY])
 
     # -- the seams, in diffusers' order -----------------------------------------------------
 
-    def encode_prompt(self, config: GenerationConfig) -> tuple[np.ndarray, float]:
-        """One text encoder call, negatives first, like diffusers' torch.cat([negative, prompt])."""
+    def encode_prompt(self, config: GenerationConfig) -> tuple[Conditioning, float]:
+        """The U-Net's context, negatives first like diffusers' torch.cat([negative, prompt]).
+
+        Prompts are read in AUTOMATIC1111's syntax (unless config.prompt_weighting is
+        False) and split into 75-token chunks; the text encoder runs once per chunk on
+        every prompt, the outputs are joined along the token axis and weighted
+        (`prompts.apply_emphasis`). The context then fills the artifact's
+        prompt_chunks x 77 tokens: the chunks used, then zeros that the attention mask
+        hides from the U-Net. clip_skip applies to the prompts only, as in diffusers'
+        StableDiffusionPipeline (its negative prompt embeddings are the last hidden state).
+        """
         cfg_graph = self.manifest.shape.cfg   # the engines run the guided batch
-        prompts = list(config.negative_prompts + config.prompts) if cfg_graph else list(config.prompts)
-        t0 = time.perf_counter()
-        embeddings = self._run(Stage.TEXT_ENCODER, {INPUT_IDS: self.tokenizer.encode(prompts)})[TEXT_EMBEDDINGS]
-        text_time = self._engine_time(Stage.TEXT_ENCODER, t0)
-        _check_finite(embeddings, "the text encoder")
-        return embeddings, text_time
+        texts = list(config.negative_prompts + config.prompts) if cfg_graph else list(config.prompts)
+        limit = self.manifest.shape.prompt_chunks
+        chunked = prompts.chunk_prompts(self.tokenizer, texts, config.prompt_weighting, max_chunks=limit)
+        if chunked.truncated:
+            warnings.warn(prompts.truncation_message(self.tokenizer, chunked.truncated, limit), PromptTruncated,
+                          stacklevel=4)
+        extra = {}
+        if CLIP_SKIP in {t.name for t in self.manifest.specs[Stage.TEXT_ENCODER].inputs}:
+            # diffusers' clip_skip applies to the prompts, not to the negative prompts.
+            skips = [0] * (len(texts) - len(config.prompts)) + [config.clip_skip] * len(config.prompts)
+            extra[CLIP_SKIP] = np.array(skips, dtype=np.int32)
+        text_time = 0.0
+        outputs = []
+        for ids in chunked.ids:
+            t0 = time.perf_counter()
+            outputs.append(self._run(Stage.TEXT_ENCODER, {INPUT_IDS: ids, **extra})[TEXT_EMBEDDINGS])
+            text_time += self._engine_time(Stage.TEXT_ENCODER, t0)
+        z = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+        _check_finite(z, "the text encoder")
+        z = prompts.apply_emphasis(z, chunked.weights, self.tokenizer.max_length)
+        if limit == 1:
+            return Conditioning(z), text_time
+        context = np.zeros((z.shape[0], limit * self.tokenizer.max_length, z.shape[2]), dtype=np.float32)
+        context[:, :z.shape[1]] = z
+        mask = np.zeros(context.shape[:2], dtype=np.float32)
+        mask[:, :z.shape[1]] = 1.0
+        return Conditioning(context, mask), text_time
 
     def prepare_latents(self, request: Request, rng: Any) -> tuple[_Latents, float]:
         """The initial latents (diffusers' prepare_latents, and prepare_mask_latents for
@@ -266,7 +336,7 @@ class Pipeline:
         rng.standard_normal((1, *shape[1:]), dtype=np.float32)   # the masked image's latent sample, unused
         return _Latents(x, original=original, noise=noise, mask=_f32(np.repeat(mask, shape[0], axis=0))), encoder_time
 
-    def denoise(self, config: GenerationConfig, sampler: Sampler, latents: _Latents, embeddings: np.ndarray,
+    def denoise(self, config: GenerationConfig, sampler: Sampler, latents: _Latents, conditioning: Conditioning,
                 rng: Any, on_step: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[float], list[float]]:
         cfg_graph = self.manifest.shape.cfg            # the engines run the guided batch
         use_cfg = cfg_graph and config.guidance > 1.0  # diffusers: do_classifier_free_guidance
@@ -277,6 +347,10 @@ class Pipeline:
         guidance = np.float32(config.guidance)
         timesteps = np.asarray(sampler.timesteps, dtype=np.float32).reshape(-1, 1)   # row i: call i's input
         n = len(timesteps)
+        context = conditioning.unet_inputs()
+        if self.manifest.facts.guidance_embedding:   # LCM: the scale enters the U-Net, no CFG
+            context[TIMESTEP_COND] = guidance_embedding(config.guidance, self.manifest.facts.time_cond_proj_dim,
+                                                        self.manifest.shape.guided_batch)
         for i in range(n):
             t0 = time.perf_counter()
             model_in = np.asarray(sampler.scale_model_input(x, i), dtype=np.float32)
@@ -284,8 +358,7 @@ class Pipeline:
             if latents.unet_extra is not None:   # 9-channel U-Net: [latents, mask, masked-image latents]
                 sample = np.concatenate([sample, latents.unet_extra], axis=1)
             u0 = time.perf_counter()
-            raw = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: timesteps[i],
-                                         ENCODER_HIDDEN_STATES: embeddings})[LATENT]
+            raw = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: timesteps[i], **context})[LATENT]
             unet_times.append(self._engine_time(Stage.UNET, u0))
             out = raw
             if cfg_graph:
@@ -349,6 +422,22 @@ class Pipeline:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def guidance_embedding(guidance: float, dim: int, batch: int) -> np.ndarray:
+    """An LCM U-Net's `timestep_cond`: diffusers' `get_guidance_scale_embedding` of
+    w = guidance - 1 (LatentConsistencyModelPipeline), in float32 as torch computes it:
+    sin and cos of w * 1000 * 10000^(-k / (dim / 2 - 1)), zero-padded to an odd dim."""
+    f32 = np.float32
+    w = f32(guidance - 1) * f32(1000.0)
+    half = dim // 2
+    step = f32(np.log(f32(10000.0))) / f32(half - 1)
+    freqs = np.exp(np.arange(half, dtype=f32) * -step)
+    angles = w * freqs
+    emb = np.concatenate([np.sin(angles), np.cos(angles)])
+    if dim % 2:
+        emb = np.concatenate([emb, np.zeros(1, f32)])
+    return np.ascontiguousarray(np.broadcast_to(emb.astype(f32), (batch, dim)))
 
 
 def _random_source(config: GenerationConfig) -> Any:

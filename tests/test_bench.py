@@ -66,3 +66,19 @@ def test_bench_refuses_to_overwrite_json_without_force(sd15_artifacts, tmp_path,
     assert main(["bench", str(sd15_artifacts), "--runs", "1", "--json", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
     assert out.read_text() == "user data"
+
+
+def test_bench_runs_a_no_cfg_artifact_at_its_default_guidance(tiny_sd15, export_into, tmp_path):
+    folder = export_into(tiny_sd15, tmp_path / "nocfg", cfg=False, verify=False)
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(folder), "--runs", "1", "--warmup", "0", "--steps", "2", "--json", str(out)]) == 0
+    s = json.loads(out.read_text())["settings"]
+    assert (s["cfg"], s["guidance"], s["steps"]) == (False, 1.0, 2)
+
+
+def test_bench_guidance_is_checked_against_the_artifact_before_loading(tiny_sd15, export_into, tmp_path, capsys):
+    folder = export_into(tiny_sd15, tmp_path / "nocfg", cfg=False, verify=False)
+    assert main(["bench", str(folder), "--runs", "1", "--guidance", "7.5"]) == 2
+    err = capsys.readouterr().err
+    assert "guidance 7.5 needs classifier-free guidance" in err and f"loading {folder} on" not in err
+    assert main(["bench", str(folder), "--runs", "1", "--warmup", "0", "--steps", "1", "--guidance", "0.5"]) == 0

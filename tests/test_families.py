@@ -137,7 +137,7 @@ def _patched(tiny_sd15, folder, component, **changes):
 @pytest.mark.parametrize("case, words", [
     ("sdxl", "StableDiffusionXLPipeline checkpoint: SDXL .* is not supported yet"),
     ("class-conditioned", "class conditioning \\(unCLIP, the x4 upscaler\\) \\(class_embed_type='timestep'\\)"),
-    ("lcm", "a guidance embedding \\(an LCM-distilled U-Net\\), not supported yet"),
+    ("image-conditioned", "added conditioning .*addition_embed_type='image'.*an input sdrt does not feed"),
     ("sd3", "StableDiffusion3Pipeline checkpoint: Stable Diffusion 3 .* is not supported"),
     ("unknown", "pipeline class 'KandinskyV22Pipeline' is not supported"),
 ])
@@ -149,8 +149,8 @@ def test_unsupported_family_is_refused_before_any_work(tiny_sd15, tmp_path, case
         _tiny_sdxl(model)
     elif case == "class-conditioned":
         _patched(tiny_sd15, model, "unet", class_embed_type="timestep")
-    elif case == "lcm":
-        _patched(tiny_sd15, model, "unet", time_cond_proj_dim=256)
+    elif case == "image-conditioned":
+        _patched(tiny_sd15, model, "unet", addition_embed_type="image")
     elif case == "sd3":
         _patched(tiny_sd15, model, "model_index", _class_name="StableDiffusion3Pipeline")
     else:

@@ -16,6 +16,7 @@ from PIL import Image
 from sdrt.engines.errors import InvalidInput, NumericsError
 from sdrt.engines.specs import Stage
 from sdrt.runtime import Pipeline
+from sdrt.runtime.artifact import IgnoredSetting
 from sdrt.runtime.schedulers import diffusers_scheduler
 
 TOL = 1e-4   # max abs on pixels in [0, 1], fp32 on CPU (the issue's bar)
@@ -143,6 +144,21 @@ def test_cli_writes_one_png_per_batch_item(batch2, tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / name)), np.asarray(pixels[i]))
 
 
+def test_each_batch_image_carries_the_text_of_its_own_prompts(batch2):
+    """image.info["parameters"] names that image's prompt and negative prompt; the
+    result's text is the first image's. Initial latents given by the caller were not
+    drawn from the seed, so no seed is recorded."""
+    from sdrt.runtime.infotext import parse
+    result = Pipeline.load(batch2)(["a red cube", "a blue sphere"], negative_prompt=["", "green"], steps=2, seed=5)
+    read = [parse(image.info["parameters"]) for image in result.images]
+    assert [(r.prompt, r.negative_prompt) for r in read] == [("a red cube", ""), ("a blue sphere", "green")]
+    assert all(r.fields["Seed"] == "5" and r.fields["Steps"] == "2" for r in read)
+    assert result.parameters == result.images[0].info["parameters"]
+    pipe = Pipeline.load(batch2)
+    given = pipe("a fox", steps=2, seed=5, latents=_latents(pipe, seed=1))
+    assert "Seed" not in parse(given.parameters).fields and "Steps" in parse(given.parameters).fields
+
+
 def test_no_cfg_artifact_runs_batch_one_and_refuses_guidance(tiny_sd15, export_into, tmp_path_factory, oracle):
     # verify=False: export checks its own graphs in its tests; here only the shapes differ.
     folder = export_into(tiny_sd15, tmp_path_factory.mktemp("nocfg") / "sd15-nocfg", cfg=False, verify=False)
@@ -153,6 +169,13 @@ def test_no_cfg_artifact_runs_batch_one_and_refuses_guidance(tiny_sd15, export_i
     assert _max_diff(result.pixels, oracle(tiny_sd15, PROMPT, latents, 5, 1.0, "dpmpp_2m")) <= TOL
     with pytest.raises(InvalidInput, match="guidance 7.5 needs classifier-free guidance.*--no-cfg"):
         pipe(PROMPT, guidance=7.5)
+    # No guidance asked: the artifact's default (1.0, no CFG) just works.
+    default = pipe(PROMPT, steps=5, scheduler="dpmpp_2m", latents=latents)
+    assert default.config.guidance == 1.0 and np.array_equal(default.pixels, result.pixels)
+    # A negative prompt cannot be used without CFG: said, and not recorded.
+    with pytest.warns(IgnoredSetting, match="negative prompt is ignored: this artifact was exported with --no-cfg"):
+        ignored = pipe(PROMPT, negative_prompt="blurry", steps=5, scheduler="dpmpp_2m", latents=latents)
+    assert ignored.config.negative_prompt == "" and np.array_equal(ignored.pixels, result.pixels)
 
 
 def test_result_holds_images_pixels_timings_and_settings(variants):

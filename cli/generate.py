@@ -31,11 +31,15 @@ DEFAULT_PROMPT = "a watercolor fox"   # `sdrt demo` has no required prompt
 # a --no-cfg artifact guidance 1); see Artifact.default_steps / default_guidance.
 DEFAULTS: dict[str, Any] = dict(negative_prompt=None, steps=None, guidance=None, scheduler=None,
                                 seed=None, generator=Generator.TORCH.value, image=None, mask_image=None, strength=None,
-                                outpaint=None, scheduler_options=None, prompt_weighting=True, clip_skip=None)
+                                outpaint=None, scheduler_options=None, prompt_weighting=True, clip_skip=None,
+                                prompt_2=None, negative_prompt_2=None, original_size=None,
+                                crops_coords_top_left=None, target_size=None)
 # Pipeline.__call__ argument <- argparse destination, for the flags a PNG's settings yield to.
 _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps", guidance="guidance",
               scheduler="scheduler", seed="seed", generator="generator", image="image", mask_image="mask",
-              strength="strength", outpaint="outpaint", prompt_weighting="prompt_weighting", clip_skip="clip_skip")
+              strength="strength", outpaint="outpaint", prompt_weighting="prompt_weighting", clip_skip="clip_skip",
+              prompt_2="prompt_2", negative_prompt_2="negative_prompt_2", original_size="original_size",
+              crops_coords_top_left="crops_coords_top_left", target_size="target_size")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +55,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "negative prompt, steps, sampler, CFG scale, seed, clip skip, RNG and denoising strength; "
                         "flags given here override them. The same seed and artifact give the same image")
     g.add_argument("--out", type=Path, default=Path("image.png"), help="output PNG (default: image.png)")
+    g.add_argument("--refiner", type=Path, default=None, metavar="REFINER_DIR",
+                   help="an SDXL refiner artifact folder: ARTIFACT_DIR (the base) runs the first --high-noise-frac "
+                        "of the schedule and hands its latents to the refiner (diffusers' ensemble of expert "
+                        "denoisers), in one call")
+    g.add_argument("--high-noise-frac", type=float, default=0.8, metavar="F",
+                   help="with --refiner: the fraction of the noise schedule the base runs (default 0.8)")
     g.add_argument("--force", action="store_true", help="overwrite existing output files")
     g.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
     g.add_argument("--provider", default=None,
@@ -87,6 +97,16 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
                         "from_config(config, KEY=VALUE) takes it; repeatable. VALUE: true/false, none, a number, "
                         "a JSON list, or text (e.g. use_karras_sigmas=true, solver_order=3, "
                         "timestep_spacing=trailing)")
+    sdxl = p.add_argument_group("SDXL", "settings of SDXL models (diffusers' StableDiffusionXLPipeline arguments)")
+    sdxl.add_argument("--prompt-2", default=None, help="the second text encoder's prompt (default: --prompt)")
+    sdxl.add_argument("--negative-prompt-2", default=None,
+                      help="the second text encoder's negative prompt (default: --negative-prompt)")
+    sdxl.add_argument("--original-size", type=_pixel_pair, default=None, metavar="H,W",
+                      help="size condition: the 'original' image size in pixels (default: the artifact's)")
+    sdxl.add_argument("--crop-top-left", dest="crops_coords_top_left", type=_pixel_pair, default=None,
+                      metavar="TOP,LEFT", help="crop condition in pixels (default 0,0)")
+    sdxl.add_argument("--target-size", type=_pixel_pair, default=None, metavar="H,W",
+                      help="size condition: the target size in pixels (default: the artifact's)")
     p.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help="condition on the text encoder's hidden state N layers before the last (diffusers' "
                         "clip_skip; AUTOMATIC1111's 'Clip skip' N+1). Default 0: the last")
@@ -105,6 +125,16 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
                    help="how much of the schedule runs on --image, in (0, 1] (default 0.8; 1.0 with --mask)")
     p.add_argument("--outpaint", default=None, metavar="L,T,R,B",
                    help="extend --image by these pixel margins (N, X,Y or L,T,R,B) and paint the new area")
+
+
+def _pixel_pair(text: str) -> tuple[int, int]:
+    """'1024,768' (or 1024x768) -> (1024, 768)."""
+    parts = text.replace("x", ",").split(",")
+    try:
+        a, b = (int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two integers such as 1024,1024; got {text!r}") from None
+    return a, b
 
 
 def _scheduler_option(text: str) -> tuple[str, Any]:
@@ -218,7 +248,9 @@ def run_generate(args: argparse.Namespace) -> int:
     check_folder_for(args.out)
     for note in notes:
         print(f"sdrt {args.command}: warning: {note}", file=sys.stderr)
-    generate_and_save(folder, backend, options, request, paths, command=args.command)
+    refiner = artifact_folder(args.refiner) if args.refiner is not None else None
+    generate_and_save(folder, backend, options, request, paths, command=args.command, refiner=refiner,
+                      high_noise_frac=args.high_noise_frac)
     return 0
 
 
@@ -254,21 +286,29 @@ def check_request(request: Mapping[str, Any], batch: int) -> None:
 
 
 def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], request: Mapping[str, Any],
-                      paths: list[Path], command: str, progress: Progress | None = None) -> None:
-    """Load the pipeline, generate, write the PNGs (atomically) and print the timings."""
+                      paths: list[Path], command: str, progress: Progress | None = None,
+                      refiner: Path | None = None, high_noise_frac: float = 0.8) -> None:
+    """Load the pipeline (and a refiner's), generate, write the PNGs (atomically) and
+    print the timings."""
     from sdrt.runtime.artifact import Artifact
     from sdrt.runtime.images import write_pngs
-    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.pipeline import Pipeline, refine_requests
 
     progress = progress or Progress()
     artifact = Artifact.open(folder)
+    refiner_artifact = Artifact.open(refiner) if refiner is not None else None
     # Every setting, the sampler and the input images are checked here, before engines load.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepared = artifact.request(**request)
+        if refiner_artifact is None:
+            prepared = artifact.request(**request)
+        else:
+            kwargs = {k: v for k, v in request.items() if k != "prompt"}
+            prepared, _ = refine_requests(artifact, refiner_artifact, request["prompt"], high_noise_frac, kwargs)
     _print_warnings(caught, command)     # e.g. the checkpoint's scheduler class is not followed
-    progress.say(f"loading {folder}")
+    progress.say(f"loading {folder}" + (f" and the refiner {refiner}" if refiner else ""))
     pipe = Pipeline.load(artifact, backend=backend, **options)
+    refiner_pipe = Pipeline.load(refiner_artifact, backend=backend, **options) if refiner_artifact else None
     try:
         cached = [getattr(e, "cached", None) for e in pipe.engines.values()]
         how = ("optimized graphs from the cache" if all(cached) else
@@ -283,7 +323,11 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = pipe.run(prepared, on_step=on_step)
+            if refiner_pipe is None:
+                result = pipe.run(prepared, on_step=on_step)
+            else:
+                result = pipe.refine(refiner_pipe, request["prompt"], high_noise_frac, on_step=on_step,
+                                     **{k: v for k, v in request.items() if k != "prompt"})
         _print_warnings(caught, command)     # e.g. a truncated prompt
         c = result.config
         with writing_into(paths[0].parent):
@@ -291,6 +335,8 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
             write_pngs(paths, result.images, result.parameters, force=True)   # existence was checked up front
     finally:
         pipe.close()
+        if refiner_pipe is not None:
+            refiner_pipe.close()
     print(format_timings(result.timings, c.steps, c.scheduler, result.seed))
     for path in paths:
         print(f"wrote {path}")

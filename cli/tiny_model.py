@@ -14,9 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny = sub.add_parser(
         "tiny-model", help="write a built-in Stable Diffusion checkpoint (no download)",
         description="Write a built-in checkpoint in the diffusers layout with random weights from a fixed "
-                    "seed and the real CLIP vocabulary. sd15, sd2 and sd15-inpaint are tiny (for tests "
-                    "and demos); sd15-full and sd21-full are the published full-size architectures "
-                    "(several GB).")
+                    "seed and the real CLIP vocabulary. sd15, sd2, sd15-inpaint, lcm and sdxl are tiny "
+                    "(for tests and demos); sd15-full and sd21-full are the published full-size "
+                    "architectures (several GB).")
     tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create")
     tiny.add_argument("--variant", default="sd15", choices=VARIANTS,
                       help="which model family and size (default: sd15)")

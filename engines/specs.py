@@ -38,6 +38,7 @@ class Stage(str, enum.Enum):
     export options chose (`Manifest.stages`); code iterates those, not this enum."""
 
     TEXT_ENCODER = "text_encoder"
+    TEXT_ENCODER_2 = "text_encoder_2"   # SDXL's second (OpenCLIP bigG) text encoder
     UNET = "unet"
     VAE_ENCODER = "vae_encoder"
     VAE_DECODER = "vae_decoder"
@@ -92,6 +93,41 @@ class ModelFacts:
     # unet.time_cond_proj_dim of an LCM-distilled U-Net: it takes the guidance scale as an
     # embedding (`timestep_cond`) and runs without classifier-free guidance. 0 = none.
     time_cond_proj_dim: int = 0
+    # SDXL: text_encoder_2's width and its pooled projection (the U-Net's added
+    # `text_embeds`), and its layer count. 0 = one text encoder (SD 1.x/2.x).
+    text_2_hidden_size: int = 0
+    pooled_size: int = 0
+    text_2_num_layers: int = 0
+    # SDXL: an absent negative prompt is all-zero embeddings (model_index.json).
+    force_zeros_for_empty_prompt: bool = False
+    # SDXL refiner: its time ids end with an aesthetic score instead of the target size
+    # (diffusers' requires_aesthetics_score), 5 values instead of 6.
+    aesthetic_score: bool = False
+
+    @property
+    def context_size(self) -> int:
+        """The U-Net's cross-attention width: the text encoders' widths side by side."""
+        return self.text_hidden_size + self.text_2_hidden_size
+
+    @property
+    def added_conditions(self) -> bool:
+        """SDXL: the U-Net also takes the pooled text embedding and six size/crop time ids."""
+        return self.pooled_size > 0
+
+    @property
+    def penultimate(self) -> bool:
+        """SDXL conditions on the penultimate hidden states, without the final layer norm."""
+        return self.family in ("sdxl", "sdxl-refiner")
+
+    @property
+    def clip_skip_input(self) -> bool:
+        """The text encoder graphs take `clip_skip` (artifacts of older sdrt do not)."""
+        return bool(self.text_num_layers or self.text_2_num_layers)
+
+    @property
+    def time_ids(self) -> int:
+        """How many time ids the U-Net takes per row (SDXL)."""
+        return SDXL_TIME_IDS - 1 if self.aesthetic_score else SDXL_TIME_IDS
 
     @property
     def guidance_embedding(self) -> bool:
@@ -100,8 +136,11 @@ class ModelFacts:
 
     @property
     def max_clip_skip(self) -> int:
-        """The largest clip_skip the text encoder graph takes (0: it has no clip_skip input)."""
-        return max(self.text_num_layers - 1, 0)
+        """The largest clip_skip the text encoder graphs take (0: they have no clip_skip
+        input): down to the first layer's output (SD), or to the embeddings' (SDXL, which
+        starts from the penultimate layer)."""
+        layers = [n for n in (self.text_num_layers, self.text_2_num_layers) if n]
+        return max(min(layers) - 1, 0) if layers else 0
 
     def __post_init__(self) -> None:
         if self.unet_in_channels == 0:
@@ -126,7 +165,9 @@ class ModelFacts:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ModelFacts":
         names = {f.name for f in fields(cls)}
-        missing = names - set(data) - {"family", "unet_in_channels", "text_num_layers", "time_cond_proj_dim"}
+        optional = {"family", "unet_in_channels", "text_num_layers", "time_cond_proj_dim", "text_2_hidden_size",
+                    "pooled_size", "text_2_num_layers", "force_zeros_for_empty_prompt", "aesthetic_score"}
+        missing = names - set(data) - optional
         if missing:
             raise InvalidInput(f"model facts lack {sorted(missing)}")
         return cls(**{k: v for k, v in data.items() if k in names}).validate()
@@ -136,7 +177,10 @@ class ModelFacts:
         a ZeroDivisionError in stage_specs or a NaN image from a scaling factor of nan."""
         for f in fields(self):
             value = getattr(self, f.name)
-            least = 0 if f.name in ("text_num_layers", "time_cond_proj_dim") else 1
+            least = 0 if f.name in ("text_num_layers", "time_cond_proj_dim", "text_2_hidden_size", "pooled_size",
+                                    "text_2_num_layers") else 1
+            if f.name == "text_hidden_size" and self.family == "sdxl-refiner":
+                least = 0   # the refiner has only the second text encoder
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise InvalidInput(f"model fact {f.name} must be a positive integer, got {value!r:.40}")
         scaling = self.vae_scaling_factor
@@ -271,6 +315,9 @@ LATENT_STD = "latent_std"
 CLIP_SKIP = "clip_skip"
 ENCODER_ATTENTION_MASK = "encoder_attention_mask"
 TIMESTEP_COND = "timestep_cond"
+TEXT_EMBEDS = "text_embeds"   # SDXL: text_encoder_2's pooled projection, an added U-Net input
+TIME_IDS = "time_ids"         # SDXL: original size, crop top-left, target size, per batch item
+SDXL_TIME_IDS = 6
 
 # Images the VAE encoder takes per call. image-to-image and inpainting take one input
 # image for all batch items, as diffusers does with a single image: it encodes it
@@ -287,7 +334,8 @@ def _latent_hw(facts: ModelFacts, shape: ShapeConfig) -> tuple[int, int]:
 def text_encoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
     """One 77-token chunk per prompt per call (a long prompt takes one call per chunk).
     `clip_skip` (int32, one per prompt): a row's output is the hidden state that many
-    layers before the last, through the final layer norm (0: the last hidden state)."""
+    layers before the last, through the final layer norm (0: the last hidden state);
+    SDXL: the hidden state clip_skip + 1 layers before the last, no layer norm."""
     gb, tl, th = shape.guided_batch, facts.text_max_length, facts.text_hidden_size
     skip = (TensorSpec(CLIP_SKIP, (gb,), _I32),) if facts.text_num_layers else ()
     return StageSpec(Stage.TEXT_ENCODER,
@@ -295,13 +343,26 @@ def text_encoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
                      outputs=(TensorSpec(TEXT_EMBEDDINGS, (gb, tl, th), _F32),))
 
 
+def text_encoder_2_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
+    """SDXL's second text encoder: the hidden states, and the pooled projection of the
+    last layer at the EOS token (the U-Net's `text_embeds`)."""
+    gb, tl = shape.guided_batch, facts.text_max_length
+    return StageSpec(Stage.TEXT_ENCODER_2,
+                     inputs=(TensorSpec(INPUT_IDS, (gb, tl), _I32), TensorSpec(CLIP_SKIP, (gb,), _I32)),
+                     outputs=(TensorSpec(TEXT_EMBEDDINGS, (gb, tl, facts.text_2_hidden_size), _F32),
+                              TensorSpec(TEXT_EMBEDS, (gb, facts.pooled_size), _F32)))
+
+
 def unet_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
     gb, (lh, lw) = shape.guided_batch, _latent_hw(facts, shape)
-    tl, th = facts.text_max_length * shape.prompt_chunks, facts.text_hidden_size
+    tl, th = facts.text_max_length * shape.prompt_chunks, facts.context_size
     # 1 for the tokens of the chunks a call uses, 0 for the rest of the context.
     mask = (TensorSpec(ENCODER_ATTENTION_MASK, (gb, tl), _F32),) if shape.prompt_chunks > 1 else ()
     # An LCM U-Net's guidance-scale embedding, one row per batch item.
     cond = (TensorSpec(TIMESTEP_COND, (gb, facts.time_cond_proj_dim), _F32),) if facts.guidance_embedding else ()
+    # SDXL's added conditions (diffusers' added_cond_kwargs).
+    added = ((TensorSpec(TEXT_EMBEDS, (gb, facts.pooled_size), _F32), TensorSpec(TIME_IDS, (gb, facts.time_ids), _F32))
+             if facts.added_conditions else ())
     return StageSpec(Stage.UNET,
                      inputs=(
                          # An inpainting U-Net's sample is [latents, mask, masked-image latents].
@@ -312,6 +373,7 @@ def unet_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
                          TensorSpec(ENCODER_HIDDEN_STATES, (gb, tl, th), _F32),
                          *mask,
                          *cond,
+                         *added,
                      ),
                      outputs=(TensorSpec(LATENT, (gb, facts.latent_channels, lh, lw), _F32),))
 
@@ -338,6 +400,7 @@ def vae_decoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
 # spec function (and its export wrapper in export/graphs.py).
 STAGE_SPECS: dict[Stage, Callable[[ModelFacts, ShapeConfig], StageSpec]] = {
     Stage.TEXT_ENCODER: text_encoder_spec,
+    Stage.TEXT_ENCODER_2: text_encoder_2_spec,
     Stage.UNET: unet_spec,
     Stage.VAE_ENCODER: vae_encoder_spec,
     Stage.VAE_DECODER: vae_decoder_spec,

@@ -15,19 +15,22 @@ from sdrt.engines.errors import InvalidInput, MissingFile
 from sdrt.engines.files import read_json_object
 from sdrt.engines.specs import ModelFacts, Stage, inpaint_channels
 
-# Components export reads weights from, and the component each stage comes from.
+# Components export reads weights from (SDXL adds text_encoder_2), and the component
+# each stage comes from.
 WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
-STAGE_COMPONENT = {Stage.TEXT_ENCODER: "text_encoder", Stage.UNET: "unet", Stage.VAE_ENCODER: "vae",
-                   Stage.VAE_DECODER: "vae"}
+SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+REFINER_COMPONENTS = ("text_encoder_2", "unet", "vae")   # the SDXL refiner has no first text encoder
+STAGE_COMPONENT = {Stage.TEXT_ENCODER: "text_encoder", Stage.TEXT_ENCODER_2: "text_encoder_2", Stage.UNET: "unet",
+                   Stage.VAE_ENCODER: "vae", Stage.VAE_DECODER: "vae"}
+# Tokenizer folders: the second is SDXL's (it pads with "!", id 0).
+TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
 # diffusers pipeline classes whose checkpoints hold an SD 1.x/2.x text encoder, U-Net and VAE.
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline",
                        "StableDiffusionInpaintPipeline", "StableDiffusionInpaintPipelineLegacy",
                        "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
 # Pipeline classes recognised by name, for a message that says what they are.
 KNOWN_UNSUPPORTED = {
-    "StableDiffusionXLPipeline": "SDXL (two text encoders and added time conditioning) is not supported yet",
-    "StableDiffusionXLImg2ImgPipeline": "SDXL (two text encoders and added time conditioning) is not supported yet",
-    "StableDiffusionXLInpaintPipeline": "SDXL (two text encoders and added time conditioning) is not supported yet",
     "StableDiffusion3Pipeline": "Stable Diffusion 3 (an MMDiT transformer, not a U-Net) is not supported",
     "FluxPipeline": "Flux (a transformer, not a U-Net) is not supported",
     "StableUnCLIPPipeline": "unCLIP (an image-embedding-conditioned U-Net) is not supported",
@@ -52,6 +55,8 @@ class Checkpoint:
     scheduler: dict[str, Any]
     tokenizer_config: dict[str, Any]
     weights: dict[str, "Weights"]          # component -> the weights export loads
+    force_zeros: bool = False              # model_index.json force_zeros_for_empty_prompt (SDXL)
+    aesthetics: bool = False               # model_index.json requires_aesthetics_score (SDXL refiner)
 
     def facts(self) -> ModelFacts:
         """The configs' facts, range-checked (ModelFacts.validate): a NaN scaling factor or
@@ -65,8 +70,20 @@ class Checkpoint:
         except (TypeError, ValueError, KeyError, IndexError, ArithmeticError) as e:
             raise InvalidInput(f"{self.folder}: unusable config value ({type(e).__name__}: {e})") from None
 
+    @property
+    def sdxl(self) -> bool:
+        return "text_encoder_2" in self.configs
+
+    @property
+    def refiner(self) -> bool:
+        """The SDXL refiner: text_encoder_2 alone, aesthetic-score time ids."""
+        return self.sdxl and "text_encoder" not in self.configs
+
     def _facts(self) -> ModelFacts:
-        unet, vae, text = self.configs["unet"], self.configs["vae"], self.configs["text_encoder"]
+        unet, vae = self.configs["unet"], self.configs["vae"]
+        text_2 = self.configs.get("text_encoder_2", {})
+        text = self.configs.get("text_encoder", {})
+        first = text or text_2   # the refiner's only encoder gives the shared facts
         latent = vae.get("latent_channels", 4)
         if unet.get("in_channels") not in (latent, inpaint_channels(latent)) or unet.get("out_channels", 4) != latent:
             raise InvalidInput(
@@ -74,12 +91,13 @@ class Checkpoint:
                 f"{unet.get('out_channels', 4)} do not fit vae latent_channels {latent}: sdrt runs text-to-image "
                 f"U-Nets (in {latent}, out {latent}) and inpainting U-Nets (in {inpaint_channels(latent)}, out {latent})")
         cross = unet.get("cross_attention_dim")
-        if cross != text.get("hidden_size"):
+        if cross != text.get("hidden_size", 0) + text_2.get("hidden_size", 0):
+            widths = " + text_encoder_2 hidden_size " + str(text_2.get("hidden_size")) if text_2 else ""
             raise InvalidInput(
                 f"{self.folder}: unet cross_attention_dim {cross} differs from text_encoder hidden_size "
-                f"{text.get('hidden_size')}")
+                f"{text.get('hidden_size')}{widths}")
         text_len = min(int(self.tokenizer_config.get("model_max_length", 77) or 77),
-                       int(text.get("max_position_embeddings", 77)))
+                       int(first.get("max_position_embeddings", 77)))
         prediction = self.scheduler.get("prediction_type", "epsilon")
         if prediction not in ("epsilon", "v_prediction"):
             raise InvalidInput(f"{self.folder}: scheduler prediction_type {prediction!r} is not supported "
@@ -98,19 +116,29 @@ class Checkpoint:
             vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
             image_channels=int(vae.get("out_channels", 3)),
             text_max_length=text_len,
-            text_hidden_size=int(text["hidden_size"]),
+            text_hidden_size=int(text.get("hidden_size", 0)),
             unet_sample_size=int(sample),
             unet_size_multiple=multiple,
             prediction_type=prediction,
-            family="sd2" if unet.get("use_linear_projection") or prediction == "v_prediction" else "sd1",
+            family="sdxl-refiner" if self.refiner else "sdxl" if self.sdxl else
+            "sd2" if unet.get("use_linear_projection") or prediction == "v_prediction" else "sd1",
             unet_in_channels=int(unet["in_channels"]),
-            text_num_layers=int(text.get("num_hidden_layers", 12)),   # CLIPTextConfig default
+            text_num_layers=int(text.get("num_hidden_layers", 12)) if text else 0,   # CLIPTextConfig default
             time_cond_proj_dim=int(unet.get("time_cond_proj_dim") or 0),
+            text_2_hidden_size=int(text_2.get("hidden_size", 0)),
+            pooled_size=int(text_2.get("projection_dim", 0)) if text_2 else 0,
+            text_2_num_layers=int(text_2.get("num_hidden_layers", 0)),
+            force_zeros_for_empty_prompt=bool(self.force_zeros),
+            aesthetic_score=bool(self.aesthetics),
         )
 
-    def tokenizer_files(self) -> list[Path]:
-        folder = self.folder / "tokenizer"
+    def tokenizer_files(self, name: str = "tokenizer") -> list[Path]:
+        folder = self.folder / name
         return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    @property
+    def tokenizer_dirs(self) -> tuple[str, ...]:
+        return TOKENIZER_DIRS[1:] if self.refiner else TOKENIZER_DIRS if self.sdxl else TOKENIZER_DIRS[:1]
 
 
 def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
@@ -121,23 +149,28 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
         raise MissingFile(f"model path {folder} is not a folder (expected a diffusers checkpoint folder)")
     model_index = _read_json(_require(folder, "model_index.json"))
     _refuse_unsupported_pipeline(folder, model_index)
-    configs = {c: _read_json(_require(folder, f"{c}/config.json")) for c in WEIGHT_COMPONENTS}
+    sdxl = model_index.get("_class_name") in SDXL_PIPELINES
+    refiner = sdxl and (model_index.get("text_encoder") or [None])[0] is None
+    components = REFINER_COMPONENTS if refiner else SDXL_COMPONENTS if sdxl else WEIGHT_COMPONENTS
+    configs = {c: _read_json(_require(folder, f"{c}/config.json")) for c in components}
     _refuse_unsupported_networks(folder, configs)
     for key in ("in_channels", "down_block_types", "cross_attention_dim"):
         if key not in configs["unet"]:
             raise InvalidInput(f"{folder / 'unet/config.json'} lacks {key!r}: not a Stable Diffusion U-Net")
     if "block_out_channels" not in configs["vae"]:
         raise InvalidInput(f"{folder / 'vae/config.json'} lacks 'block_out_channels': not an AutoencoderKL")
-    if "hidden_size" not in configs["text_encoder"]:
+    if "hidden_size" not in configs.get("text_encoder", configs.get("text_encoder_2")):
         raise InvalidInput(f"{folder / 'text_encoder/config.json'} lacks 'hidden_size': not a CLIP text model")
     scheduler = _read_json(_require(folder, SCHEDULER_CONFIG))
-    if not any(all((folder / "tokenizer" / n).is_file() for n in names) for names in TOKENIZER_FILE_SETS):
-        raise MissingFile(f"{folder} is not a diffusers Stable Diffusion checkpoint: tokenizer/ has neither "
-                          f"tokenizer.json nor vocab.json + merges.txt")
-    tok_cfg_path = folder / "tokenizer" / "tokenizer_config.json"
+    tokenizer_dirs = TOKENIZER_DIRS[1:] if refiner else TOKENIZER_DIRS if sdxl else TOKENIZER_DIRS[:1]
+    for tok in tokenizer_dirs:
+        if not any(all((folder / tok / n).is_file() for n in names) for names in TOKENIZER_FILE_SETS):
+            raise MissingFile(f"{folder} is not a diffusers Stable Diffusion checkpoint: {tok}/ has neither "
+                              f"tokenizer.json nor vocab.json + merges.txt")
+    tok_cfg_path = folder / tokenizer_dirs[0] / "tokenizer_config.json"
     tokenizer_config = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
 
-    weights = {c: _find_weights(folder, c) for c in WEIGHT_COMPONENTS}
+    weights = {c: _find_weights(folder, c) for c in components}
     for c, w in weights.items():
         if w.safetensors and w.file.endswith(".index.json"):
             _check_shards(folder / c / w.file)
@@ -147,7 +180,9 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
             f"{folder}: {', '.join(f'{c}/{name}' for c, name in pickled)} holds pickle-based weights, and "
             f"loading them would execute code from the file; convert the checkpoint to safetensors, or pass "
             f"--allow-pickle-code-execution if you trust its source")
-    return Checkpoint(folder, configs, scheduler, tokenizer_config, weights)
+    force_zeros = sdxl and model_index.get("force_zeros_for_empty_prompt", True)   # the pipeline's default
+    aesthetics = sdxl and model_index.get("requires_aesthetics_score", False)
+    return Checkpoint(folder, configs, scheduler, tokenizer_config, weights, bool(force_zeros), bool(aesthetics))
 
 
 def _refuse_unsupported_pipeline(folder: Path, model_index: dict[str, Any]) -> None:
@@ -157,9 +192,11 @@ def _refuse_unsupported_pipeline(folder: Path, model_index: dict[str, Any]) -> N
     if cls in KNOWN_UNSUPPORTED:
         raise InvalidInput(f"{folder}: {cls} checkpoint: {KNOWN_UNSUPPORTED[cls]}; sdrt exports Stable Diffusion "
                            f"1.x/2.x checkpoints ({', '.join(SUPPORTED_PIPELINES[:3])})")
+    if cls in SDXL_PIPELINES:
+        return
     if "text_encoder_2" in model_index:
-        raise InvalidInput(f"{folder}: {cls or 'this'} checkpoint has a second text encoder (text_encoder_2): "
-                           f"{KNOWN_UNSUPPORTED['StableDiffusionXLPipeline']}")
+        raise InvalidInput(f"{folder}: {cls or 'this'} checkpoint has a second text encoder (text_encoder_2) but "
+                           f"is not an SDXL pipeline; sdrt does not know how to combine them")
     if cls not in SUPPORTED_PIPELINES:
         raise InvalidInput(f"{folder}: pipeline class {cls!r:.60} is not supported; sdrt exports Stable Diffusion "
                            f"1.x/2.x checkpoints ({', '.join(SUPPORTED_PIPELINES[:3])})")
@@ -177,8 +214,14 @@ _UNET_CONDITIONS = {
 
 
 def _refuse_unsupported_networks(folder: Path, configs: dict[str, dict[str, Any]]) -> None:
-    unet, text = configs["unet"], configs["text_encoder"]
+    unet, text = configs["unet"], configs.get("text_encoder", configs.get("text_encoder_2"))
+    sdxl = "text_encoder_2" in configs
+    if sdxl and unet.get("addition_embed_type") != "text_time":
+        raise InvalidInput(f"{folder}: an SDXL checkpoint whose U-Net has addition_embed_type "
+                           f"{unet.get('addition_embed_type')!r:.40}, not 'text_time' (SDXL's size and crop conditions)")
     for key, what in _UNET_CONDITIONS.items():
+        if sdxl and key in ("addition_embed_type", "projection_class_embeddings_input_dim"):
+            continue   # SDXL's text_time conditions, which sdrt feeds
         if unet.get(key) is not None:
             raise InvalidInput(f"{folder}: the U-Net takes {what} ({key}={unet[key]!r:.40}), an input sdrt does "
                                f"not feed: sdrt runs Stable Diffusion 1.x/2.x U-Nets conditioned on text (and "
@@ -251,6 +294,10 @@ def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
             from transformers import CLIPTextModel
 
             model = CLIPTextModel.from_pretrained(ckpt.folder / component, dtype=torch.float32, **kw)
+        elif stage is Stage.TEXT_ENCODER_2:
+            from transformers import CLIPTextModelWithProjection
+
+            model = CLIPTextModelWithProjection.from_pretrained(ckpt.folder / component, dtype=torch.float32, **kw)
         elif stage is Stage.UNET:
             from diffusers import UNet2DConditionModel
 

@@ -182,7 +182,7 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
     name = stage.value
     with files.temp_folder(out_dir, prefix=f"{files.TEMP_PREFIX}{name}-") as work:
         with progress.step(f"{name}: loading weights"):
-            graph = graphs.wrap(stage, load_module(ckpt, stage), spec)
+            graph = graphs.wrap(stage, load_module(ckpt, stage), spec, facts)
         inputs = random_inputs(spec, facts)
         raw = work / "raw"
         raw.mkdir()
@@ -255,18 +255,19 @@ def _copy_runtime_files(ckpt: Checkpoint, out_dir: Path) -> list[str]:
     runtime needs. A tokenizer.json (the `tokenizers` library's format, what the
     torch-free runtime loads) is derived when the checkpoint has none."""
     written = []
-    for src in ckpt.tokenizer_files():
-        rel = f"{outdir.TOKENIZER_DIR}/{src.name}"
-        files.atomic_write_bytes(out_dir / rel, src.read_bytes())
-        written.append(rel)
-    rel = f"{outdir.TOKENIZER_DIR}/tokenizer.json"
-    if rel not in written:
-        from transformers import CLIPTokenizer
+    for name in ckpt.tokenizer_dirs:   # tokenizer/, and SDXL's tokenizer_2/
+        for src in ckpt.tokenizer_files(name):
+            rel = f"{name}/{src.name}"
+            files.atomic_write_bytes(out_dir / rel, src.read_bytes())
+            written.append(rel)
+        rel = f"{name}/tokenizer.json"
+        if rel not in written:
+            from transformers import CLIPTokenizer
 
-        tok = CLIPTokenizer.from_pretrained(ckpt.folder / "tokenizer")
-        with files.atomic_path(out_dir / rel) as tmp:
-            tok.backend_tokenizer.save(str(tmp))
-        written.append(rel)
+            tok = CLIPTokenizer.from_pretrained(ckpt.folder / name)
+            with files.atomic_path(out_dir / rel) as tmp:
+                tok.backend_tokenizer.save(str(tmp))
+            written.append(rel)
     files.atomic_write_bytes(out_dir / SCHEDULER_CONFIG, (ckpt.folder / SCHEDULER_CONFIG).read_bytes())
     written.append(SCHEDULER_CONFIG)
     return written

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from sdrt.engines.specs import Stage, StageSpec
+from sdrt.engines.specs import TEXT_EMBEDS, TIME_IDS, ModelFacts, Stage, StageSpec
 
 OPSET = 17
 # Tensors up to this size stay inside the .onnx file even when weights go to the data
@@ -32,30 +32,42 @@ DATA_ALIGNMENT = 64
 class TextEncoderGraph(torch.nn.Module):
     """int32 token ids and a clip skip per prompt -> the hidden states SD conditions on.
 
-    A row's clip_skip = 0 gives its last hidden state (the final layer norm of the
-    last layer's output); clip_skip = n the final layer norm of the output n layers
-    before the last, as diffusers' `encode_prompt(clip_skip=n)` computes it
-    (`hidden_states[-(n + 1)]` then `final_layer_norm`). One value per row, because
-    diffusers skips layers for the prompt and not for the negative prompt. Every
-    layer's output is computed anyway, so the choice costs one gather per call.
+    SD 1.x/2.x: a row's clip_skip = 0 gives its last hidden state (the final layer norm
+    of the last layer's output); clip_skip = n the final layer norm of the output n
+    layers before the last, as diffusers' `encode_prompt(clip_skip=n)` computes it
+    (`hidden_states[-(n + 1)]` then `final_layer_norm`). SDXL (`facts.penultimate`):
+    `hidden_states[-(n + 2)]`, no layer norm, as StableDiffusionXLPipeline takes it.
+    One value per row, because diffusers skips layers for the prompt and not for the
+    negative prompt. Every layer's output is computed anyway, so the choice costs one
+    gather per call. SDXL's second encoder (CLIPTextModelWithProjection) also returns
+    its pooled projection, `text_embeds`.
     """
 
-    def __init__(self, text_encoder: torch.nn.Module, spec: StageSpec):
+    def __init__(self, text_encoder: torch.nn.Module, spec: StageSpec, facts: ModelFacts):
         super().__init__()
         self.text_encoder = text_encoder
-        self.layers = int(text_encoder.config.num_hidden_layers)
+        layers = int(text_encoder.config.num_hidden_layers)
+        # Index in hidden_states (the embeddings' output, then each layer's) of the
+        # state clip_skip 0 takes, and of the lowest one a clip skip may reach.
+        self.top = layers - 1 if facts.penultimate else layers
+        self.lowest = 0 if facts.penultimate else 1
         # transformers 5 flattened CLIPTextModel (no `text_model` level); 4.x nests it.
-        self.final_layer_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        self.final_layer_norm = None if facts.penultimate else norm
+        self.pooled = len(spec.outputs) > 1
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> Any:
         # int32 at the boundary (TensorRT has no int64 I/O); embeddings index with int64.
         out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
-        layers = torch.stack(out.hidden_states[1:], dim=1)    # (batch, layers, tokens, width)
-        b, _, t, w = layers.shape
+        states = torch.stack(out.hidden_states, dim=1)    # (batch, 1 + layers, tokens, width)
+        b, _, t, w = states.shape
         # Out-of-range values are clamped rather than left to fail inside the engine.
-        skip = torch.clamp(clip_skip.to(torch.int64), 0, self.layers - 1)
-        index = ((self.layers - 1) - skip).reshape(b, 1, 1, 1).expand(b, 1, t, w)
-        return self.final_layer_norm(torch.gather(layers, 1, index)[:, 0])
+        skip = torch.clamp(clip_skip.to(torch.int64), 0, self.top - self.lowest)
+        index = (self.top - skip).reshape(b, 1, 1, 1).expand(b, 1, t, w)
+        hidden = torch.gather(states, 1, index)[:, 0]
+        if self.final_layer_norm is not None:
+            hidden = self.final_layer_norm(hidden)
+        return (hidden, out.text_embeds) if self.pooled else hidden
 
 
 class UNetGraph(torch.nn.Module):
@@ -66,25 +78,30 @@ class UNetGraph(torch.nn.Module):
     - `encoder_attention_mask` (1 = a token of the prompt, 0 = unused context): the
       U-Net adds -10000 to the cross-attention scores of masked tokens, whose softmax
       weights are then exactly 0 in float32;
-    - `timestep_cond`: an LCM-distilled U-Net's guidance-scale embedding.
+    - `timestep_cond`: an LCM-distilled U-Net's guidance-scale embedding;
+    - `text_embeds`, `time_ids`: SDXL's added conditions (`added_cond_kwargs`).
     """
 
-    def __init__(self, unet: torch.nn.Module, spec: StageSpec):
+    ADDED = (TEXT_EMBEDS, TIME_IDS)
+
+    def __init__(self, unet: torch.nn.Module, spec: StageSpec, facts: ModelFacts):
         super().__init__()
         self.unet = unet
         self.optional = tuple(t.name for t in spec.inputs[3:])
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 *optional: torch.Tensor) -> torch.Tensor:
+        kwargs = dict(zip(self.optional, optional))
+        added = {name: kwargs.pop(name) for name in self.ADDED if name in kwargs}
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         **dict(zip(self.optional, optional)), return_dict=False)[0]
+                         added_cond_kwargs=added or None, **kwargs, return_dict=False)[0]
 
 
 class VaeDecoderGraph(torch.nn.Module):
     """Latent already divided by the scaling factor -> image in about [-1, 1]; the
     runtime does the division and the conversion to pixels."""
 
-    def __init__(self, vae: torch.nn.Module, spec: StageSpec):
+    def __init__(self, vae: torch.nn.Module, spec: StageSpec, facts: ModelFacts):
         super().__init__()
         self.vae = vae
 
@@ -97,7 +114,7 @@ class VaeEncoderGraph(torch.nn.Module):
     diffusers' DiagonalGaussianDistribution computes them (log-variance clamped to
     [-30, 20]); the runtime draws mean + std * noise from the seed."""
 
-    def __init__(self, vae: torch.nn.Module, spec: StageSpec):
+    def __init__(self, vae: torch.nn.Module, spec: StageSpec, facts: ModelFacts):
         super().__init__()
         self.vae = vae
 
@@ -113,14 +130,14 @@ class VaeEncoderGraph(torch.nn.Module):
 
 
 # Stage kind -> its export wrapper (the graph side of specs.STAGE_SPECS).
-WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.UNET: UNetGraph, Stage.VAE_ENCODER: VaeEncoderGraph,
+WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.TEXT_ENCODER_2: TextEncoderGraph, Stage.UNET: UNetGraph, Stage.VAE_ENCODER: VaeEncoderGraph,
             Stage.VAE_DECODER: VaeDecoderGraph}
 
 
-def wrap(stage: Stage, module: torch.nn.Module, spec: StageSpec) -> torch.nn.Module:
+def wrap(stage: Stage, module: torch.nn.Module, spec: StageSpec, facts: ModelFacts) -> torch.nn.Module:
     """The export wrapper of `stage` around its diffusers/transformers module, with the
-    inputs and outputs of `spec`."""
-    return WRAPPERS[stage](module, spec).eval()
+    inputs and outputs of `spec`, for the model `facts` describe."""
+    return WRAPPERS[stage](module, spec, facts).eval()
 
 
 def export_raw(graph: torch.nn.Module, spec: StageSpec, inputs: dict[str, np.ndarray],

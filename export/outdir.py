@@ -14,12 +14,13 @@ from sdrt.engines.progress import Progress
 from sdrt.engines.specs import Stage
 
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_2_DIR = "tokenizer_2"   # SDXL
 SCHEDULER_DIR = "scheduler"
 
 
 def export_names() -> set[str]:
     """Top-level names an sdrt export writes."""
-    names = {MANIFEST_NAME, STAMPS_NAME, TOKENIZER_DIR, SCHEDULER_DIR}
+    names = {MANIFEST_NAME, STAMPS_NAME, TOKENIZER_DIR, TOKENIZER_2_DIR, SCHEDULER_DIR}
     for s in Stage:
         names.add(s.onnx_file)
         if s.data_file:

@@ -1,13 +1,15 @@
-"""Built-in checkpoints that need no download: tiny SD 1.5 / SD 2.x look-alikes for
-tests and demos, and the published full-size architectures (random weights) for the
-export benchmark.
+"""Built-in checkpoints that need no download: tiny SD 1.5 / SD 2.x / SDXL look-alikes
+for tests and demos, and the published full-size architectures (random weights) for
+the export benchmark.
 
 Every variant is a diffusers-layout folder (model_index.json, unet/, vae/,
-text_encoder/, tokenizer/, scheduler/) with safetensors weights drawn from a fixed
-seed, so every machine writes the same bytes, and the real 49,408-token CLIP
-vocabulary (see vocab.py). The tiny ones keep the family topology (four U-Net levels,
-three with cross-attention; four VAE levels, so 8 pixels per latent; 77 text
-positions) at widths small enough that a U-Net call takes milliseconds.
+text_encoder/, tokenizer/, scheduler/, and for SDXL text_encoder_2/ and tokenizer_2/)
+with safetensors weights drawn from a fixed seed, so every machine writes the same
+bytes, and the real 49,408-token CLIP vocabulary (see vocab.py). The tiny ones keep
+the family topology (SD 1/2: four U-Net levels, three with cross-attention; SDXL:
+three levels, the last two with cross-attention, and the added text/time conditions;
+four VAE levels, so 8 pixels per latent; 77 text positions) at widths small enough
+that a U-Net call takes milliseconds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from sdrt.engines.files import fsync_tree, temp_folder
 from . import vocab
 from sdrt.engines.progress import Progress
 
-VARIANTS = ("sd15", "sd2", "sd15-inpaint", "lcm", "sd15-full", "sd21-full")
+VARIANTS = ("sd15", "sd2", "sd15-inpaint", "lcm", "sdxl", "sdxl-refiner", "sd15-full", "sd21-full")
 MAX_SEED = 2**32 - 1
 
 _DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -55,6 +57,23 @@ _LCM_SCHEDULER = {
     "prediction_type": "epsilon", "timestep_spacing": "leading", "timestep_scaling": 10.0,
 }
 
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json. Its last four
+# keys are DDIM/PNDM leftovers that EulerDiscreteScheduler does not take; they are kept
+# in the written file (see Variant.scheduler_extra), since loaders meet them in the wild.
+_SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
+    "trained_betas": None, "prediction_type": "epsilon", "timestep_spacing": "leading",
+    "interpolation_type": "linear", "use_karras_sigmas": False,
+}
+_SDXL_SCHEDULER_EXTRA = {
+    "clip_sample": False, "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+}
+
+# SDXL's U-Net: three levels, cross-attention on the last two only.
+_XL_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+_XL_UP = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -65,15 +84,22 @@ class Variant:
     pad_token: str
     extra_unet: dict[str, Any] = field(default_factory=dict)
     pipeline: str = "StableDiffusionPipeline"   # the diffusers class model_index.json names
+    # SDXL: the second text encoder (CLIPTextModelWithProjection) and its tokenizer's padding.
+    text_2: dict[str, Any] | None = None
+    pad_token_2: str = "!"
+    refiner: bool = False     # SDXL refiner: text_encoder_2 alone, aesthetic-score time ids
+    # Keys written into scheduler_config.json that the scheduler class does not take.
+    scheduler_extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _vae(block_out: tuple[int, ...], groups: int, layers: int, sample_size: int) -> dict[str, Any]:
+def _vae(block_out: tuple[int, ...], groups: int, layers: int, sample_size: int,
+         scaling_factor: float = 0.18215, **extra: Any) -> dict[str, Any]:
     return dict(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=block_out,
         down_block_types=("DownEncoderBlock2D",) * len(block_out),
         up_block_types=("UpDecoderBlock2D",) * len(block_out),
         layers_per_block=layers, norm_num_groups=groups, sample_size=sample_size,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor, **extra,
     )
 
 
@@ -109,6 +135,44 @@ def _variant(name: str) -> Variant:
                       num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
                       hidden_act="gelu", projection_dim=32),
             scheduler=_SD2_SCHEDULER, pad_token="!")
+    if name in ("sdxl", "sdxl-refiner"):
+        # stabilityai/stable-diffusion-xl-base-1.0's layout: two text encoders whose
+        # penultimate hidden states are concatenated (cross_attention_dim = 32 + 48; the
+        # widths differ so a swapped or missing encoder cannot go unnoticed), the second
+        # one's projected pooled output (40 wide, not its hidden 48, for the same reason)
+        # and six time ids (original size, crop top-left, target size) embedded
+        # addition_time_embed_dim wide as the U-Net's added conditions; per-level head
+        # counts, linear projections and more transformer layers deeper down; the SDXL
+        # VAE's scaling factor with force_upcast (it overflows in fp16); the first
+        # encoder is CLIP ViT-L (quick_gelu, <|endoftext|> padding), the second OpenCLIP
+        # bigG (gelu, "!" padding). Three and four layers: SDXL's clip_skip counts from the
+        # penultimate one, so clip_skip 1 still leaves a layer, and the counts differ too.
+        # sdxl-refiner: stabilityai/stable-diffusion-xl-refiner-1.0's layout: the second
+        # encoder alone (the base's, as the published pair shares it), a U-Net
+        # conditioned on its 48 wide states and five time ids (original size, crop
+        # top-left, aesthetic score), StableDiffusionXLImg2ImgPipeline with
+        # requires_aesthetics_score.
+        time_dim, pooled_dim = 8, 40
+        refiner = name == "sdxl-refiner"
+        return Variant(
+            unet=dict(sample_size=16, in_channels=4, out_channels=4, down_block_types=_XL_DOWN,
+                      up_block_types=_XL_UP, block_out_channels=(16, 32, 32), layers_per_block=1 if refiner else 2,
+                      transformer_layers_per_block=(1, 1, 2), norm_num_groups=8,
+                      cross_attention_dim=48 if refiner else 32 + 48,
+                      attention_head_dim=(2, 4, 8), use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                      projection_class_embeddings_input_dim=(5 if refiner else 6) * time_dim + pooled_dim),
+            vae=_vae((8, 16, 16, 16), groups=4, layers=1, sample_size=128, scaling_factor=0.13025,
+                     force_upcast=True),
+            text=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
+                      hidden_act="quick_gelu", projection_dim=32),
+            text_2=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=48, intermediate_size=96,
+                        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77,
+                        hidden_act="gelu", projection_dim=pooled_dim),
+            scheduler=_SDXL_SCHEDULER, scheduler_extra=_SDXL_SCHEDULER_EXTRA,
+            pad_token=vocab.EOS, pad_token_2="!", refiner=refiner,
+            pipeline="StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline")
     if name == "sd15-full":
         # runwayml/stable-diffusion-v1-5: unet/vae/text_encoder config.json values.
         return Variant(
@@ -191,8 +255,8 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
     import diffusers
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.schedulers import DDIMScheduler, LCMScheduler, PNDMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers.schedulers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, PNDMScheduler
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     # One seed per component, so changing one component's config leaves the others' bytes alone.
     with progress.step(f"{variant}: drawing random weights (seed {seed})"):
@@ -201,22 +265,42 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(**spec.vae)
         torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**spec.text))
-    sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler,
-                 "LCMScheduler": LCMScheduler}[spec.scheduler["_class_name"]]
+        text_encoder = None if spec.refiner else CLIPTextModel(CLIPTextConfig(**spec.text))
+        if spec.text_2 is not None:
+            torch.manual_seed(seed + 3)
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_2))
+    sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler, "LCMScheduler": LCMScheduler,
+                 "EulerDiscreteScheduler": EulerDiscreteScheduler}[spec.scheduler["_class_name"]]
     scheduler = sched_cls.from_config({k: v for k, v in spec.scheduler.items() if k != "_class_name"})
 
     with temp_folder(out_dir.parent) as tmp:
-        write_tokenizer(tmp / "tokenizer", spec.pad_token)
-        pipe = getattr(diffusers, spec.pipeline)(
-            vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tmp / "tokenizer"),
-            unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+        tokenizer = None
+        if not spec.refiner:
+            write_tokenizer(tmp / "tokenizer", spec.pad_token)
+            tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+        parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+        if spec.text_2 is None:
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:   # SDXL has no safety checker; force_zeros_for_empty_prompt as the published models ship it
+            write_tokenizer(tmp / "tokenizer_2", spec.pad_token_2)
+            parts.update(text_encoder_2=text_encoder_2, tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tokenizer_2"),
+                         force_zeros_for_empty_prompt=not spec.refiner, add_watermarker=False)
+            if spec.refiner:
+                parts.update(requires_aesthetics_score=True)
+        pipe = getattr(diffusers, spec.pipeline)(**parts)
         with progress.step(f"{variant}: writing {out_dir}"):
             pipe.save_pretrained(tmp / "pipe", safe_serialization=True)
-        for name in ("unet", "vae", "text_encoder", "scheduler", "model_index.json"):
+        # The tokenizers were written above: transformers 5's save_pretrained would keep
+        # only tokenizer.json and tokenizer_config.json of them.
+        names = ["unet", "vae", "scheduler", "model_index.json"] + ([] if spec.refiner else ["text_encoder"])
+        for name in names + (["text_encoder_2"] if spec.text_2 is not None else []):
             os.replace(tmp / "pipe" / name, tmp / name)
         shutil.rmtree(tmp / "pipe")
+        if spec.scheduler_extra:
+            path = tmp / "scheduler" / "scheduler_config.json"
+            config = json.loads(path.read_text(encoding="utf-8"))
+            config.update(spec.scheduler_extra)
+            path.write_text(json.dumps(dict(sorted(config.items())), indent=2) + "\n", encoding="utf-8")
         fsync_tree(tmp)
         if out_dir.exists():  # force: replace an earlier checkpoint (checked above)
             shutil.rmtree(out_dir)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from sdrt.engines.specs import CLIP_SKIP, ENCODER_ATTENTION_MASK, TIMESTEP_COND, DType, ModelFacts, Precision, Stage, StageSpec
+from sdrt.engines.specs import CLIP_SKIP, ENCODER_ATTENTION_MASK, TIME_IDS, TIMESTEP_COND, DType, ModelFacts, Precision, Stage, StageSpec
 
 # fp32: graph and torch differ only by kernel order and fused ops.
 FP32_TOLERANCE = (1e-4, 1e-4)  # (atol, rtol of output scale)
@@ -67,6 +67,12 @@ def random_inputs(spec: StageSpec, facts: ModelFacts, seed: int = 0) -> dict[str
         elif t.name == TIMESTEP_COND:
             # A guidance embedding: sines and cosines (see runtime guidance_embedding).
             out[t.name] = np.sin(rng.uniform(-10, 10, size=t.shape)).astype(np.float32)
+        elif t.name == TIME_IDS:
+            # SDXL's (original h, w, crop top, left, target h, w), or the refiner's
+            # (original h, w, crop top, left, aesthetic score): pixel sizes, offsets, a score.
+            tail = [1024, 1024] if t.shape[1] == 6 else [6.0]
+            out[t.name] = np.tile(np.array([1024, 1024, 0, 0, *tail], np.float32), (t.shape[0], 1))
+            out[t.name][:, :2] = rng.integers(256, 2048, size=(t.shape[0], 2))
         elif t.dtype is DType.INT32:
             # Random token ids (CLIP attends causally; every position matters).
             out[t.name] = rng.integers(0, 49408, size=t.shape).astype(np.int32)
@@ -114,8 +120,8 @@ def table(checks: list[StageCheck]) -> str:
 
 def table_from_json(verification: Mapping[str, Any]) -> str:
     """The verification table, from the manifest's `verification` record."""
-    lines = [f"{'stage':<14}{'precision':<11}{'max abs':>11}{'max rel':>11}{'bound':>11}  result"]
+    lines = [f"{'stage':<16}{'precision':<11}{'max abs':>11}{'max rel':>11}{'bound':>11}  result"]
     for stage, v in verification.items():
-        lines.append(f"{stage:<14}{v['precision']:<11}{v['max_abs']:>11.3g}{v['max_rel']:>11.3g}"
+        lines.append(f"{stage:<16}{v['precision']:<11}{v['max_abs']:>11.3g}{v['max_rel']:>11.3g}"
                      f"{v['tolerance']['bound']:>11.3g}  {'ok' if v['passed'] else 'FAILED'}")
     return "\n".join(lines)

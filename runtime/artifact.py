@@ -26,18 +26,21 @@ from sdrt.engines.specs import LATENT, Stage
 from . import inputs
 from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
 from .prompts import parse_prompt_attention
-from .schedulers import Sampler, SchedulerFallback, checkpoint_default, make_sampler, resolved_name
+from .schedulers import (Sampler, SchedulerFallback, checkpoint_default, denoising_end_calls, make_sampler,
+                         resolved_name)
 from .tokenizer import Tokenizer
 
 SCHEDULER_CONFIG = Path("scheduler") / "scheduler_config.json"
 # diffusers' LatentConsistencyModelPipeline defaults: num_inference_steps=4, guidance_scale=8.5.
 LCM_DEFAULT_STEPS = 4
 LCM_DEFAULT_GUIDANCE = 8.5
+SDXL_DEFAULT_GUIDANCE = 5.0   # StableDiffusionXLPipeline's (and its Img2Img / Inpaint) guidance_scale
 
 
 class IgnoredSetting(UserWarning):
     """A setting the request gave that this artifact cannot use (and that is not recorded)."""
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_2_DIR = "tokenizer_2"   # SDXL's second text encoder
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,13 +52,18 @@ class Request:
     image: np.ndarray | None = None     # float32 (1, 3, H, W) in [-1, 1]: the (outpaint: extended) input image
     mask: np.ndarray | None = None      # float32 (1, 1, H, W) of 0/1, 1 = repaint
     latents: np.ndarray | None = None   # text-to-image: the caller's standard-normal initial latents
+    # image-to-image from latents (an SDXL base's hand-off to its refiner): used as the
+    # image's latents, no VAE encoder call
+    image_latents: np.ndarray | None = None
 
 
 class Artifact:
-    def __init__(self, folder: Path, manifest: Manifest, tokenizer: Tokenizer, scheduler_config: Mapping[str, Any]):
+    def __init__(self, folder: Path, manifest: Manifest, tokenizer: Tokenizer, scheduler_config: Mapping[str, Any],
+                 tokenizer_2: Tokenizer | None = None):
         self.folder = folder
         self.manifest = manifest
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
         self.scheduler_config = dict(scheduler_config)
         self._samplers: dict[tuple, Sampler] = {}
 
@@ -67,14 +75,23 @@ class Artifact:
             raise InvalidType(f"artifact folder must be a path, got {type(folder).__name__}")
         folder = Path(folder)
         manifest = load_manifest(folder, check_hashes=check_hashes)
-        tokenizer = Tokenizer.from_folder(folder / TOKENIZER_DIR)
+        # The SDXL refiner has only the second text encoder and its tokenizer.
+        first = TOKENIZER_DIR if manifest.has(Stage.TEXT_ENCODER) else TOKENIZER_2_DIR
+        tokenizer = Tokenizer.from_folder(folder / first)
         if tokenizer.max_length != manifest.facts.text_max_length:
             raise ArtifactError(f"{folder / TOKENIZER_DIR}: tokenizer length {tokenizer.max_length} does not match "
                                 f"the text encoder's {manifest.facts.text_max_length}")
+        tokenizer_2 = None
+        if manifest.has(Stage.TEXT_ENCODER_2) and first == TOKENIZER_DIR:
+            tokenizer_2 = Tokenizer.from_folder(folder / TOKENIZER_2_DIR)
+            if tokenizer_2.max_length != tokenizer.max_length:
+                raise ArtifactError(f"{folder / TOKENIZER_2_DIR}: tokenizer length {tokenizer_2.max_length} differs "
+                                    f"from {folder / TOKENIZER_DIR}'s {tokenizer.max_length}")
         path = folder / SCHEDULER_CONFIG
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: the artifact folder is incomplete; export it again")
-        return cls(folder, manifest, tokenizer, read_json_object(path, ArtifactError, "scheduler config"))
+        return cls(folder, manifest, tokenizer, read_json_object(path, ArtifactError, "scheduler config"),
+                   tokenizer_2 or tokenizer)
 
     # -- what the artifact fixes -------------------------------------------------------
 
@@ -103,10 +120,13 @@ class Artifact:
     @property
     def default_guidance(self) -> float:
         """Guidance when none is asked for: LatentConsistencyModelPipeline's 8.5 for an
-        LCM U-Net (the embedded scale), 1.0 (no guidance) for a --no-cfg artifact, else 7.5."""
+        LCM U-Net (the embedded scale), 1.0 (no guidance) for a --no-cfg artifact,
+        StableDiffusionXLPipeline's 5.0 for SDXL, else 7.5."""
         if self.manifest.facts.guidance_embedding:
             return LCM_DEFAULT_GUIDANCE
-        return DEFAULT_GUIDANCE if self.manifest.shape.cfg else 1.0
+        if not self.manifest.shape.cfg:
+            return 1.0
+        return SDXL_DEFAULT_GUIDANCE if self.manifest.facts.added_conditions else DEFAULT_GUIDANCE
 
     @property
     def default_scheduler(self) -> str:
@@ -119,6 +139,8 @@ class Artifact:
         the VAE encoder."""
         if self.manifest.facts.inpainting:
             return (Task.INPAINT, Task.OUTPAINT)
+        if self.manifest.facts.aesthetic_score:   # the SDXL refiner: StableDiffusionXLImg2ImgPipeline
+            return (Task.IMAGE_TO_IMAGE,)
         if self.manifest.has(Stage.VAE_ENCODER):
             return tuple(Task)
         return (Task.TEXT_TO_IMAGE,)
@@ -129,7 +151,11 @@ class Artifact:
                 guidance: Any = None, scheduler: Any = None, seed: Any = None,
                 latents: Any = None, image: Any = None, mask_image: Any = None, strength: Any = None,
                 outpaint: Any = None, generator: Any = Generator.TORCH,
-                scheduler_options: Any = None, prompt_weighting: Any = True, clip_skip: Any = None) -> Request:
+                scheduler_options: Any = None, prompt_weighting: Any = True, clip_skip: Any = None,
+                prompt_2: Any = None, negative_prompt_2: Any = None, original_size: Any = None,
+                crops_coords_top_left: Any = None, target_size: Any = None, denoising_start: Any = None,
+                denoising_end: Any = None, aesthetic_score: Any = 6.0,
+                negative_aesthetic_score: Any = 2.5) -> Request:
         """Validate one generation's settings and inputs (see `Pipeline.__call__`)."""
         task = self._task(image, mask_image, outpaint)
         if scheduler is None:
@@ -144,28 +170,45 @@ class Artifact:
             self.default_guidance if guidance is None else guidance, scheduler, seed,
             batch=self.batch, task=task, strength=strength, generator=generator,
             scheduler_options=scheduler_options, prompt_weighting=prompt_weighting, clip_skip=clip_skip,
-            max_clip_skip=self.manifest.facts.max_clip_skip if self.manifest.facts.text_num_layers else None)
-        if config.clip_skip and not self.manifest.facts.text_num_layers:
+            max_clip_skip=self.manifest.facts.max_clip_skip if self.manifest.facts.clip_skip_input else None,
+            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, original_size=original_size,
+            crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+            sdxl=self.manifest.facts.added_conditions, denoising_start=denoising_start,
+            denoising_end=denoising_end, aesthetic_score=aesthetic_score,
+            negative_aesthetic_score=negative_aesthetic_score)
+        if config.denoising_start is not None and task is not Task.IMAGE_TO_IMAGE:
+            raise InvalidInput("denoising_start applies to image-to-image (a refiner taking the base's latents): "
+                               "pass image=")
+        if config.sdxl_settings and not self.manifest.facts.added_conditions:
+            raise InvalidInput(f"prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size, "
+                               f"denoising_start and denoising_end apply to SDXL models; {self.folder} holds a "
+                               f"{self.manifest.family.title} model")
+        if config.clip_skip and not self.manifest.facts.clip_skip_input:
             raise InvalidInput(f"clip_skip {config.clip_skip} needs a text encoder exported with clip skip; "
                                f"{self.folder} was exported by an older sdrt: export the model again")
         embedded = self.manifest.facts.guidance_embedding
         if config.guidance > 1.0 and not self.manifest.shape.cfg and not embedded:
             raise InvalidInput(f"guidance {config.guidance:g} needs classifier-free guidance, but this artifact was "
                                f"exported with --no-cfg: use guidance <= 1 or export with CFG")
-        if any(config.negative_prompts) and (embedded or config.guidance <= 1.0 or not self.manifest.shape.cfg):
+        if (any(config.negative_prompts) or any(config.negative_prompts_2 or ())) and (
+                embedded or config.guidance <= 1.0 or not self.manifest.shape.cfg):
             # diffusers encodes no negative prompt without CFG; say so, and record none.
             why = ("this LCM model takes the guidance scale as an embedding and runs no classifier-free guidance"
                    if embedded else "this artifact was exported with --no-cfg" if not self.manifest.shape.cfg
                    else f"guidance {config.guidance:g} <= 1 turns classifier-free guidance off")
             warnings.warn(f"the negative prompt is ignored: {why}", IgnoredSetting, stacklevel=3)
-            config = dataclasses.replace(config, negative_prompts=("",) * self.batch)
+            config = dataclasses.replace(config, negative_prompts=("",) * self.batch, negative_prompts_2=None,
+                                         negative_given=False)
         if config.prompt_weighting:   # a malformed weight fails now, not after engines load
-            for text in set(config.prompts + config.negative_prompts):
+            for text in set(config.prompts + config.negative_prompts + config.second_prompts
+                            + config.second_negative_prompts):
                 parse_prompt_attention(text)
         if latents is not None and task is not Task.TEXT_TO_IMAGE:
             raise InvalidInput("latents apply to text-to-image only; with an image the seed draws the noise")
         options = dict(config.scheduler_options)
-        sampler = self.sampler(config.scheduler, config.steps, config.strength, options)
+        sampler = self.sampler(config.scheduler, config.steps, config.strength, options, config.denoising_start)
+        if config.denoising_end is not None:   # refused here if it would leave no step
+            denoising_end_calls(sampler, self.scheduler_config, config.denoising_end)
         # What runs is recorded: "dpmpp_2m" with use_karras_sigmas=True is "dpmpp_2m_karras".
         config = dataclasses.replace(config, scheduler=resolved_name(config.scheduler, self.scheduler_config, options))
         h, w = self.height, self.width
@@ -174,6 +217,8 @@ class Artifact:
             margins = inputs.parse_margins(outpaint) if isinstance(outpaint, str) else outpaint
             canvas, canvas_mask = inputs.outpaint_canvas(inputs.load_image(image), margins, height=h, width=w)
             img, mask = inputs.preprocess_image(canvas, h, w), inputs.preprocess_mask(canvas_mask, h, w)
+        elif task is Task.IMAGE_TO_IMAGE and self._is_latents(image):
+            return Request(config, sampler, latents=None, image_latents=self._check_latents(image))
         elif task.takes_image:
             # Files are decoded once here; arrays go as they are (float arrays take
             # diffusers' NumPy path in `inputs`).
@@ -186,12 +231,12 @@ class Artifact:
         return Request(config, sampler, img, mask, self._check_latents(latents))
 
     def sampler(self, name: str, steps: int, strength: float | None = None,
-                options: Mapping[str, Any] | None = None) -> Sampler:
+                options: Mapping[str, Any] | None = None, denoising_start: float | None = None) -> Sampler:
         # Samplers are immutable tables, so one per (name, steps, strength, options) serves all calls.
-        key = (name, steps, strength, repr(sorted((options or {}).items())))
+        key = (name, steps, strength, repr(sorted((options or {}).items())), denoising_start)
         if key not in self._samplers:
             self._samplers[key] = make_sampler(name, self.scheduler_config, steps, strength=strength,
-                                               options=options)
+                                               options=options, denoising_start=denoising_start)
         return self._samplers[key]
 
     def _task(self, image: Any, mask_image: Any, outpaint: Any) -> Task:
@@ -211,6 +256,9 @@ class Artifact:
         return task
 
     def _why_not(self, task: Task) -> str:
+        if self.manifest.facts.aesthetic_score:
+            return (f"{self.folder} holds an SDXL refiner: it refines an image or an SDXL base's latents (image=, "
+                    f"or Pipeline.refine / sdrt generate BASE --refiner); it cannot do {task.value}")
         if self.manifest.facts.inpainting:
             return (f"{self.folder} holds an inpainting model: pass an image with mask_image (--mask) or outpaint "
                     f"margins (--outpaint); it cannot do {task.value}")
@@ -219,6 +267,10 @@ class Artifact:
                     f"use input images ({task.value})")
         return (f"{self.folder} was exported without the VAE encoder (--no-vae-encoder): export it again "
                 f"without that option to use input images ({task.value})")
+
+    def _is_latents(self, image: Any) -> bool:
+        """A (batch, latent channels, h, w) array given as the image: latents to refine."""
+        return isinstance(image, np.ndarray) and image.ndim == 4 and image.shape[1] == self.latent_shape[1]
 
     def _check_latents(self, latents: Any) -> np.ndarray | None:
         if latents is None:

@@ -27,6 +27,9 @@ MAX_PROMPT_CHARS = 100_000  # the tokenizer truncates at 77 tokens anyway; this 
 # diffusers' defaults: StableDiffusionImg2ImgPipeline strength=0.8, StableDiffusionInpaintPipeline 1.0.
 DEFAULT_IMG2IMG_STRENGTH = 0.8
 DEFAULT_INPAINT_STRENGTH = 1.0
+# StableDiffusionXLImg2ImgPipeline's and StableDiffusionXLInpaintPipeline's defaults.
+SDXL_IMG2IMG_STRENGTH = 0.3
+SDXL_INPAINT_STRENGTH = 0.9999
 
 
 class Task(str, enum.Enum):
@@ -74,6 +77,24 @@ class GenerationConfig:
     # diffusers' clip_skip: condition on the hidden state this many layers before the text
     # encoder's last, through its final layer norm (0 = the last; AUTOMATIC1111's "Clip skip" - 1)
     clip_skip: int = 0
+    # SDXL: the second text encoder's prompts (None: the same as prompts / negative_prompts,
+    # as diffusers' `prompt_2 or prompt`), and the size and crop conditions in pixels,
+    # (height, width) and (top, left); None: the artifact's (height, width) and (0, 0).
+    prompts_2: tuple[str, ...] | None = None
+    negative_prompts_2: tuple[str, ...] | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] | None = None
+    target_size: tuple[int, int] | None = None
+    # SDXL base -> refiner hand-off (diffusers' "ensemble of expert denoisers"): the base
+    # stops at denoising_end of the noise schedule and returns latents; the refiner
+    # starts at denoising_start. The refiner's time ids carry aesthetic scores.
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    aesthetic_score: float = 6.0              # StableDiffusionXLImg2ImgPipeline's defaults
+    negative_aesthetic_score: float = 2.5
+    # Whether a negative prompt was given at all (None is not ""): SDXL's
+    # force_zeros_for_empty_prompt zeros the negative embeddings only when none was.
+    negative_given: bool = False
 
     @property
     def prompt(self) -> str:
@@ -87,7 +108,11 @@ class GenerationConfig:
     def create(cls, prompt: Any, negative_prompt: Any, steps: Any, guidance: Any, scheduler: Any,
                seed: Any, *, batch: int, task: Task = Task.TEXT_TO_IMAGE, strength: Any = None,
                generator: Any = Generator.TORCH, scheduler_options: Any = None, prompt_weighting: Any = True,
-               clip_skip: Any = None, max_clip_skip: int | None = None) -> "GenerationConfig":
+               clip_skip: Any = None, max_clip_skip: int | None = None, prompt_2: Any = None,
+               negative_prompt_2: Any = None, original_size: Any = None, crops_coords_top_left: Any = None,
+               target_size: Any = None, sdxl: bool = False, denoising_start: Any = None,
+               denoising_end: Any = None, aesthetic_score: Any = 6.0,
+               negative_aesthetic_score: Any = 2.5) -> "GenerationConfig":
         """`scheduler`: an sdrt or AUTOMATIC1111 sampler name (see schedulers.canonical_name);
         `scheduler_options`: a mapping of the sampler's diffusers options, checked against it;
         `clip_skip`: None or 0 (no skip) to `max_clip_skip` (the text encoder's layers - 1)."""
@@ -95,17 +120,43 @@ class GenerationConfig:
         return cls(
             prompts=_prompts("prompt", prompt, batch, allow_none=False),
             negative_prompts=_prompts("negative_prompt", negative_prompt, batch, allow_none=True),
+            negative_given=negative_prompt is not None,
             steps=_steps(steps),
             guidance=_guidance(guidance),
             scheduler=name,
             seed=_seed(seed),
             task=task,
-            strength=_strength(strength, task),
+            strength=_strength(strength, task, sdxl),
             generator=_generator(generator),
             scheduler_options=_scheduler_options(name, scheduler_options),
             prompt_weighting=_flag("prompt_weighting", prompt_weighting),
             clip_skip=_clip_skip(clip_skip, max_clip_skip),
+            prompts_2=_second("prompt_2", prompt_2, batch),
+            negative_prompts_2=_second("negative_prompt_2", negative_prompt_2, batch),
+            original_size=_pair("original_size", original_size, least=1),
+            crops_coords_top_left=_pair("crops_coords_top_left", crops_coords_top_left, least=0),
+            target_size=_pair("target_size", target_size, least=1),
+            denoising_start=_fraction("denoising_start", denoising_start),
+            denoising_end=_fraction("denoising_end", denoising_end),
+            aesthetic_score=_score("aesthetic_score", aesthetic_score),
+            negative_aesthetic_score=_score("negative_aesthetic_score", negative_aesthetic_score),
         )
+
+    @property
+    def second_prompts(self) -> tuple[str, ...]:
+        """What SDXL's second text encoder reads: prompt_2, else the prompt (per item)."""
+        return tuple(b or a for a, b in zip(self.prompts, self.prompts_2 or self.prompts))
+
+    @property
+    def second_negative_prompts(self) -> tuple[str, ...]:
+        return tuple(b or a for a, b in zip(self.negative_prompts, self.negative_prompts_2 or self.negative_prompts))
+
+    @property
+    def sdxl_settings(self) -> bool:
+        """Whether any SDXL-only setting was given."""
+        return any(v is not None for v in (self.prompts_2, self.negative_prompts_2, self.original_size,
+                                           self.crops_coords_top_left, self.target_size, self.denoising_start,
+                                           self.denoising_end))
 
 
 def _prompts(name: str, value: Any, batch: int, allow_none: bool) -> tuple[str, ...]:
@@ -172,6 +223,41 @@ def _scheduler_options(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(schedulers.check_options(name, value).items()))
 
 
+MAX_CONDITION_SIDE = 65536   # SDXL size conditions: pixels, far past any trained size
+
+
+def _fraction(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidType(f"{name} must be a number in (0, 1), got {type(value).__name__} {_short(value)}")
+    if not 0.0 < float(value) < 1.0:   # NaN fails this too
+        raise InvalidInput(f"{name} must be in (0, 1) (the fraction of the noise schedule), got {_short(value)}")
+    return float(value)
+
+
+def _score(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise InvalidType(f"{name} must be a finite number, got {type(value).__name__} {_short(value)}")
+    return float(value)
+
+
+def _second(name: str, value: Any, batch: int) -> tuple[str, ...] | None:
+    """prompt_2 / negative_prompt_2: None, or prompts as `_prompts` takes them."""
+    return None if value is None else _prompts(name, value, batch, allow_none=False)
+
+
+def _pair(name: str, value: Any, least: int) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in value)):
+        raise InvalidType(f"{name} must be a pair of integers (pixels), got {_short(value)}")
+    if not all(least <= v <= MAX_CONDITION_SIDE for v in value):
+        raise InvalidInput(f"{name} values must be from {least} to {MAX_CONDITION_SIDE} pixels, got {_short(value)}")
+    return int(value[0]), int(value[1])
+
+
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise InvalidType(f"{name} must be True or False, got {type(value).__name__} {_short(value)}")
@@ -191,12 +277,14 @@ def _clip_skip(value: Any, most: int | None) -> int:
     return int(value)
 
 
-def _strength(value: Any, task: Task) -> float | None:
+def _strength(value: Any, task: Task, sdxl: bool = False) -> float | None:
     if not task.takes_image:
         if value is not None:
             raise InvalidInput("strength applies to image-to-image, inpainting and outpainting: pass an image too")
         return None
     if value is None:
+        if sdxl:
+            return SDXL_IMG2IMG_STRENGTH if task is Task.IMAGE_TO_IMAGE else SDXL_INPAINT_STRENGTH
         return DEFAULT_IMG2IMG_STRENGTH if task is Task.IMAGE_TO_IMAGE else DEFAULT_INPAINT_STRENGTH
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise InvalidType(f"strength must be a number in (0, 1], got {type(value).__name__} {_short(value)}")

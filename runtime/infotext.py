@@ -80,12 +80,14 @@ def _number(value: float) -> str:
 
 
 def parameters_text(config: GenerationConfig, width: int, height: int, model: str = "", model_hash: str = "",
-                    index: int = 0, seed: bool = True) -> str:
+                    index: int = 0, seed: bool = True, extra: Mapping[str, Any] | None = None) -> str:
     """The `parameters` text of batch item `index`, in AUTOMATIC1111's key order. The
     sampler under its AUTOMATIC1111 name and schedule type ("DPM++ 2M" + "Karras" for
     dpmpp_2m_karras; samplers AUTOMATIC1111 lacks keep their sdrt name); `Clip skip` is
     AUTOMATIC1111's count (diffusers' clip_skip + 1), written from 2 as it does.
-    seed=False leaves the seed out (the caller gave the initial latents)."""
+    seed=False leaves the seed out (the caller gave the initial latents). `extra`: more
+    keys before Version, as AUTOMATIC1111's extra_generation_params (e.g. "Refiner",
+    "Refiner switch at")."""
     label, schedule = a1111_name(config.scheduler)
     clip_skip = config.clip_skip + 1
     fields: dict[str, Any] = {
@@ -105,6 +107,7 @@ def parameters_text(config: GenerationConfig, width: int, height: int, model: st
         "Scheduler options": json.dumps(dict(config.scheduler_options), sort_keys=True)
                              if config.scheduler_options else None,
         "Emphasis": None if config.prompt_weighting else NO_EMPHASIS,
+        **(extra or {}),
         "Version": f"sdrt {sdrt_version()}",
     }
     line = ", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None)

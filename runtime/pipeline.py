@@ -25,6 +25,7 @@ same weights, prompts and seed give the same pixels:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import threading
@@ -37,16 +38,17 @@ import numpy as np
 from PIL import Image
 
 from sdrt.engines.base import Backend, Engine, open_engines
-from sdrt.engines.errors import InvalidType, NumericsError
+from sdrt.engines.errors import InvalidInput, InvalidType, NumericsError
 from sdrt.engines.specs import (CLIP_SKIP, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT,
-                                LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TIMESTEP, TIMESTEP_COND, Stage)
+                                LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS, TIME_IDS, TIMESTEP,
+                                TIMESTEP_COND, Stage)
 
 from . import inputs, prompts
 from .artifact import Artifact, Request
 from .config import GenerationConfig, Generator, Task
 from .images import PARAMETERS_KEY, to_pil
 from .infotext import parameters_text
-from .schedulers import SCHEDULERS, Sampler
+from .schedulers import SCHEDULERS, Sampler, denoising_end_calls
 from .tokenizer import PromptTruncated
 from .torch_random import TorchGenerator
 
@@ -79,7 +81,7 @@ class Timings:
 @dataclass(frozen=True)
 class GenerationResult:
     images: list[Image.Image]   # one per batch item, 8-bit RGB
-    pixels: np.ndarray          # float32 (batch, height, width, 3) in [0, 1], before 8-bit rounding
+    pixels: np.ndarray | None   # float32 (batch, height, width, 3) in [0, 1], before 8-bit rounding
     timings: Timings
     seed: int                   # the seed used (drawn at random when none was given)
     config: GenerationConfig    # the validated settings
@@ -87,6 +89,10 @@ class GenerationResult:
     # AUTOMATIC1111's PNG `parameters` text of the first image (each image's own is in
     # image.info["parameters"]; batch items differ only where their prompts do)
     parameters: str = ""
+    # the final latents (batch, C, h, w), before the VAE; with denoising_end (an SDXL base
+    # handing over to its refiner) the only output: images is empty and pixels None
+    latents: np.ndarray | None = None
+    rng: Any = None             # the random stream after this call (a refiner continues it)
 
 
 @dataclass(frozen=True)
@@ -97,11 +103,16 @@ class Conditioning:
 
     hidden_states: np.ndarray
     attention_mask: np.ndarray | None = None
+    text_embeds: np.ndarray | None = None   # SDXL: the pooled text embedding, per row
+    time_ids: np.ndarray | None = None      # SDXL: original size, crop top-left, target size, per row
 
     def unet_inputs(self) -> dict[str, np.ndarray]:
         inputs = {ENCODER_HIDDEN_STATES: self.hidden_states}
         if self.attention_mask is not None:
             inputs[ENCODER_ATTENTION_MASK] = self.attention_mask
+        if self.text_embeds is not None:
+            inputs[TEXT_EMBEDS] = self.text_embeds
+            inputs[TIME_IDS] = self.time_ids
         return inputs
 
 
@@ -197,7 +208,13 @@ class Pipeline:
                  outpaint: Any = None, generator: str = Generator.TORCH.value,
                  on_step: Callable[[int, int], None] | None = None,
                  scheduler_options: dict[str, Any] | None = None, prompt_weighting: bool = True,
-                 clip_skip: int | None = None) -> GenerationResult:
+                 clip_skip: int | None = None, prompt_2: str | list[str] | None = None,
+                 negative_prompt_2: str | list[str] | None = None,
+                 original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] | None = None,
+                 target_size: tuple[int, int] | None = None, denoising_start: float | None = None,
+                 denoising_end: float | None = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
@@ -220,7 +237,7 @@ class Pipeline:
         or with mask_image (white = repaint) inpainting, or with outpaint=(left, top,
         right, bottom) pixel margins outpainting. Inputs of another size are resized to
         the artifact's. strength in (0, 1]: how much of the schedule runs (default 0.8 for
-        image-to-image, 1.0 for inpainting, as in diffusers).
+        image-to-image, 1.0 for inpainting; SDXL 0.3 and 0.9999; as in diffusers).
         prompt_weighting: read AUTOMATIC1111's attention syntax: "(word)" x1.1, "[word]" /1.1,
         "(word:1.5)", "\\(" for a literal bracket, and BREAK to start a new 75-token chunk;
         False takes the text literally. Prompts past 75 tokens run in chunks, up to the
@@ -228,11 +245,20 @@ class Pipeline:
         dropped with a PromptTruncated warning.
         clip_skip: diffusers' clip_skip, the text encoder's hidden state this many layers
         before the last (AUTOMATIC1111's "Clip skip" is clip_skip + 1); None or 0: none.
+        SDXL only, as in diffusers' StableDiffusionXLPipeline: prompt_2 / negative_prompt_2
+        for the second text encoder (default: prompt / negative_prompt); original_size,
+        target_size (height, width) and crops_coords_top_left (top, left) in pixels
+        (default: the artifact's size and (0, 0)). denoising_end in (0, 1): stop there and
+        return `result.latents` only (a base handing over to its refiner); denoising_start:
+        a refiner's start, with image= those latents; aesthetic_score /
+        negative_aesthetic_score: the refiner's conditions (6.0, 2.5). `refine()` runs both.
         on_step(i, n): called after each denoising step (progress reporting).
         """
         request = self.artifact.request(prompt, negative_prompt, steps, guidance, scheduler, seed, latents,
                                         image, mask_image, strength, outpaint, generator, scheduler_options,
-                                        prompt_weighting, clip_skip)
+                                        prompt_weighting, clip_skip, prompt_2, negative_prompt_2, original_size,
+                                        crops_coords_top_left, target_size, denoising_start, denoising_end,
+                                        aesthetic_score, negative_aesthetic_score)
         return self.run(request, on_step)
 
     def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -242,13 +268,18 @@ class Pipeline:
         with self._lock:
             return self._generate(request, on_step)
 
-    def _generate(self, request: Request, on_step: Callable[[int, int], None] | None) -> GenerationResult:
+    def _generate(self, request: Request, on_step: Callable[[int, int], None] | None,
+                  rng: Any = None) -> GenerationResult:
         start = time.perf_counter()
         config, sampler = request.config, request.sampler
-        rng = _random_source(config)
+        rng = _random_source(config) if rng is None else rng
         conditioning, text_time = self.encode_prompt(config)
         latents, vae_encoder_time = self.prepare_latents(request, rng)
         x, step_times, unet_times = self.denoise(config, sampler, latents, conditioning, rng, on_step)
+        if config.denoising_end is not None:   # handed over to a refiner as latents, not decoded
+            timings = Timings(text_time, tuple(step_times), tuple(unet_times), 0.0, time.perf_counter() - start,
+                              vae_encoder_time)
+            return GenerationResult([], None, timings, config.seed, config, request.latents is not None, "", x, rng)
         pixels, vae_time = self.decode(x)
         timings = Timings(text_time, tuple(step_times), tuple(unet_times), vae_time, time.perf_counter() - start,
                           vae_encoder_time)
@@ -258,7 +289,36 @@ class Pipeline:
         for i, image in enumerate(images):
             image.info[PARAMETERS_KEY] = parameters_text(config, self.width, self.height, m.model_name, m.model_hash,
                                                          index=i, seed=not given)
-        return GenerationResult(images, pixels, timings, config.seed, config, given, images[0].info[PARAMETERS_KEY])
+        return GenerationResult(images, pixels, timings, config.seed, config, given, images[0].info[PARAMETERS_KEY],
+                                x)
+
+    def refine(self, refiner: "Pipeline", prompt: str | list[str], high_noise_frac: float = 0.8,
+               on_step: Callable[[int, int], None] | None = None, **kwargs: Any) -> GenerationResult:
+        """SDXL base + refiner in one call, diffusers' "ensemble of expert denoisers": this
+        (base) pipeline runs the first `high_noise_frac` of the noise schedule
+        (`denoising_end`), the refiner the rest from its latents (`denoising_start`), with
+        the same prompt and settings (`kwargs`: those of `__call__`) and one random stream,
+        as one torch.Generator passed to both diffusers pipelines. Returns the refiner's
+        result (its PNG text records the refiner's settings)."""
+        if not isinstance(refiner, Pipeline):
+            raise InvalidType(f"refiner must be a Pipeline (Pipeline.load(refiner_folder)), got {type(refiner).__name__}")
+        first, refiner_kwargs = refine_requests(self.artifact, refiner.artifact, prompt, high_noise_frac, kwargs)
+        with self._lock:
+            base = self._generate(first, on_step)
+        second = refiner.artifact.request(prompt, image=base.latents, denoising_start=high_noise_frac,
+                                          **refiner_kwargs)
+        with refiner._lock:
+            result = refiner._generate(second, on_step, rng=base.rng)
+        # The PNG text is the base's settings plus the refiner, as AUTOMATIC1111 writes it.
+        r = refiner.manifest
+        extra = {"Refiner": f"{r.model_name} [{r.model_hash}]" if r.model_hash else r.model_name,
+                 "Refiner switch at": f"{float(high_noise_frac):g}"}
+        m = self.manifest
+        for i, image in enumerate(result.images):
+            image.info[PARAMETERS_KEY] = parameters_text(dataclasses.replace(first.config, denoising_end=None),
+                                                         self.width, self.height, m.model_name, m.model_hash,
+                                                         index=i, extra=extra)
+        return dataclasses.replace(result, parameters=result.images[0].info[PARAMETERS_KEY])
 
     # -- the seams, in diffusers' order -----------------------------------------------------
 
@@ -266,41 +326,88 @@ class Pipeline:
         """The U-Net's context, negatives first like diffusers' torch.cat([negative, prompt]).
 
         Prompts are read in AUTOMATIC1111's syntax (unless config.prompt_weighting is
-        False) and split into 75-token chunks; the text encoder runs once per chunk on
+        False) and split into 75-token chunks; each text encoder runs once per chunk on
         every prompt, the outputs are joined along the token axis and weighted
         (`prompts.apply_emphasis`). The context then fills the artifact's
         prompt_chunks x 77 tokens: the chunks used, then zeros that the attention mask
         hides from the U-Net. clip_skip applies to the prompts only, as in diffusers'
         StableDiffusionPipeline (its negative prompt embeddings are the last hidden state).
+
+        SDXL, as StableDiffusionXLPipeline: the second encoder reads prompt_2 (default:
+        the prompt); the two encoders' hidden states are joined along the width; the
+        pooled embedding comes from the second encoder's first chunk; with
+        force_zeros_for_empty_prompt an absent negative prompt (None, not "") is all zeros.
         """
-        cfg_graph = self.manifest.shape.cfg   # the engines run the guided batch
-        texts = list(config.negative_prompts + config.prompts) if cfg_graph else list(config.prompts)
-        limit = self.manifest.shape.prompt_chunks
-        chunked = prompts.chunk_prompts(self.tokenizer, texts, config.prompt_weighting, max_chunks=limit)
-        if chunked.truncated:
-            warnings.warn(prompts.truncation_message(self.tokenizer, chunked.truncated, limit), PromptTruncated,
-                          stacklevel=4)
-        extra = {}
-        if CLIP_SKIP in {t.name for t in self.manifest.specs[Stage.TEXT_ENCODER].inputs}:
-            # diffusers' clip_skip applies to the prompts, not to the negative prompts.
-            skips = [0] * (len(texts) - len(config.prompts)) + [config.clip_skip] * len(config.prompts)
-            extra[CLIP_SKIP] = np.array(skips, dtype=np.int32)
+        facts, shape = self.manifest.facts, self.manifest.shape
+        cfg_graph = shape.cfg   # the engines run the guided batch
+        negatives = config.negative_prompts if cfg_graph else ()
+        encoders = []
+        if self.manifest.has(Stage.TEXT_ENCODER):
+            encoders.append((Stage.TEXT_ENCODER, self.tokenizer, negatives + config.prompts))
+        elif self.manifest.has(Stage.TEXT_ENCODER_2):
+            # The refiner's only encoder reads the prompt (diffusers zips [prompt, prompt_2]
+            # with its one tokenizer).
+            encoders.append((Stage.TEXT_ENCODER_2, self.tokenizer, negatives + config.prompts))
+        if self.manifest.has(Stage.TEXT_ENCODER) and self.manifest.has(Stage.TEXT_ENCODER_2):
+            second_negatives = config.second_negative_prompts if cfg_graph else ()
+            encoders.append((Stage.TEXT_ENCODER_2, self.artifact.tokenizer_2,
+                             second_negatives + config.second_prompts))
+        limit = shape.prompt_chunks
+        chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit)
+                   for _, tok, texts in encoders]
+        count = max(c.chunks for c in chunked)
+        if any(c.chunks < count for c in chunked):   # the encoders' contexts must line up
+            chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit, count=count)
+                       for _, tok, texts in encoders]
+        truncated = {t.prompt: t for c in chunked for t in c.truncated}
+        if truncated:
+            warnings.warn(prompts.truncation_message(self.tokenizer, list(truncated.values()), limit),
+                          PromptTruncated, stacklevel=4)
+        n_neg = len(negatives)
+        # diffusers' clip_skip applies to the prompts, not to the negative prompts.
+        skips = np.array([0] * n_neg + [config.clip_skip] * len(config.prompts), dtype=np.int32)
         text_time = 0.0
-        outputs = []
-        for ids in chunked.ids:
-            t0 = time.perf_counter()
-            outputs.append(self._run(Stage.TEXT_ENCODER, {INPUT_IDS: ids, **extra})[TEXT_EMBEDDINGS])
-            text_time += self._engine_time(Stage.TEXT_ENCODER, t0)
-        z = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
-        _check_finite(z, "the text encoder")
-        z = prompts.apply_emphasis(z, chunked.weights, self.tokenizer.max_length)
-        if limit == 1:
-            return Conditioning(z), text_time
-        context = np.zeros((z.shape[0], limit * self.tokenizer.max_length, z.shape[2]), dtype=np.float32)
-        context[:, :z.shape[1]] = z
-        mask = np.zeros(context.shape[:2], dtype=np.float32)
-        mask[:, :z.shape[1]] = 1.0
-        return Conditioning(context, mask), text_time
+        widths, pooled = [], None
+        for (stage, tok, _), chunks in zip(encoders, chunked):
+            extra = {CLIP_SKIP: skips} if CLIP_SKIP in {t.name for t in self.manifest.specs[stage].inputs} else {}
+            outputs = []
+            for j, ids in enumerate(chunks.ids):
+                t0 = time.perf_counter()
+                out = self._run(stage, {INPUT_IDS: ids, **extra})
+                text_time += self._engine_time(stage, t0)
+                outputs.append(out[TEXT_EMBEDDINGS])
+                if j == 0 and TEXT_EMBEDS in out:
+                    pooled = out[TEXT_EMBEDS]
+            z = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+            _check_finite(z, f"the {stage.value.replace('_', ' ')}")
+            widths.append(prompts.apply_emphasis(z, chunks.weights, tok.max_length))
+        z = widths[0] if len(widths) == 1 else np.concatenate(widths, axis=2)
+        if facts.force_zeros_for_empty_prompt and n_neg and not config.negative_given:
+            # diffusers: negative_prompt None -> all-zero negative embeddings and pooled
+            z = z.copy()
+            z[:n_neg] = 0
+            if pooled is not None:
+                pooled = pooled.copy()
+                pooled[:n_neg] = 0
+        time_ids = None
+        if facts.added_conditions:
+            size = (self.height, self.width)
+            head = [*(config.original_size or size), *(config.crops_coords_top_left or (0, 0))]
+            if facts.aesthetic_score:   # the refiner: aesthetic scores instead of the target size
+                rows = [head + [config.negative_aesthetic_score]] * n_neg + [head + [config.aesthetic_score]] * (
+                    z.shape[0] - n_neg)
+            else:
+                rows = [head + [*(config.target_size or size)]] * z.shape[0]
+            time_ids = np.array(rows, dtype=np.float32)
+            pooled = _f32(pooled)
+        mask = None
+        if limit > 1:
+            context = np.zeros((z.shape[0], limit * self.tokenizer.max_length, z.shape[2]), dtype=np.float32)
+            context[:, :z.shape[1]] = z
+            mask = np.zeros(context.shape[:2], dtype=np.float32)
+            mask[:, :z.shape[1]] = 1.0
+            z = context
+        return Conditioning(_f32(z), mask, pooled, time_ids), text_time
 
     def prepare_latents(self, request: Request, rng: Any) -> tuple[_Latents, float]:
         """The initial latents (diffusers' prepare_latents, and prepare_mask_latents for
@@ -309,6 +416,14 @@ class Pipeline:
         if config.task is Task.TEXT_TO_IMAGE:
             noise = request.latents if request.latents is not None else rng.standard_normal(shape, dtype=np.float32)
             return _Latents(_f32(noise * np.float32(sampler.init_noise_sigma))), 0.0
+        if request.image_latents is not None:
+            # An SDXL base's latents (StableDiffusionXLImg2ImgPipeline takes 4-channel images
+            # as latents): no VAE encoder; from denoising_start, no noise either.
+            original = _f32(np.repeat(request.image_latents, self.batch // request.image_latents.shape[0], axis=0))
+            if config.denoising_start is not None:
+                return _Latents(original.copy()), 0.0
+            noise = rng.standard_normal(shape, dtype=np.float32)
+            return _Latents(_f32(sampler.add_noise(original, noise, 0))), 0.0
         encoder_time = 0.0
         inpainting_unet = self.manifest.facts.inpainting
         full = config.strength == 1.0   # diffusers' is_strength_max: start from pure noise
@@ -347,6 +462,8 @@ class Pipeline:
         guidance = np.float32(config.guidance)
         timesteps = np.asarray(sampler.timesteps, dtype=np.float32).reshape(-1, 1)   # row i: call i's input
         n = len(timesteps)
+        if config.denoising_end is not None:   # SDXL base: stop where the refiner takes over
+            n = denoising_end_calls(sampler, self.scheduler_config, config.denoising_end)
         context = conditioning.unet_inputs()
         if self.manifest.facts.guidance_embedding:   # LCM: the scale enters the U-Net, no CFG
             context[TIMESTEP_COND] = guidance_embedding(config.guidance, self.manifest.facts.time_cond_proj_dim,
@@ -422,6 +539,31 @@ class Pipeline:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def refine_requests(base: Artifact, refiner: Artifact, prompt: Any, high_noise_frac: Any,
+                    kwargs: Mapping[str, Any]) -> tuple[Request, dict[str, Any]]:
+    """Validate a base + refiner run before any engine loads: the base's request (to
+    stop at `high_noise_frac`) and the refiner's settings (the base's, less those only
+    the base takes: prompt_2, negative_prompt_2, target_size), checked on stand-in latents."""
+    for key in ("denoising_end", "denoising_start", "image", "mask_image", "outpaint", "latents"):
+        if kwargs.get(key) is not None:
+            raise InvalidInput(f"{key} cannot be combined with a refiner: the base hands its latents over at "
+                               f"high_noise_frac")
+    if refiner.manifest.facts.family != "sdxl-refiner":
+        raise InvalidInput(f"{refiner.folder} holds a {refiner.manifest.family.title} model, not an SDXL refiner")
+    if refiner.latent_shape != base.latent_shape:
+        raise InvalidInput(f"the refiner's latents {refiner.latent_shape} differ from the base's {base.latent_shape}: "
+                           f"export both at the same size and batch")
+    first = base.request(prompt, denoising_end=high_noise_frac, **kwargs)
+    # The refiner has no first encoder and no target size; the hand-off sets the rest.
+    skip = ("prompt_2", "negative_prompt_2", "target_size", "denoising_end", "denoising_start", "image",
+            "mask_image", "outpaint", "latents")
+    refiner_kwargs = {k: v for k, v in kwargs.items() if k not in skip}
+    refiner_kwargs["seed"] = first.config.seed
+    refiner.request(prompt, image=np.zeros(base.latent_shape, np.float32), denoising_start=high_noise_frac,
+                    **refiner_kwargs)
+    return first, refiner_kwargs
 
 
 def guidance_embedding(guidance: float, dim: int, batch: int) -> np.ndarray:

@@ -299,9 +299,10 @@ class ChunkedPrompts:
 
 
 def chunk_prompts(tokenizer: Tokenizer, prompts: Sequence[str], weighting: bool = True,
-                  max_chunks: int | None = None) -> ChunkedPrompts:
+                  max_chunks: int | None = None, count: int | None = None) -> ChunkedPrompts:
     """Every prompt in chunks, cut at `max_chunks` and padded with empty chunks to the
-    count of the longest, as the web UI conditions a batch (negative prompts included)."""
+    count of the longest (at least `count`: SDXL's two encoders must agree), as the
+    web UI conditions a batch (negative prompts included)."""
     per_prompt, truncated = [], []
     for text in prompts:
         chunks = tokenize_chunks(tokenizer, text, weighting, max_chunks=max_chunks)
@@ -310,7 +311,8 @@ def chunk_prompts(tokenizer: Tokenizer, prompts: Sequence[str], weighting: bool 
             truncated.append(Truncation(text, sum(c.length for c in chunks), dropped))
             chunks, _ = truncate_chunks(chunks, max_chunks)
         per_prompt.append(chunks)
-    padded = pad_chunks(tokenizer, per_prompt)
+    longest = max(len(p) for p in per_prompt)
+    padded = pad_chunks(tokenizer, per_prompt, max(longest, count or 0))
     ids = np.stack([np.stack([p[j].ids for p in padded]) for j in range(len(padded[0]))]).astype(np.int32)
     weights = np.stack([np.concatenate([c.weights for c in p]) for p in padded])
     return ChunkedPrompts(ids, weights, tuple(truncated))

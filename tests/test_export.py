@@ -166,7 +166,7 @@ def test_graph_cleanup_leaves_outputs_unchanged(stage, tiny_sd15, tmp_path):
     spec = stage_specs(facts, ShapeConfig(facts.native_image_size, facts.native_image_size))[stage]
     inputs = random_inputs(spec, facts, seed=7)
     (tmp_path / "raw").mkdir()
-    graphs.export_raw(graphs.wrap(stage, load_module(ckpt, stage), spec), spec, inputs, tmp_path / "raw" / "model.onnx")
+    graphs.export_raw(graphs.wrap(stage, load_module(ckpt, stage), spec, ckpt.facts()), spec, inputs, tmp_path / "raw" / "model.onnx")
     graphs.clean_file(tmp_path / "raw" / "model.onnx", tmp_path / "clean.onnx", stage.data_file)
     raw = onnx.load(str(tmp_path / "raw" / "model.onnx"), load_external_data=False)
     cleaned = onnx.load(str(tmp_path / "clean.onnx"), load_external_data=False)
@@ -188,7 +188,7 @@ def test_cleanup_streams_per_weight_files_into_the_one_data_file(tiny_sd15, tmp_
     facts = ckpt.facts()
     spec = stage_specs(facts, ShapeConfig(facts.native_image_size, facts.native_image_size))[Stage.UNET]
     inputs = random_inputs(spec, facts, seed=3)
-    graphs.export_raw(graphs.wrap(Stage.UNET, load_module(ckpt, Stage.UNET), spec), spec, inputs, tmp_path / "inline.onnx")
+    graphs.export_raw(graphs.wrap(Stage.UNET, load_module(ckpt, Stage.UNET), spec, ckpt.facts()), spec, inputs, tmp_path / "inline.onnx")
     (tmp_path / "raw").mkdir()
     onnx.save_model(onnx.load(str(tmp_path / "inline.onnx")), str(tmp_path / "raw" / "model.onnx"),
                     save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
@@ -212,7 +212,7 @@ def test_trace_returns_the_modules_eager_outputs_as_the_reference(tiny_sd2, tmp_
     facts = ckpt.facts()
     spec = stage_specs(facts, ShapeConfig(64, 64))[Stage.VAE_DECODER]
     inputs = random_inputs(spec, facts, seed=11)
-    reference = graphs.export_raw(graphs.wrap(Stage.VAE_DECODER, load_module(ckpt, Stage.VAE_DECODER), spec), spec,
+    reference = graphs.export_raw(graphs.wrap(Stage.VAE_DECODER, load_module(ckpt, Stage.VAE_DECODER), spec, ckpt.facts()), spec,
                                   inputs, tmp_path / "vae.onnx")
     _, _, vae = _diffusers_modules(tiny_sd2)
     with torch.no_grad():

@@ -72,14 +72,14 @@ def test_artifact_without_the_vae_encoder_refuses_images_and_names_the_option(te
 
 def test_manifest_naming_an_unknown_stage_or_family_is_refused(text_only, tmp_path):
     for edit, words in ((lambda d: d["stages"].append(dict(d["stages"][0], name="refiner")), "stage 'refiner'"),
-                        (lambda d: d.update(family="sdxl"), "family 'sdxl'"),
+                        (lambda d: d.update(family="sd9"), "family 'sd9'"),
                         (lambda d: d["stages"].pop(1), "do not fit the Stable Diffusion 1.x family")):
         folder = tmp_path / f"f{len(list(tmp_path.iterdir()))}"
         shutil.copytree(text_only, folder)
         data = json.loads((folder / MANIFEST_NAME).read_text())
         edit(data)
-        if data["family"] == "sdxl":
-            data["model"]["family"] = "sdxl"
+        if data["family"] == "sd9":
+            data["model"]["family"] = "sd9"
         (folder / MANIFEST_NAME).write_text(json.dumps(data))
         with pytest.raises(ArtifactError, match=words):
             read_manifest(folder)
@@ -125,6 +125,24 @@ def _tiny_sdxl(folder):
     return folder
 
 
+def test_sdxl_as_diffusers_writes_it_exports_and_matches_diffusers(tmp_path, export_into):
+    """An SDXL folder written here by StableDiffusionXLPipeline.save_pretrained, not by
+    sdrt's tiny-model: one-layer text encoders (so the penultimate state is the
+    embeddings' output), a default EulerDiscreteScheduler config, 64 px."""
+    import diffusers
+    import torch
+    model = _tiny_sdxl(tmp_path / "sdxl")
+    pipe = Pipeline.load(export_into(model, tmp_path / "art"))
+    assert pipe.manifest.facts.family == "sdxl" and pipe.manifest.facts.max_clip_skip == 0
+    oracle = diffusers.StableDiffusionXLPipeline.from_pretrained(model)
+    oracle.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = oracle(PROMPT, negative_prompt="blurry", num_inference_steps=3, output_type="np",
+                          generator=torch.Generator("cpu").manual_seed(2)).images
+    got = pipe(PROMPT, negative_prompt="blurry", steps=3, guidance=5.0, seed=2)
+    assert float(np.abs(got.pixels - expected).max()) <= 1e-4
+
+
 def _patched(tiny_sd15, folder, component, **changes):
     shutil.copytree(tiny_sd15, folder)
     path = folder / component / "config.json" if component != "model_index" else folder / "model_index.json"
@@ -135,7 +153,7 @@ def _patched(tiny_sd15, folder, component, **changes):
 
 
 @pytest.mark.parametrize("case, words", [
-    ("sdxl", "StableDiffusionXLPipeline checkpoint: SDXL .* is not supported yet"),
+    ("sdxl-image-conditions", "an SDXL checkpoint whose U-Net has addition_embed_type 'image'"),
     ("class-conditioned", "class conditioning \\(unCLIP, the x4 upscaler\\) \\(class_embed_type='timestep'\\)"),
     ("image-conditioned", "added conditioning .*addition_embed_type='image'.*an input sdrt does not feed"),
     ("sd3", "StableDiffusion3Pipeline checkpoint: Stable Diffusion 3 .* is not supported"),
@@ -145,8 +163,10 @@ def test_unsupported_family_is_refused_before_any_work(tiny_sd15, tmp_path, case
     from sdrt.export.config import ExportConfig
     from sdrt.export.exporter import export_artifacts
     model = tmp_path / case
-    if case == "sdxl":
+    if case == "sdxl-image-conditions":
         _tiny_sdxl(model)
+        path = model / "unet" / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "addition_embed_type": "image"}))
     elif case == "class-conditioned":
         _patched(tiny_sd15, model, "unet", class_embed_type="timestep")
     elif case == "image-conditioned":

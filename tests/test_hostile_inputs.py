@@ -617,5 +617,5 @@ def test_api_bad_build_config_raises_invalid_input_before_tensorrt(places, kwarg
 def test_api_unknown_build_stage_names_the_accepted_ones():
     from sdrt.export.build import parse_stages
 
-    with pytest.raises(InvalidInput, match="unknown stage 'unet2': choose from text_encoder, unet, vae_encoder, vae_decoder"):
+    with pytest.raises(InvalidInput, match="unknown stage 'unet2': choose from text_encoder, text_encoder_2, unet, vae_encoder, vae_decoder"):
         parse_stages(["unet", "unet2"])

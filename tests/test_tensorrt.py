@@ -388,7 +388,7 @@ def test_build_config_rejects_bad_values_by_name(tmp_path):
                           ({"device": -1}, "GPU index")):
         with pytest.raises(InvalidInput, match=words):
             BuildConfig(tmp_path, **kwargs).validate()
-    with pytest.raises(InvalidInput, match="unknown stage 'vae'.*text_encoder, unet, vae_encoder, vae_decoder"):
+    with pytest.raises(InvalidInput, match="unknown stage 'vae'.*text_encoder, text_encoder_2, unet, vae_encoder, vae_decoder"):
         parse_stages(["vae"])
 
 

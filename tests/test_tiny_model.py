@@ -123,7 +123,7 @@ def test_make_tiny_model_refuses_existing_folder_and_unknown_variant(tmp_path):
     with pytest.raises(AlreadyExists, match="mine"):
         make_tiny_model(tmp_path / "mine")
     with pytest.raises(InvalidInput, match="sd15, sd2"):
-        make_tiny_model(tmp_path / "x", variant="sdxl")
+        make_tiny_model(tmp_path / "x", variant="sd9")
 
 
 def test_model_index_lists_no_safety_checker(tiny_sd15):

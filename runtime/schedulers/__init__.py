@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any, Callable, Mapping, NamedTuple
 
+import numpy as np
+
 from sdrt.engines.errors import InvalidInput, InvalidType
 
 from . import names, spacing
@@ -318,7 +320,8 @@ def _check_strength(strength: Any, steps: int, limit: int) -> int:
 
 
 def make_sampler(name: str, scheduler_config: Mapping[str, Any], steps: int,
-                 strength: float | None = None, options: Mapping[str, Any] | None = None) -> Sampler:
+                 strength: float | None = None, options: Mapping[str, Any] | None = None,
+                 denoising_start: float | None = None) -> Sampler:
     """Build the sampler `name` for `steps` denoising steps from a checkpoint's
     scheduler config, with `options` on top as diffusers' `from_config(config, **options)`
     takes them. With `strength` in (0, 1] (image-to-image, inpainting) it covers
@@ -326,7 +329,9 @@ def make_sampler(name: str, scheduler_config: Mapping[str, Any], steps: int,
     `get_timesteps` + `set_begin_index` run them; None or 1.0 is the whole schedule.
     Raises InvalidInput / InvalidType naming the bad value; a step count whose schedule
     would repeat a noise level or leave the training timesteps is refused with the
-    nearest count that works."""
+    nearest count that works. `denoising_start` in (0, 1) (SDXL's refiner, taking over
+    from a base run with denoising_end) starts at the first timestep below
+    (1 - denoising_start) x the training timesteps, as diffusers' SDXL get_timesteps."""
     name = _check_name(name)
     _check_config(scheduler_config)
     options = check_options(name, options)
@@ -349,10 +354,52 @@ def make_sampler(name: str, scheduler_config: Mapping[str, Any], steps: int,
     problem = full.schedule_problem()
     if problem:
         raise InvalidInput(_degenerate(label, steps, limit, problem, build))
+    if denoising_start is not None:
+        begin = _denoising_start_index(full, scheduler_config, denoising_start, entry.order)
+        return full if begin == 0 else build(steps, begin)
     if t_start == 0:
         return full
     # diffusers skips t_start steps, i.e. t_start * order U-Net calls (get_timesteps).
     return build(steps, t_start * entry.order)
+
+
+def _cutoff(scheduler_config: Mapping[str, Any], fraction: float) -> int:
+    """diffusers' discrete_timestep_cutoff for denoising_start / denoising_end."""
+    train = scheduler_config.get("num_train_timesteps", MAX_STEPS)
+    return int(round(train - fraction * train))
+
+
+def _check_fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise InvalidType(f"{name} must be a number in (0, 1), got {value!r:.40} ({type(value).__name__})")
+    if not 0 < value < 1:
+        raise InvalidInput(f"{name} must be in (0, 1) (the fraction of the noise schedule), got {value!r}")
+    return float(value)
+
+
+def _denoising_start_index(full: Sampler, scheduler_config: Mapping[str, Any], denoising_start: Any,
+                           order: int) -> int:
+    """The call a refiner starts at (StableDiffusionXLImg2ImgPipeline.get_timesteps with
+    denoising_start): the calls whose timestep is below the cutoff are run, one more for a
+    second-order sampler whose count would be even."""
+    cutoff = _cutoff(scheduler_config, _check_fraction("denoising_start", denoising_start))
+    n = int((np.asarray(full.timesteps) < cutoff).sum())
+    if order == 2 and n % 2 == 0:
+        n += 1
+    if n == 0:
+        raise InvalidInput(f"denoising_start {denoising_start} leaves no denoising step of the {len(full.timesteps)}")
+    return len(full.timesteps) - n
+
+
+def denoising_end_calls(sampler: Sampler, scheduler_config: Mapping[str, Any], denoising_end: Any) -> int:
+    """How many of the sampler's calls run before `denoising_end` (SDXL base handing
+    over to a refiner): those whose timestep is at or above the cutoff, as
+    StableDiffusionXLPipeline filters them."""
+    cutoff = _cutoff(scheduler_config, _check_fraction("denoising_end", denoising_end))
+    n = int((np.asarray(sampler.timesteps) >= cutoff).sum())
+    if n == 0:
+        raise InvalidInput(f"denoising_end {denoising_end} leaves no denoising step before the hand-off")
+    return n
 
 
 def _degenerate(name: str, steps: int, limit: int, problem: str, build: Callable[[int], Sampler]) -> str:

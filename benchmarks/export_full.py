@@ -1,7 +1,7 @@
 """Export benchmark: the full-size SD 1.5 architecture (random weights from the
 published config), all three stages with verification, on CPU.
 
-    python benchmarks/export_full.py [--variant sd15-full|sd21-full] [--work DIR] [--no-verify]
+    python benchmarks/export_full.py [--variant sd15-full|sd21-full|sdxl-full] [--size PX] [--work DIR] [--no-verify]
 
 Prints the wall time of every export step and per stage, and the export process's
 peak resident memory (the checkpoint is written by a child process first, so its
@@ -74,7 +74,9 @@ def _cpu_seconds() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", default="sd15-full", choices=("sd15-full", "sd21-full", "sd15", "sd2"))
+    parser.add_argument("--variant", default="sd15-full",
+                        choices=("sd15-full", "sd21-full", "sdxl-full", "sd15", "sd2", "sdxl"))
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     parser.add_argument("--work", type=Path, help="folder for the checkpoint and artifacts (kept; default: a temp folder)")
     parser.add_argument("--no-verify", dest="verify", action="store_false")
     args = parser.parse_args()
@@ -100,7 +102,7 @@ def main() -> int:
     t0 = time.perf_counter()
     try:
         export_artifacts(ExportConfig(model_dir=model, out_dir=work / f"artifacts-{args.variant}",
-                                      verify=args.verify, force=True), progress)
+                                      height=args.size, width=args.size, verify=args.verify, force=True), progress)
     finally:
         progress.stop()
     total = time.perf_counter() - t0

@@ -13,7 +13,10 @@ Cases:
   builtin  the built-in SD 1.5 look-alike, 25 steps: runtime overhead dominates;
   full     the full-size SD 1.5 architecture (random weights) at 256x256, 20 steps;
   cold     new process to first image, both models; `import sdrt.runtime` time;
-  gpu      full size at 512x512, 50 steps, fp16 (needs a CUDA GPU; TensorRT if installed).
+  gpu      full size at 512x512, 50 steps, fp16 (needs a CUDA GPU; TensorRT if installed);
+  sdxl     the built-in tiny SDXL, 25 steps, against StableDiffusionXLPipeline;
+  sdxl-full  the full-size SDXL 1.0 architecture (random weights) at 512x512, 4 steps;
+  sdxl-turbo the tiny SDXL exported --no-cfg, 1 step at guidance 0 (SDXL-Turbo's recipe).
 
 Writes <out>/side_by_side.json (every figure, machine, versions, settings),
 <out>/side_by_side.md (tables) and <out>/side_by_side.png (per-stage breakdown).
@@ -49,7 +52,7 @@ from sdrt.engines.progress import Progress  # noqa: E402
 from sdrt.engines.specs import LATENT, Stage  # noqa: E402
 from sdrt.runtime.bench import DEFAULT_PROMPT, machine_info, package_versions  # noqa: E402
 
-CASES = ("builtin", "full", "cold", "gpu")
+CASES = ("builtin", "full", "cold", "gpu", "sdxl", "sdxl-full", "sdxl-turbo")
 OUTPUT_NAMES = ("side_by_side.json", "side_by_side.md", "side_by_side.png")
 
 
@@ -66,6 +69,8 @@ class Case:
     device: str = "cpu"
     precision: str = "fp32"
     backend: str = "onnxruntime"
+    cfg: bool = True                   # exported with CFG
+    guidance: float | None = None      # None: the suite's (7.5)
 
 
 def default_cases(runs: int | None, warmup: int | None, openvino_bf16: bool = False) -> dict[str, Case]:
@@ -77,6 +82,13 @@ def default_cases(runs: int | None, warmup: int | None, openvino_bf16: bool = Fa
         "gpu": Case("full-size SD 1.5 on the GPU, fp16", "sd15-full", 512, 512, 50, 5, 1,
                     ("sdrt", "diffusers"), device="cuda", precision="fp16",
                     backend="tensorrt" if _has("tensorrt") else "onnxruntime"),
+        # SDXL: OpenVINO here times sdrt's SD engines only (one text encoder), so it sits out.
+        "sdxl": Case("built-in tiny SDXL", "sdxl", None, None, 25, 20, 3, ("sdrt", "diffusers"), guidance=5.0),
+        # ~20 s per CFG U-Net step on 2 cores: few steps and runs keep the case near 10 minutes.
+        "sdxl-full": Case("full-size SDXL 1.0 architecture", "sdxl-full", 512, 512, 4, 2, 1, ("sdrt", "diffusers"),
+                          guidance=5.0),
+        "sdxl-turbo": Case("SDXL-Turbo-style: tiny SDXL, no CFG, 1 step", "sdxl", None, None, 1, 20, 3,
+                           ("sdrt", "diffusers"), cfg=False, guidance=0.0),
     }
     extra = ("openvino_bf16",) if openvino_bf16 else ()
     return {k: replace(c, runs=runs or c.runs, warmup=c.warmup if warmup is None else warmup,
@@ -109,14 +121,14 @@ def prepare(case: Case, work: Path, progress) -> tuple[Path, Path]:
         progress(f"making the {case.variant} checkpoint in {model}")
         make_tiny_model(model, variant=case.variant)
     size = f"{case.width}x{case.height}" if case.height else "native"
-    artifacts = work / "artifacts" / f"{case.variant}-{size}-{case.precision}"
+    artifacts = work / "artifacts" / f"{case.variant}-{size}-{case.precision}{'' if case.cfg else '-nocfg'}"
     if not (artifacts / "manifest.json").is_file():
         from sdrt.export.config import ExportConfig
         from sdrt.export.exporter import export_artifacts
         from sdrt.engines.specs import Precision
         progress(f"exporting {model} to {artifacts} (once; reused by later runs)")
         export_artifacts(ExportConfig(model_dir=model, out_dir=artifacts, height=case.height, width=case.width,
-                                      precision=Precision(case.precision), force=True))
+                                      precision=Precision(case.precision), cfg=case.cfg, force=True))
     return model, artifacts
 
 
@@ -162,6 +174,8 @@ def run_case(name: str, case: Case, work: Path, settings: dict[str, Any], progre
     # The same initial latents for everyone: standard normal, as both pipelines expect.
     latents_path = work / f"latents-{name}.npy"
     np.save(latents_path, np.random.default_rng(1234).standard_normal(shape).astype(np.float32))
+    if case.guidance is not None:
+        settings = dict(settings, guidance=case.guidance)
     common = dict(settings, steps=case.steps, artifacts=str(artifacts), model=str(model), latents=str(latents_path),
                   device=case.device, precision=case.precision, backend=case.backend)
     workers = {}
@@ -169,6 +183,7 @@ def run_case(name: str, case: Case, work: Path, settings: dict[str, Any], progre
                            "settings": {"steps": case.steps, "runs": case.runs, "warmup": case.warmup,
                                         "height": manifest.shape.height, "width": manifest.shape.width,
                                         "scheduler": settings["scheduler"], "device": case.device,
+                                        "guidance": settings["guidance"], "cfg": case.cfg,
                                         "precision": case.precision, "sdrt_backend": case.backend,
                                         "model": str(model), "artifacts": str(artifacts)}}
     try:
@@ -344,7 +359,8 @@ def _write(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "side_by_side.json", report)
     atomic_write_text(out / "side_by_side.md", rep.markdown(report))
-    if any("parts" in c or "cold_start" in c for c in report["cases"].values()):
+    # The chart needs matplotlib (the bench extra); without it the JSON and tables still come out.
+    if _has("matplotlib") and any("parts" in c or "cold_start" in c for c in report["cases"].values()):
         with atomic_path(out / "side_by_side.png") as tmp:
             rep.chart(report, str(tmp))
 

@@ -84,14 +84,17 @@ class DiffusersWorker:
     def load(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         import torch
-        from diffusers import StableDiffusionPipeline
         import diffusers
         t1 = time.perf_counter()
         torch.set_num_threads(self.s["threads"])
         device = self.s.get("device", "cpu")
         dtype = torch.float16 if self.s.get("precision") == "fp16" else torch.float32
-        pipe = StableDiffusionPipeline.from_pretrained(self.s["model"], torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        # The checkpoint's own pipeline class: StableDiffusionPipeline, StableDiffusionXLPipeline, ...
+        index = json.loads((Path(self.s["model"]) / "model_index.json").read_text())
+        cls = getattr(diffusers, index["_class_name"])
+        extra = (dict(add_watermarker=False) if "XL" in index["_class_name"] else
+                 dict(safety_checker=None, requires_safety_checker=False))
+        pipe = cls.from_pretrained(self.s["model"], torch_dtype=dtype, **extra)
         from sdrt.runtime.schedulers import diffusers_scheduler
         name, overrides = diffusers_scheduler(self.s["scheduler"], pipe.scheduler.config)
         pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config, **overrides)
@@ -117,8 +120,10 @@ class DiffusersWorker:
         def mark(name: str) -> Callable[..., None]:
             return lambda *a, **k: self.marks.setdefault(name, []).append(self._now())
 
-        pipe.text_encoder.register_forward_pre_hook(mark("te0"))
-        pipe.text_encoder.register_forward_hook(mark("te1"))
+        for encoder in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):   # SDXL has two
+            if encoder is not None:
+                encoder.register_forward_pre_hook(mark("te0"))
+                encoder.register_forward_hook(mark("te1"))
         pipe.unet.register_forward_pre_hook(mark("unet0"))
         pipe.unet.register_forward_hook(mark("unet1"))
         decode, progress_bar = pipe.vae.decode, pipe.progress_bar
@@ -148,13 +153,17 @@ class DiffusersWorker:
         for v in self.marks.values():
             v.clear()
         t0 = self._now()
+        # The size the latents stand for: SDXL conditions on it (its time ids default to
+        # (height, width), and height defaults to the native 1024 whatever the latents).
+        scale = self.pipe.vae_scale_factor
         out = self.pipe(s["prompt"], num_inference_steps=s["steps"], guidance_scale=s["guidance"],
-                        latents=latents, output_type="np", callback_on_step_end=on_step_end)
+                        latents=latents, output_type="np", callback_on_step_end=on_step_end,
+                        height=latents.shape[2] * scale, width=latents.shape[3] * scale)
         wall = self._now() - t0
         if save:
             np.save(save, np.asarray(out.images, dtype=np.float32))
         m = self.marks
-        text = sum(b - a for a, b in zip(m["te0"], m["te1"]))   # prompt and negative prompt: two calls
+        text = sum(b - a for a, b in zip(m["te0"], m["te1"]))   # prompt and negative prompt (each encoder)
         unet = [b - a for a, b in zip(m["unet0"], m["unet1"])]
         ends = m["step1"]
         steps = [b - a for a, b in zip([m["loop0"][0]] + ends[:-1], ends)]

@@ -14,9 +14,10 @@ from .errors import writing_into
 def register(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export", help="export a diffusers checkpoint to verified static-shape ONNX artifacts",
-        description="Export a Stable Diffusion 1.x/2.x checkpoint folder (diffusers layout, safetensors "
-                    "weights) to text_encoder.onnx, unet.onnx (+ unet.onnx.data), vae_decoder.onnx and "
-                    "vae_encoder.onnx with static shapes, copy the tokenizer and scheduler config, check "
+        description="Export a Stable Diffusion 1.x/2.x, SDXL (base or refiner), LCM or Turbo checkpoint folder "
+                    "(diffusers layout, safetensors weights) to text_encoder.onnx (SDXL: and "
+                    "text_encoder_2.onnx), unet.onnx (+ unet.onnx.data), vae_decoder.onnx and "
+                    "vae_encoder.onnx with static shapes, copy the tokenizer(s) and scheduler config, check "
                     "every graph in ONNX Runtime against torch, and write manifest.json last.")
     export.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="diffusers checkpoint folder")
     export.add_argument("--out", dest="out_dir", type=Path, required=True, metavar="DIR",

@@ -49,8 +49,10 @@ class Stage(str, enum.Enum):
 
     @property
     def data_file(self) -> str | None:
-        """External-data file name; the U-Net always has one so the >2 GB path is the normal path."""
-        return "unet.onnx.data" if self is Stage.UNET else None
+        """External-data file name, for the stages whose weights can pass protobuf's 2 GB
+        limit: the U-Net always has one, so the >2 GB path is the normal path, and so
+        does SDXL's second text encoder (OpenCLIP bigG: 2.8 GB in fp32)."""
+        return f"{self.value}.onnx.data" if self in (Stage.UNET, Stage.TEXT_ENCODER_2) else None
 
 
 class Precision(str, enum.Enum):

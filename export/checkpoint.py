@@ -191,7 +191,7 @@ def _refuse_unsupported_pipeline(folder: Path, model_index: dict[str, Any]) -> N
     cls = model_index.get("_class_name")
     if cls in KNOWN_UNSUPPORTED:
         raise InvalidInput(f"{folder}: {cls} checkpoint: {KNOWN_UNSUPPORTED[cls]}; sdrt exports Stable Diffusion "
-                           f"1.x/2.x checkpoints ({', '.join(SUPPORTED_PIPELINES[:3])})")
+                           f"1.x/2.x, SDXL and LCM checkpoints ({', '.join(SUPPORTED_PIPELINES[:3])})")
     if cls in SDXL_PIPELINES:
         return
     if "text_encoder_2" in model_index:
@@ -199,7 +199,7 @@ def _refuse_unsupported_pipeline(folder: Path, model_index: dict[str, Any]) -> N
                            f"is not an SDXL pipeline; sdrt does not know how to combine them")
     if cls not in SUPPORTED_PIPELINES:
         raise InvalidInput(f"{folder}: pipeline class {cls!r:.60} is not supported; sdrt exports Stable Diffusion "
-                           f"1.x/2.x checkpoints ({', '.join(SUPPORTED_PIPELINES[:3])})")
+                           f"1.x/2.x, SDXL and LCM checkpoints ({', '.join(SUPPORTED_PIPELINES[:3])})")
 
 
 # U-Net options that change its inputs beyond (sample, timestep, text), with what they mean.

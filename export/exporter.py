@@ -43,6 +43,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     facts = ckpt.facts()
     stages = _stages(facts, config)
     precisions = {s: config.stage_precision(s) for s in stages}
+    upcast = _vae_upcast(ckpt, config, precisions)
     native = facts.native_image_size
     shape = ShapeConfig(
         height=native if config.height is None else config.height,
@@ -56,6 +57,8 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
         # --force would replace the checkpoint's own tokenizer/ and scheduler/ folders.
         raise InvalidInput(f"--out {out_dir} is the model folder itself; choose a separate artifact folder")
     outdir.prepare(out_dir, config.force, progress)
+    if upcast:
+        progress.say(upcast)
     progress.say(f"exporting {ckpt.folder} ({facts.family}, {facts.prediction_type}) at "
                  f"{shape.width}x{shape.height}, batch {shape.batch}{' with CFG' if shape.cfg else ''} to {out_dir}")
 
@@ -122,6 +125,20 @@ def checkpoint_info(ckpt: Checkpoint, name: str | None = None) -> CheckpointInfo
     derived = model_name(ckpt.folder.resolve()) or "checkpoint"
     return CheckpointInfo(derived if name is None else check_model_name(name),
                           digest.hexdigest(), tuple(f"unet/{shard}" for shard in shards))
+
+
+def _vae_upcast(ckpt: Checkpoint, config: ExportConfig, precisions: dict[Stage, Precision]) -> str:
+    """A VAE whose config sets force_upcast (SDXL's overflows in fp16) stays fp32 in an
+    fp16 export unless --vae-precision fp16 is asked for, as diffusers upcasts it.
+    Returns the notice to print, or ''."""
+    vae_stages = [s for s in precisions if s in (Stage.VAE_ENCODER, Stage.VAE_DECODER)]
+    if (config.vae_precision is None and ckpt.configs["vae"].get("force_upcast")
+            and any(precisions[s] is Precision.FP16 for s in vae_stages)):
+        for s in vae_stages:
+            precisions[s] = Precision.FP32
+        return ("the VAE's config sets force_upcast (it overflows in fp16, as SDXL's does): its stages stay fp32, "
+                "as diffusers upcasts them; --vae-precision fp16 exports them in fp16 anyway (an fp16-safe VAE)")
+    return ""
 
 
 def _cfg(facts: ModelFacts, asked: bool | None) -> bool:

@@ -27,7 +27,7 @@ from sdrt.engines.files import fsync_tree, temp_folder
 from . import vocab
 from sdrt.engines.progress import Progress
 
-VARIANTS = ("sd15", "sd2", "sd15-inpaint", "lcm", "sdxl", "sdxl-refiner", "sd15-full", "sd21-full")
+VARIANTS = ("sd15", "sd2", "sd15-inpaint", "lcm", "sdxl", "sdxl-refiner", "sdxl-inpaint", "sd15-full", "sd21-full", "sdxl-full")
 MAX_SEED = 2**32 - 1
 
 _DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -103,6 +103,13 @@ def _vae(block_out: tuple[int, ...], groups: int, layers: int, sample_size: int,
     )
 
 
+def _clip(hidden: int, intermediate: int, layers: int, heads: int, act: str, projection: int) -> dict[str, Any]:
+    """A CLIP text encoder config with the real vocabulary and CLIP's 77 positions."""
+    return dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=77,
+                hidden_act=act, projection_dim=projection)
+
+
 def _variant(name: str) -> Variant:
     if name in ("sd15", "sd15-inpaint", "lcm"):
         # sd15-inpaint: runwayml/stable-diffusion-inpainting's layout, whose U-Net takes
@@ -135,7 +142,7 @@ def _variant(name: str) -> Variant:
                       num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
                       hidden_act="gelu", projection_dim=32),
             scheduler=_SD2_SCHEDULER, pad_token="!")
-    if name in ("sdxl", "sdxl-refiner"):
+    if name in ("sdxl", "sdxl-refiner", "sdxl-inpaint"):
         # stabilityai/stable-diffusion-xl-base-1.0's layout: two text encoders whose
         # penultimate hidden states are concatenated (cross_attention_dim = 32 + 48; the
         # widths differ so a swapped or missing encoder cannot go unnoticed), the second
@@ -152,10 +159,12 @@ def _variant(name: str) -> Variant:
         # conditioned on its 48 wide states and five time ids (original size, crop
         # top-left, aesthetic score), StableDiffusionXLImg2ImgPipeline with
         # requires_aesthetics_score.
+        # sdxl-inpaint: diffusers/stable-diffusion-xl-1.0-inpainting-0.1's layout, a
+        # 9-channel U-Net (latents, mask, masked-image latents).
         time_dim, pooled_dim = 8, 40
-        refiner = name == "sdxl-refiner"
+        refiner, inpaint = name == "sdxl-refiner", name == "sdxl-inpaint"
         return Variant(
-            unet=dict(sample_size=16, in_channels=4, out_channels=4, down_block_types=_XL_DOWN,
+            unet=dict(sample_size=16, in_channels=9 if inpaint else 4, out_channels=4, down_block_types=_XL_DOWN,
                       up_block_types=_XL_UP, block_out_channels=(16, 32, 32), layers_per_block=1 if refiner else 2,
                       transformer_layers_per_block=(1, 1, 2), norm_num_groups=8,
                       cross_attention_dim=48 if refiner else 32 + 48,
@@ -164,15 +173,28 @@ def _variant(name: str) -> Variant:
                       projection_class_embeddings_input_dim=(5 if refiner else 6) * time_dim + pooled_dim),
             vae=_vae((8, 16, 16, 16), groups=4, layers=1, sample_size=128, scaling_factor=0.13025,
                      force_upcast=True),
-            text=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=77,
-                      hidden_act="quick_gelu", projection_dim=32),
-            text_2=dict(vocab_size=vocab.VOCAB_SIZE, hidden_size=48, intermediate_size=96,
-                        num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=77,
-                        hidden_act="gelu", projection_dim=pooled_dim),
+            text=_clip(32, 64, layers=3, heads=4, act="quick_gelu", projection=32),
+            text_2=_clip(48, 96, layers=4, heads=4, act="gelu", projection=pooled_dim),
             scheduler=_SDXL_SCHEDULER, scheduler_extra=_SDXL_SCHEDULER_EXTRA,
             pad_token=vocab.EOS, pad_token_2="!", refiner=refiner,
-            pipeline="StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline")
+            pipeline="StableDiffusionXLImg2ImgPipeline" if refiner else
+            "StableDiffusionXLInpaintPipeline" if inpaint else "StableDiffusionXLPipeline")
+    if name == "sdxl-full":
+        # stabilityai/stable-diffusion-xl-base-1.0: unet/vae/text_encoder/text_encoder_2
+        # config.json values (2.6 B U-Net parameters, 10.3 GB in fp32).
+        return Variant(
+            unet=dict(sample_size=128, in_channels=4, out_channels=4, down_block_types=_XL_DOWN,
+                      up_block_types=_XL_UP, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                      transformer_layers_per_block=(1, 2, 10), norm_num_groups=32, cross_attention_dim=2048,
+                      attention_head_dim=(5, 10, 20), use_linear_projection=True,
+                      addition_embed_type="text_time", addition_time_embed_dim=256,
+                      projection_class_embeddings_input_dim=2816),
+            vae=_vae((128, 256, 512, 512), groups=32, layers=2, sample_size=1024, scaling_factor=0.13025,
+                     force_upcast=True),
+            text=_clip(768, 3072, layers=12, heads=12, act="quick_gelu", projection=768),    # CLIP ViT-L
+            text_2=_clip(1280, 5120, layers=32, heads=20, act="gelu", projection=1280),     # OpenCLIP bigG
+            scheduler=_SDXL_SCHEDULER, scheduler_extra=_SDXL_SCHEDULER_EXTRA,
+            pad_token=vocab.EOS, pad_token_2="!", pipeline="StableDiffusionXLPipeline")
     if name == "sd15-full":
         # runwayml/stable-diffusion-v1-5: unet/vae/text_encoder config.json values.
         return Variant(

@@ -117,11 +117,18 @@ class Artifact:
         U-Net, else sdrt's 25."""
         return LCM_DEFAULT_STEPS if self.manifest.facts.guidance_embedding else DEFAULT_STEPS
 
+    def guidance_default(self, task: Task) -> float:
+        """`default_guidance` for `task`: StableDiffusionXLInpaintPipeline's is 7.5."""
+        if task.masked and self.manifest.facts.added_conditions and self.manifest.shape.cfg:
+            return DEFAULT_GUIDANCE
+        return self.default_guidance
+
     @property
     def default_guidance(self) -> float:
         """Guidance when none is asked for: LatentConsistencyModelPipeline's 8.5 for an
         LCM U-Net (the embedded scale), 1.0 (no guidance) for a --no-cfg artifact,
-        StableDiffusionXLPipeline's 5.0 for SDXL, else 7.5."""
+        StableDiffusionXLPipeline's 5.0 for SDXL (its inpainting 7.5, see guidance_default),
+        else 7.5."""
         if self.manifest.facts.guidance_embedding:
             return LCM_DEFAULT_GUIDANCE
         if not self.manifest.shape.cfg:
@@ -167,7 +174,7 @@ class Artifact:
                 scheduler_options = {**default.options, **(scheduler_options or {})}
         config = GenerationConfig.create(
             prompt, negative_prompt, self.default_steps if steps is None else steps,
-            self.default_guidance if guidance is None else guidance, scheduler, seed,
+            self.guidance_default(task) if guidance is None else guidance, scheduler, seed,
             batch=self.batch, task=task, strength=strength, generator=generator,
             scheduler_options=scheduler_options, prompt_weighting=prompt_weighting, clip_skip=clip_skip,
             max_clip_skip=self.manifest.facts.max_clip_skip if self.manifest.facts.clip_skip_input else None,

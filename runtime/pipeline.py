@@ -339,19 +339,8 @@ class Pipeline:
         force_zeros_for_empty_prompt an absent negative prompt (None, not "") is all zeros.
         """
         facts, shape = self.manifest.facts, self.manifest.shape
-        cfg_graph = shape.cfg   # the engines run the guided batch
-        negatives = config.negative_prompts if cfg_graph else ()
-        encoders = []
-        if self.manifest.has(Stage.TEXT_ENCODER):
-            encoders.append((Stage.TEXT_ENCODER, self.tokenizer, negatives + config.prompts))
-        elif self.manifest.has(Stage.TEXT_ENCODER_2):
-            # The refiner's only encoder reads the prompt (diffusers zips [prompt, prompt_2]
-            # with its one tokenizer).
-            encoders.append((Stage.TEXT_ENCODER_2, self.tokenizer, negatives + config.prompts))
-        if self.manifest.has(Stage.TEXT_ENCODER) and self.manifest.has(Stage.TEXT_ENCODER_2):
-            second_negatives = config.second_negative_prompts if cfg_graph else ()
-            encoders.append((Stage.TEXT_ENCODER_2, self.artifact.tokenizer_2,
-                             second_negatives + config.second_prompts))
+        negatives = config.negative_prompts if shape.cfg else ()   # the engines run the guided batch
+        encoders = self._encoders(config)
         limit = shape.prompt_chunks
         chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit)
                    for _, tok, texts in encoders]
@@ -389,17 +378,8 @@ class Pipeline:
             if pooled is not None:
                 pooled = pooled.copy()
                 pooled[:n_neg] = 0
-        time_ids = None
-        if facts.added_conditions:
-            size = (self.height, self.width)
-            head = [*(config.original_size or size), *(config.crops_coords_top_left or (0, 0))]
-            if facts.aesthetic_score:   # the refiner: aesthetic scores instead of the target size
-                rows = [head + [config.negative_aesthetic_score]] * n_neg + [head + [config.aesthetic_score]] * (
-                    z.shape[0] - n_neg)
-            else:
-                rows = [head + [*(config.target_size or size)]] * z.shape[0]
-            time_ids = np.array(rows, dtype=np.float32)
-            pooled = _f32(pooled)
+        time_ids = self._time_ids(config, n_neg, z.shape[0]) if facts.added_conditions else None
+        pooled = None if pooled is None else _f32(pooled)
         mask = None
         if limit > 1:
             context = np.zeros((z.shape[0], limit * self.tokenizer.max_length, z.shape[2]), dtype=np.float32)
@@ -408,6 +388,32 @@ class Pipeline:
             mask[:, :z.shape[1]] = 1.0
             z = context
         return Conditioning(_f32(z), mask, pooled, time_ids), text_time
+
+    def _encoders(self, config: GenerationConfig) -> list[tuple[Stage, Any, tuple[str, ...]]]:
+        """(stage, tokenizer, the texts it encodes: negatives first) per text encoder."""
+        negatives = config.negative_prompts if self.manifest.shape.cfg else ()
+        if not self.manifest.has(Stage.TEXT_ENCODER):
+            # The SDXL refiner's only encoder reads the prompt (diffusers zips
+            # [prompt, prompt_2] with its one tokenizer).
+            return [(Stage.TEXT_ENCODER_2, self.tokenizer, negatives + config.prompts)]
+        encoders = [(Stage.TEXT_ENCODER, self.tokenizer, negatives + config.prompts)]
+        if self.manifest.has(Stage.TEXT_ENCODER_2):   # SDXL base: prompt_2, else the prompt
+            second_negatives = config.second_negative_prompts if self.manifest.shape.cfg else ()
+            encoders.append((Stage.TEXT_ENCODER_2, self.artifact.tokenizer_2,
+                             second_negatives + config.second_prompts))
+        return encoders
+
+    def _time_ids(self, config: GenerationConfig, n_negative: int, rows: int) -> np.ndarray:
+        """SDXL's time ids per row: original size, crop top-left, then the target size
+        (base) or the aesthetic score, negative rows first (refiner)."""
+        size = (self.height, self.width)
+        head = [*(config.original_size or size), *(config.crops_coords_top_left or (0, 0))]
+        if self.manifest.facts.aesthetic_score:
+            table = ([head + [config.negative_aesthetic_score]] * n_negative
+                     + [head + [config.aesthetic_score]] * (rows - n_negative))
+        else:
+            table = [head + [*(config.target_size or size)]] * rows
+        return np.array(table, dtype=np.float32)
 
     def prepare_latents(self, request: Request, rng: Any) -> tuple[_Latents, float]:
         """The initial latents (diffusers' prepare_latents, and prepare_mask_latents for

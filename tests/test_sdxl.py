@@ -17,9 +17,11 @@ What the oracle does that sdrt must follow (diffusers' pipeline_stable_diffusion
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from sdrt.runtime import Pipeline
 from sdrt.runtime.schedulers import diffusers_scheduler
@@ -214,3 +216,121 @@ def test_non_square_export_matches_diffusers(oracle, sdxl_wide, scheduler):
     assert _max_diff(_ours(sdxl_wide, **kw), _want(oracle, sdxl_wide, **kw)) <= TOL
     kw = dict(scheduler=scheduler, seed=17, original_size=(256, 512), crops_coords_top_left=(0, 64))
     assert _max_diff(_ours(sdxl_wide, **kw), _want(oracle, sdxl_wide, **kw)) <= TOL
+
+
+# -- image-to-image and inpainting -------------------------------------------------------------
+
+def _picture(height, width):
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x / width, y / height, 0.5 + 0.5 * np.sin(x / 7.0 + y / 5.0)], axis=-1)
+    return Image.fromarray((rgb * 255).round().astype(np.uint8))
+
+
+def _box(height, width):
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle([width // 4, height // 3, 3 * width // 4, 2 * height // 3], fill=255)
+    return mask
+
+
+def _image_pipe(oracle, cls_name, scheduler):
+    import diffusers
+    pipe = getattr(diffusers, cls_name)(**oracle.pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler is None:   # the checkpoint's own (the oracle may hold another from an earlier test)
+        pipe.scheduler = oracle.own.from_config(oracle.config)
+    else:
+        cls, over = diffusers_scheduler(scheduler, oracle.config)
+        pipe.scheduler = getattr(diffusers, cls).from_config(oracle.config, **over)
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler,strength", [(None, None), (None, 0.7), ("euler_a", 0.6), ("dpmpp_2m", 0.9)])
+def test_sdxl_image_to_image_matches_diffusers(oracle, sdxl, scheduler, strength):
+    import torch
+    image = _picture(sdxl.height, sdxl.width)
+    pipe = _image_pipe(oracle, "StableDiffusionXLImg2ImgPipeline", scheduler)
+    kw = {} if strength is None else {"strength": strength}   # None: diffusers' default, 0.3
+    with torch.no_grad():
+        expected = pipe(PROMPT, negative_prompt="blurry", image=image, num_inference_steps=6, guidance_scale=5.0,
+                        output_type="np", generator=torch.Generator("cpu").manual_seed(8), **kw).images
+    got = sdxl(PROMPT, negative_prompt="blurry", image=image, steps=6, scheduler=scheduler, seed=8, **kw)
+    assert got.config.strength == (0.3 if strength is None else strength) and got.config.guidance == 5.0
+    assert _max_diff(got.pixels, expected) <= TOL
+
+
+@pytest.mark.parametrize("scheduler,strength", [(None, None), (None, 1.0), ("euler_a", 0.75)])
+def test_sdxl_inpainting_matches_diffusers(oracle, sdxl, scheduler, strength):
+    import torch
+    h, w = sdxl.height, sdxl.width
+    image, mask = _picture(h, w), _box(h, w)
+    pipe = _image_pipe(oracle, "StableDiffusionXLInpaintPipeline", scheduler)
+    kw = {} if strength is None else {"strength": strength}   # None: diffusers' default, 0.9999
+    with torch.no_grad():
+        expected = pipe(PROMPT, image=image, mask_image=mask, height=h, width=w, num_inference_steps=6,
+                        output_type="np", generator=torch.Generator("cpu").manual_seed(9), **kw).images
+    got = sdxl(PROMPT, image=image, mask_image=mask, steps=6, scheduler=scheduler, seed=9, **kw)
+    # diffusers' StableDiffusionXLInpaintPipeline defaults: strength 0.9999, guidance 7.5 (not 5.0)
+    assert got.config.strength == (0.9999 if strength is None else strength) and got.config.guidance == 7.5
+    assert _max_diff(got.pixels, expected) <= TOL
+
+
+def test_fp16_export_keeps_a_force_upcast_vae_in_fp32(tiny_sdxl, export_into, tmp_path):
+    from sdrt.engines.specs import Precision, Stage
+    folder = export_into(tiny_sdxl, tmp_path / "fp16", precision=Precision.FP16, verify=False)
+    manifest = Pipeline.load(folder).manifest
+    assert manifest.precisions[Stage.UNET] is Precision.FP16
+    assert manifest.precisions[Stage.VAE_DECODER] is Precision.FP32 is manifest.precisions[Stage.VAE_ENCODER]
+
+
+@pytest.mark.parametrize("strength", [None, 1.0, 0.6])
+def test_sdxl_inpainting_checkpoint_9_channels_matches_diffusers(tmp_path_factory, export_into, strength):
+    import diffusers
+    import torch
+    from sdrt.export.tiny import make_tiny_model
+    root = tmp_path_factory.getbasetemp() / "sdxl-inpaint"
+    if not (root / "art" / "manifest.json").is_file():
+        make_tiny_model(root / "model", variant="sdxl-inpaint", force=True)
+        export_into(root / "model", root / "art", force=True)
+    pipe = Pipeline.load(root / "art")
+    assert pipe.manifest.facts.inpainting and pipe.manifest.facts.family == "sdxl"
+    h, w = pipe.height, pipe.width
+    image, mask = _picture(h, w), _box(h, w)
+    oracle = diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(root / "model")
+    oracle.set_progress_bar_config(disable=True)
+    kw = {} if strength is None else {"strength": strength}
+    with torch.no_grad():
+        expected = oracle(PROMPT, negative_prompt="blurry", image=image, mask_image=mask, height=h, width=w,
+                          num_inference_steps=5, output_type="np", generator=torch.Generator("cpu").manual_seed(2),
+                          **kw).images
+    got = pipe(PROMPT, negative_prompt="blurry", image=image, mask_image=mask, steps=5, seed=2, **kw)
+    assert _max_diff(got.pixels, expected) <= TOL
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_sdxl_turbo_style_no_cfg_trailing_euler_a_matches_diffusers(tiny_sdxl, export_into, tmp_path_factory, steps):
+    """SDXL-Turbo as its model card runs it: no CFG (guidance_scale=0.0), 1 to 4 steps,
+    EulerAncestralDiscreteScheduler with trailing spacing (its scheduler_config)."""
+    import diffusers
+    import torch
+    root = tmp_path_factory.getbasetemp() / "sdxl-turbo"
+    if not (root / "art" / "manifest.json").is_file():
+        root.mkdir(exist_ok=True)
+        model = root / "model"
+        shutil.copytree(tiny_sdxl, model)
+        config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+        config.update(_class_name="EulerAncestralDiscreteScheduler", timestep_spacing="trailing")
+        (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+        index = json.loads((model / "model_index.json").read_text())
+        index["scheduler"] = ["diffusers", "EulerAncestralDiscreteScheduler"]
+        (model / "model_index.json").write_text(json.dumps(index))
+        export_into(model, root / "art", cfg=False)
+    pipe = Pipeline.load(root / "art")
+    oracle = diffusers.StableDiffusionXLPipeline.from_pretrained(root / "model", add_watermarker=False)
+    oracle.set_progress_bar_config(disable=True)
+    assert type(oracle.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    with torch.no_grad():
+        expected = oracle(PROMPT, num_inference_steps=steps, guidance_scale=0.0, output_type="np",
+                          generator=torch.Generator("cpu").manual_seed(6)).images
+    got = pipe(PROMPT, steps=steps, seed=6)   # the no-CFG artifact's default guidance
+    assert got.config.scheduler == "euler_a" and got.config.guidance == 1.0
+    assert _max_diff(got.pixels, expected) <= TOL

@@ -227,13 +227,7 @@ MAX_CONDITION_SIDE = 65536   # SDXL size conditions: pixels, far past any traine
 
 
 def _fraction(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidType(f"{name} must be a number in (0, 1), got {type(value).__name__} {_short(value)}")
-    if not 0.0 < float(value) < 1.0:   # NaN fails this too
-        raise InvalidInput(f"{name} must be in (0, 1) (the fraction of the noise schedule), got {_short(value)}")
-    return float(value)
+    return None if value is None else schedulers.check_fraction(name, value)
 
 
 def _score(name: str, value: Any) -> float:

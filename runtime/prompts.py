@@ -231,15 +231,6 @@ def truncate_chunks(chunks: Sequence[Chunk], max_chunks: int) -> tuple[list[Chun
     return list(chunks[:max_chunks]), sum(c.length for c in chunks[max_chunks:])
 
 
-def stack_chunks(chunks: Sequence[Chunk]) -> tuple[np.ndarray, np.ndarray]:
-    """Ids (n, max_length) int64 and weights (n, max_length) float32 of n chunks: the
-    text encoder's batch, and the weights' rows, which joined end to end
-    (`weights.reshape(1, -1)`) go with the encoder's outputs joined the same way."""
-    if not chunks:
-        raise InvalidInput("no chunks to stack; tokenize_chunks gives at least one")
-    return np.stack([c.ids for c in chunks]), np.stack([c.weights for c in chunks])
-
-
 def apply_emphasis(z: np.ndarray, weights: np.ndarray, chunk_length: int = DEFAULT_MAX_LENGTH) -> np.ndarray:
     """The web UI's "Original" emphasis (sd_emphasis.py `EmphasisOriginal`).
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from sdrt.engines.errors import InvalidInput, InvalidType
 from sdrt.runtime.prompts import (Chunk, apply_emphasis, chunk_prompts, empty_chunk, pad_chunks,
-                                  parse_prompt_attention, stack_chunks, tokenize_chunks, truncate_chunks,
+                                  parse_prompt_attention, tokenize_chunks, truncate_chunks,
                                   truncation_message)
 from sdrt.runtime.tokenizer import Tokenizer
 
@@ -306,10 +306,15 @@ def text_encoder(family):
 
 def _encode(model, chunks: list[Chunk]) -> np.ndarray:
     """The text encoder's last hidden state of each chunk, joined along the tokens: (1, 77 n, dim)."""
-    ids, _ = stack_chunks(chunks)
+    ids = np.stack([c.ids for c in chunks])
     with torch.no_grad():
         z = model(input_ids=torch.from_numpy(ids)).last_hidden_state
     return z.reshape(1, -1, z.shape[-1]).numpy()
+
+
+def _weights(chunks: list[Chunk]) -> np.ndarray:
+    """The chunks' weights joined end to end, as their encodings are: (77 n,)."""
+    return np.concatenate([c.weights for c in chunks])
 
 
 def _web_ui_conditioning(model, chunks: list[Chunk]) -> torch.Tensor:
@@ -334,7 +339,7 @@ def test_emphasis_matches_the_web_ui_rule_in_torch(tok, text_encoder):
     pos, neg = pad_chunks(tok, [tokenize_chunks(tok, prompt), tokenize_chunks(tok, negative)])
     assert len(pos) == 2
     z = np.concatenate([_encode(text_encoder, pos), _encode(text_encoder, neg)])
-    weights = np.stack([stack_chunks(c)[1].reshape(-1) for c in (pos, neg)])
+    weights = np.stack([_weights(c) for c in (pos, neg)])
     out = apply_emphasis(z, weights)
     # The web UI encodes the negative prompt in its own call, then pads it with the
     # encoded empty prompt (sd_samplers_cfg_denoiser.py pad_cond).
@@ -350,8 +355,7 @@ def test_emphasis_matches_the_web_ui_rule_in_torch(tok, text_encoder):
 def test_unit_weights_leave_z_bit_for_bit(tok, text_encoder):
     chunks = tokenize_chunks(tok, "a red fox in the snow, " * 5)
     z = _encode(text_encoder, chunks)
-    _, weights = stack_chunks(chunks)
-    assert apply_emphasis(z, weights.reshape(1, -1)) is z
+    assert apply_emphasis(z, _weights(chunks)[None]) is z
     # And the web UI's own rule is exact there too: multiplying by 1 and by mean / mean.
     np.testing.assert_array_equal(_web_ui_conditioning(text_encoder, chunks).numpy(), z)
 
@@ -359,7 +363,7 @@ def test_unit_weights_leave_z_bit_for_bit(tok, text_encoder):
 def test_unweighted_chunk_is_untouched_when_another_is_weighted(tok, text_encoder):
     chunks = tokenize_chunks(tok, "a red fox BREAK (snow:1.5)")
     z = _encode(text_encoder, chunks)
-    out = apply_emphasis(z, stack_chunks(chunks)[1].reshape(1, -1))
+    out = apply_emphasis(z, _weights(chunks)[None])
     np.testing.assert_array_equal(out[:, :77], z[:, :77])
     assert not np.array_equal(out[:, 77:], z[:, 77:])
     # Each weighted chunk keeps its own mean.

@@ -369,7 +369,8 @@ def _cutoff(scheduler_config: Mapping[str, Any], fraction: float) -> int:
     return int(round(train - fraction * train))
 
 
-def _check_fraction(name: str, value: Any) -> float:
+def check_fraction(name: str, value: Any) -> float:
+    """denoising_start / denoising_end: a number in (0, 1), the fraction of the noise schedule."""
     if isinstance(value, bool) or not isinstance(value, Real):
         raise InvalidType(f"{name} must be a number in (0, 1), got {value!r:.40} ({type(value).__name__})")
     if not 0 < value < 1:
@@ -382,7 +383,7 @@ def _denoising_start_index(full: Sampler, scheduler_config: Mapping[str, Any], d
     """The call a refiner starts at (StableDiffusionXLImg2ImgPipeline.get_timesteps with
     denoising_start): the calls whose timestep is below the cutoff are run, one more for a
     second-order sampler whose count would be even."""
-    cutoff = _cutoff(scheduler_config, _check_fraction("denoising_start", denoising_start))
+    cutoff = _cutoff(scheduler_config, check_fraction("denoising_start", denoising_start))
     n = int((np.asarray(full.timesteps) < cutoff).sum())
     if order == 2 and n % 2 == 0:
         n += 1
@@ -395,7 +396,7 @@ def denoising_end_calls(sampler: Sampler, scheduler_config: Mapping[str, Any], d
     """How many of the sampler's calls run before `denoising_end` (SDXL base handing
     over to a refiner): those whose timestep is at or above the cutoff, as
     StableDiffusionXLPipeline filters them."""
-    cutoff = _cutoff(scheduler_config, _check_fraction("denoising_end", denoising_end))
+    cutoff = _cutoff(scheduler_config, check_fraction("denoising_end", denoising_end))
     n = int((np.asarray(sampler.timesteps) >= cutoff).sum())
     if n == 0:
         raise InvalidInput(f"denoising_end {denoising_end} leaves no denoising step before the hand-off")

@@ -33,6 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="prompt length the U-Net takes, in chunks of 75 tokens (default 1: 75 tokens, "
                              "as CLIP); longer prompts are cut at K chunks with a warning. Prompts of fewer "
                              "chunks give the same images as on a K=1 artifact")
+    export.add_argument("--deepcache", action="store_true",
+                        help="also export DeepCache's shallow U-Net (a few percent of the U-Net's weights), so "
+                             "`generate --deepcache N` can run the full U-Net only every N steps; the full U-Net "
+                             "then also returns the feature the shallow one reuses")
     export.add_argument("--precision", default="fp32", choices=[p.value for p in Precision],
                         help="precision of the graphs (default: fp32); inputs and outputs stay float32")
     export.add_argument("--vae-precision", choices=[p.value for p in Precision],
@@ -60,7 +64,8 @@ def run_export(args: argparse.Namespace) -> int:
 
     config = ExportConfig(
         model_dir=args.model_dir, out_dir=args.out_dir, height=args.height, width=args.width,
-        batch=args.batch, cfg=args.cfg, prompt_chunks=args.prompt_chunks, precision=Precision(args.precision),
+        batch=args.batch, cfg=args.cfg, prompt_chunks=args.prompt_chunks, deepcache=args.deepcache,
+        precision=Precision(args.precision),
         vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
         vae_encoder=args.vae_encoder, verify=args.verify, force=args.force, allow_pickle=args.allow_pickle,
         model_name=args.model_name,

@@ -42,18 +42,20 @@ class Family:
 # The SD 1.x / 2.x layout: one CLIP text encoder, a U-Net, and the VAE. The VAE
 # encoder serves image-to-image and inpainting only, so a text-to-image deployment
 # may leave it out (`sdrt export --no-vae-encoder`).
-_SD_STAGES = (Stage.TEXT_ENCODER, Stage.UNET, Stage.VAE_ENCODER, Stage.VAE_DECODER)
-_SD_OPTIONAL = frozenset({Stage.VAE_ENCODER})
+# DeepCache's shallow U-Net is in an artifact exported with --deepcache only.
+_SD_STAGES = (Stage.TEXT_ENCODER, Stage.UNET, Stage.UNET_SHALLOW, Stage.VAE_ENCODER, Stage.VAE_DECODER)
+_SD_OPTIONAL = frozenset({Stage.UNET_SHALLOW, Stage.VAE_ENCODER})
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd1", "Stable Diffusion 1.x", _SD_STAGES, _SD_OPTIONAL),
     Family("sd2", "Stable Diffusion 2.x", _SD_STAGES, _SD_OPTIONAL),
     # SDXL base: two text encoders (CLIP ViT-L and OpenCLIP bigG) side by side.
-    Family("sdxl", "Stable Diffusion XL", (Stage.TEXT_ENCODER, Stage.TEXT_ENCODER_2, Stage.UNET, Stage.VAE_ENCODER,
-                                           Stage.VAE_DECODER), _SD_OPTIONAL),
+    Family("sdxl", "Stable Diffusion XL", (Stage.TEXT_ENCODER, Stage.TEXT_ENCODER_2, Stage.UNET, Stage.UNET_SHALLOW,
+                                           Stage.VAE_ENCODER, Stage.VAE_DECODER), _SD_OPTIONAL),
     # The SDXL refiner: the second text encoder only; image-to-image (the base's latents).
     Family("sdxl-refiner", "Stable Diffusion XL refiner",
-           (Stage.TEXT_ENCODER_2, Stage.UNET, Stage.VAE_ENCODER, Stage.VAE_DECODER), frozenset()),
+           (Stage.TEXT_ENCODER_2, Stage.UNET, Stage.UNET_SHALLOW, Stage.VAE_ENCODER, Stage.VAE_DECODER),
+           frozenset({Stage.UNET_SHALLOW})),
 )}
 
 

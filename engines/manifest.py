@@ -215,6 +215,9 @@ class Manifest:
                 raise ArtifactError(f"{where}: family {data.get('family')!r:.40} differs from the model's "
                                     f"{facts.family!r:.40}")
             manifest.family.check_stages(manifest.stages, where)
+            if shape.deepcache != (Stage.UNET_SHALLOW in manifest.stages):
+                raise ArtifactError(f"{where}: shape deepcache is {shape.deepcache} but the stages "
+                                    f"{'lack' if shape.deepcache else 'include'} {Stage.UNET_SHALLOW.value}")
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:

@@ -17,7 +17,7 @@ are interchangeable.
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
@@ -40,6 +40,9 @@ class Stage(str, enum.Enum):
     TEXT_ENCODER = "text_encoder"
     TEXT_ENCODER_2 = "text_encoder_2"   # SDXL's second (OpenCLIP bigG) text encoder
     UNET = "unet"
+    # DeepCache's shallow U-Net: the full U-Net's outer layers only, fed the deep
+    # feature a full call returned (see unet_shallow_spec).
+    UNET_SHALLOW = "unet_shallow"
     VAE_ENCODER = "vae_encoder"
     VAE_DECODER = "vae_decoder"
 
@@ -105,6 +108,9 @@ class ModelFacts:
     # SDXL refiner: its time ids end with an aesthetic score instead of the target size
     # (diffusers' requires_aesthetics_score), 5 values instead of 6.
     aesthetic_score: bool = False
+    # unet.block_out_channels[0]: the width of DeepCache's cached feature. 0 = an
+    # artifact exported before the field (it has no shallow U-Net either).
+    unet_block_channels: int = 0
 
     @property
     def context_size(self) -> int:
@@ -168,7 +174,8 @@ class ModelFacts:
     def from_json(cls, data: Mapping[str, Any]) -> "ModelFacts":
         names = {f.name for f in fields(cls)}
         optional = {"family", "unet_in_channels", "text_num_layers", "time_cond_proj_dim", "text_2_hidden_size",
-                    "pooled_size", "text_2_num_layers", "force_zeros_for_empty_prompt", "aesthetic_score"}
+                    "pooled_size", "text_2_num_layers", "force_zeros_for_empty_prompt", "aesthetic_score",
+                    "unet_block_channels"}
         missing = names - set(data) - optional
         if missing:
             raise InvalidInput(f"model facts lack {sorted(missing)}")
@@ -180,7 +187,7 @@ class ModelFacts:
         for f in fields(self):
             value = getattr(self, f.name)
             least = 0 if f.name in ("text_num_layers", "time_cond_proj_dim", "text_2_hidden_size", "pooled_size",
-                                    "text_2_num_layers") else 1
+                                    "text_2_num_layers", "unet_block_channels") else 1
             if f.name == "text_hidden_size" and self.family == "sdxl-refiner":
                 least = 0   # the refiner has only the second text encoder
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < least):
@@ -216,6 +223,9 @@ class ShapeConfig:
     # The U-Net's context is prompt_chunks x 77 tokens. Above 1 it also takes
     # `encoder_attention_mask`, so a prompt of fewer chunks attends to its own tokens only.
     prompt_chunks: int = 1
+    # DeepCache: the U-Net also returns the deep feature its shallow graph reuses, and the
+    # artifact has the shallow graph (Stage.UNET_SHALLOW).
+    deepcache: bool = False
 
     def validate(self, facts: ModelFacts) -> "ShapeConfig":
         m = facts.image_size_multiple
@@ -233,6 +243,10 @@ class ShapeConfig:
         if isinstance(chunks, bool) or not isinstance(chunks, int) or not 1 <= chunks <= MAX_PROMPT_CHUNKS:
             raise InvalidInput(f"max prompt chunks must be an integer from 1 to {MAX_PROMPT_CHUNKS} "
                                f"(75 prompt tokens each), got {chunks!r}")
+        if not isinstance(self.deepcache, bool):
+            raise InvalidInput(f"deepcache must be True or False, got {self.deepcache!r}")
+        if self.deepcache and not facts.unet_block_channels:
+            raise InvalidInput("deepcache needs the U-Net's block_out_channels (model fact unet_block_channels)")
         return self
 
     @property
@@ -246,7 +260,8 @@ class ShapeConfig:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "ShapeConfig":
         return cls(height=int(data["height"]), width=int(data["width"]),
-                   batch=int(data["batch"]), cfg=bool(data["cfg"]), prompt_chunks=int(data.get("prompt_chunks", 1)))
+                   batch=int(data["batch"]), cfg=bool(data["cfg"]), prompt_chunks=int(data.get("prompt_chunks", 1)),
+                   deepcache=data.get("deepcache", False) is True)
 
 
 @dataclass(frozen=True)
@@ -319,6 +334,7 @@ ENCODER_ATTENTION_MASK = "encoder_attention_mask"
 TIMESTEP_COND = "timestep_cond"
 TEXT_EMBEDS = "text_embeds"   # SDXL: text_encoder_2's pooled projection, an added U-Net input
 TIME_IDS = "time_ids"         # SDXL: original size, crop top-left, target size, per batch item
+DEEPCACHE_FEATURE = "deepcache_feature"   # the full U-Net's deep feature, the shallow one's input
 SDXL_TIME_IDS = 6
 
 # Images the VAE encoder takes per call. image-to-image and inpainting take one input
@@ -377,7 +393,25 @@ def unet_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
                          *cond,
                          *added,
                      ),
-                     outputs=(TensorSpec(LATENT, (gb, facts.latent_channels, lh, lw), _F32),))
+                     outputs=(TensorSpec(LATENT, (gb, facts.latent_channels, lh, lw), _F32),
+                              *((deepcache_feature_spec(facts, shape),) if shape.deepcache else ())))
+
+
+def deepcache_feature_spec(facts: ModelFacts, shape: ShapeConfig) -> TensorSpec:
+    """DeepCache (Ma et al., CVPR 2024), skip branch 0 as its DeepCacheSDHelper takes it:
+    the hidden state entering the last resnet of the U-Net's last up block, before the
+    skip connection from conv_in is concatenated to it."""
+    gb, (lh, lw) = shape.guided_batch, _latent_hw(facts, shape)
+    return TensorSpec(DEEPCACHE_FEATURE, (gb, facts.unet_block_channels, lh, lw), _F32)
+
+
+def unet_shallow_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
+    """DeepCache's shallow U-Net: the U-Net's inputs plus the deep feature of the last
+    full call -> the model output. It runs the time embedding, conv_in, the last up
+    block's last resnet (and attention) and conv_out, about 1/20 of SD 1.5's U-Net."""
+    unet = unet_spec(facts, replace(shape, deepcache=False))
+    return StageSpec(Stage.UNET_SHALLOW, inputs=(*unet.inputs, deepcache_feature_spec(facts, shape)),
+                     outputs=unet.outputs)
 
 
 def vae_encoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
@@ -404,6 +438,7 @@ STAGE_SPECS: dict[Stage, Callable[[ModelFacts, ShapeConfig], StageSpec]] = {
     Stage.TEXT_ENCODER: text_encoder_spec,
     Stage.TEXT_ENCODER_2: text_encoder_2_spec,
     Stage.UNET: unet_spec,
+    Stage.UNET_SHALLOW: unet_shallow_spec,
     Stage.VAE_ENCODER: vae_encoder_spec,
     Stage.VAE_DECODER: vae_decoder_spec,
 }

@@ -21,7 +21,7 @@ WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
 SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 REFINER_COMPONENTS = ("text_encoder_2", "unet", "vae")   # the SDXL refiner has no first text encoder
 STAGE_COMPONENT = {Stage.TEXT_ENCODER: "text_encoder", Stage.TEXT_ENCODER_2: "text_encoder_2", Stage.UNET: "unet",
-                   Stage.VAE_ENCODER: "vae", Stage.VAE_DECODER: "vae"}
+                   Stage.UNET_SHALLOW: "unet", Stage.VAE_ENCODER: "vae", Stage.VAE_DECODER: "vae"}
 # Tokenizer folders: the second is SDXL's (it pads with "!", id 0).
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
 # diffusers pipeline classes whose checkpoints hold an SD 1.x/2.x text encoder, U-Net and VAE.
@@ -130,6 +130,7 @@ class Checkpoint:
             text_2_num_layers=int(text_2.get("num_hidden_layers", 0)),
             force_zeros_for_empty_prompt=bool(self.force_zeros),
             aesthetic_score=bool(self.aesthetics),
+            unet_block_channels=int(unet.get("block_out_channels", (320,))[0]),
         )
 
     def tokenizer_files(self, name: str = "tokenizer") -> list[Path]:
@@ -298,7 +299,7 @@ def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
             from transformers import CLIPTextModelWithProjection
 
             model = CLIPTextModelWithProjection.from_pretrained(ckpt.folder / component, dtype=torch.float32, **kw)
-        elif stage is Stage.UNET:
+        elif stage in (Stage.UNET, Stage.UNET_SHALLOW):
             from diffusers import UNet2DConditionModel
 
             model = UNet2DConditionModel.from_pretrained(ckpt.folder, subfolder=component, torch_dtype=torch.float32, **kw)

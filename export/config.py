@@ -19,6 +19,9 @@ class ExportConfig:
     # take the guidance scale as an embedding (LCM), which never run CFG.
     cfg: bool | None = None
     prompt_chunks: int = 1             # U-Net context: this many 77-token prompt chunks
+    # DeepCache: also export the shallow U-Net, and a U-Net that returns the deep feature
+    # the shallow one reuses (`cache_interval` at generation).
+    deepcache: bool = False
     precision: Precision = Precision.FP32
     vae_precision: Precision | None = None   # None: same as `precision`; both VAE stages
     # Export the VAE encoder (image-to-image, inpainting, outpainting). On by default:

@@ -49,6 +49,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
         height=native if config.height is None else config.height,
         width=native if config.width is None else config.width,
         batch=config.batch, cfg=_cfg(facts, config.cfg), prompt_chunks=config.prompt_chunks,
+        deepcache=config.deepcache,
     ).validate(facts)
     if Precision.FP16 in precisions.values():
         _precision_module()  # fail before any work if fp16 cannot be done here
@@ -160,6 +161,10 @@ def _stages(facts: ModelFacts, config: ExportConfig) -> tuple[Stage, ...]:
     if left_out and facts.inpainting:
         raise InvalidInput("this is an inpainting checkpoint: its U-Net takes the masked image's latents, which "
                            "need the VAE encoder; export without --no-vae-encoder")
+    if config.deepcache is not True:
+        if config.deepcache is not False:
+            raise InvalidInput(f"deepcache must be True or False, got {config.deepcache!r}")
+        left_out.add(Stage.UNET_SHALLOW)
     return tuple(s for s in family(facts.family).stages if s not in left_out)
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 import torch
 
-from sdrt.engines.specs import TEXT_EMBEDS, TIME_IDS, ModelFacts, Stage, StageSpec
+from sdrt.engines.specs import (DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND,
+                                ModelFacts, Stage, StageSpec)
 
 OPSET = 17
 # Tensors up to this size stay inside the .onnx file even when weights go to the data
@@ -80,6 +81,9 @@ class UNetGraph(torch.nn.Module):
       weights are then exactly 0 in float32;
     - `timestep_cond`: an LCM-distilled U-Net's guidance-scale embedding;
     - `text_embeds`, `time_ids`: SDXL's added conditions (`added_cond_kwargs`).
+
+    With DeepCache (a `deepcache_feature` output) it also returns the hidden state that
+    enters the last up block's last resnet: the feature its shallow graph reuses.
     """
 
     ADDED = (TEXT_EMBEDS, TIME_IDS)
@@ -88,13 +92,71 @@ class UNetGraph(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.optional = tuple(t.name for t in spec.inputs[3:])
+        self.feature: list[torch.Tensor] = []
+        if any(t.name == DEEPCACHE_FEATURE for t in spec.outputs):
+            channels = facts.unet_block_channels
+
+            def keep(module: Any, args: Any) -> None:
+                # The resnet's input is [hidden state, conv_in's skip] along channels.
+                self.feature[:] = [args[0][:, :channels]]
+
+            unet.up_blocks[-1].resnets[-1].register_forward_pre_hook(keep)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *optional: torch.Tensor) -> torch.Tensor:
+                *optional: torch.Tensor) -> Any:
         kwargs = dict(zip(self.optional, optional))
         added = {name: kwargs.pop(name) for name in self.ADDED if name in kwargs}
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
-                         added_cond_kwargs=added or None, **kwargs, return_dict=False)[0]
+        out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                        added_cond_kwargs=added or None, **kwargs, return_dict=False)[0]
+        return (out, self.feature.pop()) if self.feature else out
+
+
+class UNetShallowGraph(torch.nn.Module):
+    """DeepCache's shallow U-Net (Ma et al., "DeepCache: Accelerating Diffusion Models
+    for Free", CVPR 2024): the U-Net's inputs and the deep feature of the last full call
+    -> model output. Skip branch 0 as the authors' DeepCacheSDHelper runs it: on a
+    cached step every block is skipped but the last resnet (and its attention) of the
+    last up block, which takes the cached feature and a fresh conv_in skip; the time
+    embedding, conv_in and conv_out run as in the full U-Net. The steps below are
+    UNet2DConditionModel.forward's own, in its order, with the skipped blocks left out.
+    """
+
+    def __init__(self, unet: torch.nn.Module, spec: StageSpec, facts: ModelFacts):
+        super().__init__()
+        self.unet = unet
+        self.optional = tuple(t.name for t in spec.inputs[3:-1])
+        last = unet.up_blocks[-1]
+        self.resnet = last.resnets[-1]
+        self.attention = last.attentions[-1] if getattr(last, "attentions", None) else None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *rest: torch.Tensor) -> torch.Tensor:
+        unet = self.unet
+        kwargs = dict(zip(self.optional, rest[:-1]))
+        feature = rest[-1]
+        added = {name: kwargs[name] for name in UNetGraph.ADDED if name in kwargs}
+        mask = kwargs.get(ENCODER_ATTENTION_MASK)
+        if mask is not None:
+            mask = ((1 - mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+        if unet.config.center_input_sample:
+            sample = 2 * sample - 1.0
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), kwargs.get(TIMESTEP_COND))
+        class_emb = unet.get_class_embed(sample=sample, class_labels=None)
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if unet.config.class_embeddings_concat else emb + class_emb
+        aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+        emb = emb + aug if aug is not None else emb
+        if unet.time_embed_act is not None:
+            emb = unet.time_embed_act(emb)
+        encoder_hidden_states = unet.process_encoder_hidden_states(
+            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
+        hidden = self.resnet(torch.cat([feature, unet.conv_in(sample)], dim=1), emb)
+        if self.attention is not None:
+            hidden = self.attention(hidden, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=mask,
+                                    return_dict=False)[0]
+        if unet.conv_norm_out:
+            hidden = unet.conv_act(unet.conv_norm_out(hidden))
+        return unet.conv_out(hidden)
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -130,7 +192,8 @@ class VaeEncoderGraph(torch.nn.Module):
 
 
 # Stage kind -> its export wrapper (the graph side of specs.STAGE_SPECS).
-WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.TEXT_ENCODER_2: TextEncoderGraph, Stage.UNET: UNetGraph, Stage.VAE_ENCODER: VaeEncoderGraph,
+WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.TEXT_ENCODER_2: TextEncoderGraph, Stage.UNET: UNetGraph,
+            Stage.UNET_SHALLOW: UNetShallowGraph, Stage.VAE_ENCODER: VaeEncoderGraph,
             Stage.VAE_DECODER: VaeDecoderGraph}
 
 

@@ -76,7 +76,7 @@ def random_inputs(spec: StageSpec, facts: ModelFacts, seed: int = 0) -> dict[str
         elif t.dtype is DType.INT32:
             # Random token ids (CLIP attends causally; every position matters).
             out[t.name] = rng.integers(0, 49408, size=t.shape).astype(np.int32)
-        elif spec.stage is Stage.UNET and t.name == "timestep":
+        elif spec.stage in (Stage.UNET, Stage.UNET_SHALLOW) and t.name == "timestep":
             out[t.name] = np.array([rng.uniform(1, 999)], dtype=np.float32)  # fractional, like Euler's
         elif spec.stage is Stage.VAE_ENCODER:
             out[t.name] = rng.uniform(-1, 1, size=t.shape).astype(np.float32)   # preprocessed pixels

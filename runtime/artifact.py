@@ -162,7 +162,8 @@ class Artifact:
                 prompt_2: Any = None, negative_prompt_2: Any = None, original_size: Any = None,
                 crops_coords_top_left: Any = None, target_size: Any = None, denoising_start: Any = None,
                 denoising_end: Any = None, aesthetic_score: Any = 6.0,
-                negative_aesthetic_score: Any = 2.5) -> Request:
+                negative_aesthetic_score: Any = 2.5, cache_interval: Any = 1, cache_uniform: Any = True,
+                cache_center: Any = None, cache_pow: Any = None) -> Request:
         """Validate one generation's settings and inputs (see `Pipeline.__call__`)."""
         task = self._task(image, mask_image, outpaint)
         if scheduler is None:
@@ -182,7 +183,11 @@ class Artifact:
             crops_coords_top_left=crops_coords_top_left, target_size=target_size,
             sdxl=self.manifest.facts.added_conditions, denoising_start=denoising_start,
             denoising_end=denoising_end, aesthetic_score=aesthetic_score,
-            negative_aesthetic_score=negative_aesthetic_score)
+            negative_aesthetic_score=negative_aesthetic_score, cache_interval=cache_interval,
+            cache_uniform=cache_uniform, cache_center=cache_center, cache_pow=cache_pow)
+        if config.deepcache.enabled and Stage.UNET_SHALLOW not in self.manifest.stages:
+            raise InvalidInput(f"cache_interval {config.deepcache.interval} (DeepCache) needs the shallow U-Net, which "
+                               f"{self.folder} lacks: export it with --deepcache")
         if config.denoising_start is not None and task is not Task.IMAGE_TO_IMAGE:
             raise InvalidInput("denoising_start applies to image-to-image (a refiner taking the base's latents): "
                                "pass image=")
@@ -216,6 +221,7 @@ class Artifact:
         sampler = self.sampler(config.scheduler, config.steps, config.strength, options, config.denoising_start)
         if config.denoising_end is not None:   # refused here if it would leave no step
             denoising_end_calls(sampler, self.scheduler_config, config.denoising_end)
+        config.deepcache.full_calls(len(sampler.timesteps), sampler.order)   # a schedule that cannot be, refused now
         # What runs is recorded: "dpmpp_2m" with use_karras_sigmas=True is "dpmpp_2m_karras".
         config = dataclasses.replace(config, scheduler=resolved_name(config.scheduler, self.scheduler_config, options))
         h, w = self.height, self.width

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from sdrt.engines.errors import InvalidInput, InvalidType
 
 from . import schedulers
+from .deepcache import CacheSchedule
 
 DEFAULT_STEPS = 25          # the issue's example; diffusers' own default is 50
 DEFAULT_GUIDANCE = 7.5      # diffusers' StableDiffusionPipeline default
@@ -95,6 +96,8 @@ class GenerationConfig:
     # Whether a negative prompt was given at all (None is not ""): SDXL's
     # force_zeros_for_empty_prompt zeros the negative embeddings only when none was.
     negative_given: bool = False
+    # DeepCache: the full U-Net every `interval` steps, the shallow one in between (off: 1).
+    deepcache: CacheSchedule = CacheSchedule()
 
     @property
     def prompt(self) -> str:
@@ -112,7 +115,8 @@ class GenerationConfig:
                negative_prompt_2: Any = None, original_size: Any = None, crops_coords_top_left: Any = None,
                target_size: Any = None, sdxl: bool = False, denoising_start: Any = None,
                denoising_end: Any = None, aesthetic_score: Any = 6.0,
-               negative_aesthetic_score: Any = 2.5) -> "GenerationConfig":
+               negative_aesthetic_score: Any = 2.5, cache_interval: Any = 1, cache_uniform: Any = True,
+               cache_center: Any = None, cache_pow: Any = None) -> "GenerationConfig":
         """`scheduler`: an sdrt or AUTOMATIC1111 sampler name (see schedulers.canonical_name);
         `scheduler_options`: a mapping of the sampler's diffusers options, checked against it;
         `clip_skip`: None or 0 (no skip) to `max_clip_skip` (the text encoder's layers - 1)."""
@@ -140,6 +144,7 @@ class GenerationConfig:
             denoising_end=_fraction("denoising_end", denoising_end),
             aesthetic_score=_score("aesthetic_score", aesthetic_score),
             negative_aesthetic_score=_score("negative_aesthetic_score", negative_aesthetic_score),
+            deepcache=CacheSchedule.create(cache_interval, cache_uniform, cache_center, cache_pow),
         )
 
     @property

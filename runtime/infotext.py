@@ -31,6 +31,7 @@ from typing import Any
 from sdrt.engines.errors import InvalidInput
 
 from .config import GenerationConfig, Task
+from .deepcache import CacheSchedule
 from .schedulers import a1111_name, canonical_name
 
 # A1111 modules/infotext_utils.py re_param_code: `key: value` or `key: "JSON string"`.
@@ -107,6 +108,7 @@ def parameters_text(config: GenerationConfig, width: int, height: int, model: st
         "Scheduler options": json.dumps(dict(config.scheduler_options), sort_keys=True)
                              if config.scheduler_options else None,
         "Emphasis": None if config.prompt_weighting else NO_EMPHASIS,
+        "DeepCache": deepcache_text(config.deepcache),
         **(extra or {}),
         "Version": f"sdrt {sdrt_version()}",
     }
@@ -114,6 +116,17 @@ def parameters_text(config: GenerationConfig, width: int, height: int, model: st
     negative = config.negative_prompts[index]
     negative_line = f"\n{NEGATIVE} {negative}" if negative else ""
     return f"{config.prompts[index]}{negative_line}\n{line}".strip()   # .strip() as create_infotext
+
+
+def deepcache_text(schedule: CacheSchedule) -> str | None:
+    """"3" for a full U-Net every 3 steps; "3 non-uniform center 15 pow 1.4" for the
+    reference's non-uniform schedule; None when off."""
+    if not schedule.enabled:
+        return None
+    if schedule.uniform:
+        return str(schedule.interval)
+    center = "" if schedule.center is None else f" center {schedule.center}"
+    return f"{schedule.interval} non-uniform{center} pow {schedule.pow:g}"
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from PIL import Image
 
 from sdrt.engines.base import Backend, Engine, open_engines
 from sdrt.engines.errors import InvalidInput, InvalidType, NumericsError
-from sdrt.engines.specs import (CLIP_SKIP, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT,
+from sdrt.engines.specs import (CLIP_SKIP, DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT,
                                 LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS, TIME_IDS, TIMESTEP,
                                 TIMESTEP_COND, Stage)
 
@@ -214,7 +214,8 @@ class Pipeline:
                  crops_coords_top_left: tuple[int, int] | None = None,
                  target_size: tuple[int, int] | None = None, denoising_start: float | None = None,
                  denoising_end: float | None = None, aesthetic_score: float = 6.0,
-                 negative_aesthetic_score: float = 2.5) -> GenerationResult:
+                 negative_aesthetic_score: float = 2.5, cache_interval: int = 1, cache_uniform: bool = True,
+                 cache_center: int | None = None, cache_pow: float | None = None) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
@@ -252,13 +253,20 @@ class Pipeline:
         return `result.latents` only (a base handing over to its refiner); denoising_start:
         a refiner's start, with image= those latents; aesthetic_score /
         negative_aesthetic_score: the refiner's conditions (6.0, 2.5). `refine()` runs both.
+        cache_interval: DeepCache (needs an artifact exported with --deepcache): the full
+        U-Net every cache_interval steps, its shallow graph reusing the last full call's
+        deep feature in between; 1 (default) runs the full U-Net every step (exact).
+        cache_uniform=False: the reference's non-uniform schedule, ceil(steps / interval)
+        full steps packed around step cache_center (default 30% of the steps) by a power
+        law of exponent cache_pow (default 1.4). See runtime/deepcache.py.
         on_step(i, n): called after each denoising step (progress reporting).
         """
         request = self.artifact.request(prompt, negative_prompt, steps, guidance, scheduler, seed, latents,
                                         image, mask_image, strength, outpaint, generator, scheduler_options,
                                         prompt_weighting, clip_skip, prompt_2, negative_prompt_2, original_size,
                                         crops_coords_top_left, target_size, denoising_start, denoising_end,
-                                        aesthetic_score, negative_aesthetic_score)
+                                        aesthetic_score, negative_aesthetic_score, cache_interval, cache_uniform,
+                                        cache_center, cache_pow)
         return self.run(request, on_step)
 
     def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -471,6 +479,8 @@ class Pipeline:
         if config.denoising_end is not None:   # SDXL base: stop where the refiner takes over
             n = denoising_end_calls(sampler, self.scheduler_config, config.denoising_end)
         context = conditioning.unet_inputs()
+        full = config.deepcache.full_calls(len(timesteps), sampler.order)
+        feature = None   # DeepCache: the deep feature of the last full U-Net call
         if self.manifest.facts.guidance_embedding:   # LCM: the scale enters the U-Net, no CFG
             context[TIMESTEP_COND] = guidance_embedding(config.guidance, self.manifest.facts.time_cond_proj_dim,
                                                         self.manifest.shape.guided_batch)
@@ -481,8 +491,14 @@ class Pipeline:
             if latents.unet_extra is not None:   # 9-channel U-Net: [latents, mask, masked-image latents]
                 sample = np.concatenate([sample, latents.unet_extra], axis=1)
             u0 = time.perf_counter()
-            raw = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: timesteps[i], **context})[LATENT]
-            unet_times.append(self._engine_time(Stage.UNET, u0))
+            if full[i]:
+                result = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: timesteps[i], **context})
+                raw, feature = result[LATENT], result.get(DEEPCACHE_FEATURE)
+                unet_times.append(self._engine_time(Stage.UNET, u0))
+            else:
+                raw = self._run(Stage.UNET_SHALLOW, {SAMPLE: sample, TIMESTEP: timesteps[i], **context,
+                                                     DEEPCACHE_FEATURE: feature})[LATENT]
+                unet_times.append(self._engine_time(Stage.UNET_SHALLOW, u0))
             out = raw
             if cfg_graph:
                 uncond, cond = raw[:b], raw[b:]

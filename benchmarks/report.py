@@ -128,6 +128,9 @@ def markdown(report: dict[str, Any]) -> str:
                 d = case["image_difference"]
                 out.append(f"sdrt vs diffusers image (same latents): max |diff| {d['max_abs']:.2e}, "
                            f"mean |diff| {d['mean_abs']:.2e} (pixels in [0, 1]).")
+            for fw, q in case.get("image_quality", {}).items():
+                out.append(f"{fw} vs sdrt image (same latents): max |diff| {q['max_abs']:.2e}, "
+                           f"PSNR {q['psnr_db']:.1f} dB.")
             out.append("")
         if "import" in case:
             imp = case["import"]

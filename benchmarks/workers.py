@@ -17,7 +17,8 @@ Every worker reports the same stage names (see `sdrt.runtime.bench.FIGURES`), in
 seconds: text_encoder (summed per generation), unet_step, host_step, step,
 vae_decoder, end_to_end. A stage a framework does not run is absent.
 
-Run as: python benchmarks/workers.py KIND SETTINGS_JSON   (KIND: sdrt, diffusers, openvino, openvino_bf16)
+Run as: python benchmarks/workers.py KIND SETTINGS_JSON   (KIND: sdrt, sdrt_openvino, sdrt_dcN, diffusers,
+openvino, openvino_bf16)
 """
 
 from __future__ import annotations
@@ -38,28 +39,33 @@ def peak_rss_bytes() -> int:
 
 
 class SdrtWorker:
-    """sdrt's Pipeline on the ONNX Runtime backend (or TensorRT on a GPU)."""
+    """sdrt's Pipeline on the ONNX Runtime backend (or TensorRT on a GPU). The kinds
+    `sdrt_openvino` (the OpenVINO backend) and `sdrt_dcN` (DeepCache, interval N, on the
+    case's backend) are this worker with that one setting changed."""
 
-    def __init__(self, s: dict[str, Any]):
+    def __init__(self, s: dict[str, Any], kind: str = "sdrt"):
         self.s = s
         self.latents = np.load(s["latents"])
+        self.backend = "openvino" if kind == "sdrt_openvino" else s.get("backend", "onnxruntime")
+        self.cache_interval = int(kind[len("sdrt_dc"):]) if kind.startswith("sdrt_dc") else 1
 
     def load(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         from sdrt.runtime.pipeline import Pipeline
         t1 = time.perf_counter()
-        options = {"threads": self.s["threads"]} if self.s.get("backend", "onnxruntime") == "onnxruntime" else {}
-        self.pipe = Pipeline.load(self.s["artifacts"], backend=self.s.get("backend", "onnxruntime"), **options)
+        options = {"threads": self.s["threads"]} if self.backend in ("onnxruntime", "openvino") else {}
+        self.pipe = Pipeline.load(self.s["artifacts"], backend=self.backend, **options)
         t2 = time.perf_counter()
         sessions = {stage.value: getattr(e, "load_seconds", None) for stage, e in self.pipe.engines.items()}
         return {"load_s": t2 - t0, "info": {"import_s": t1 - t0, "pipeline_load_s": t2 - t1,
-                                            "sessions_s": sessions, "torch_imported": "torch" in sys.modules}}
+                                            "sessions_s": sessions, "torch_imported": "torch" in sys.modules,
+                                            "backend": self.backend, "cache_interval": self.cache_interval}}
 
     def run(self, save: str | None) -> dict[str, Any]:
         s = self.s
         t0 = time.perf_counter()
         result = self.pipe(s["prompt"], steps=s["steps"], guidance=s["guidance"], scheduler=s["scheduler"],
-                           seed=0, latents=self.latents)
+                           seed=0, latents=self.latents, cache_interval=self.cache_interval)
         wall = time.perf_counter() - t0
         if save:
             np.save(save, result.pixels)
@@ -278,7 +284,7 @@ def main(argv: list[str]) -> int:
     # Keep the protocol channel private: anything printed to stdout goes to stderr.
     channel = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    worker = WORKERS[kind](settings)
+    worker = SdrtWorker(settings, kind) if kind.startswith("sdrt_") else WORKERS[kind](settings)
     for line in sys.stdin:
         cmd = json.loads(line)
         try:

@@ -111,6 +111,9 @@ class ModelFacts:
     # unet.block_out_channels[0]: the width of DeepCache's cached feature. 0 = an
     # artifact exported before the field (it has no shallow U-Net either).
     unet_block_channels: int = 0
+    # Whether the U-Net's last up block has cross-attention (SD 1.x/2.x: CrossAttnUpBlock2D;
+    # SDXL: UpBlock2D, none). Without it DeepCache's shallow U-Net reads no text.
+    unet_last_up_attention: bool = True
 
     @property
     def context_size(self) -> int:
@@ -175,7 +178,7 @@ class ModelFacts:
         names = {f.name for f in fields(cls)}
         optional = {"family", "unet_in_channels", "text_num_layers", "time_cond_proj_dim", "text_2_hidden_size",
                     "pooled_size", "text_2_num_layers", "force_zeros_for_empty_prompt", "aesthetic_score",
-                    "unet_block_channels"}
+                    "unet_block_channels", "unet_last_up_attention"}
         missing = names - set(data) - optional
         if missing:
             raise InvalidInput(f"model facts lack {sorted(missing)}")
@@ -410,8 +413,10 @@ def unet_shallow_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
     full call -> the model output. It runs the time embedding, conv_in, the last up
     block's last resnet (and attention) and conv_out, about 1/20 of SD 1.5's U-Net."""
     unet = unet_spec(facts, replace(shape, deepcache=False))
-    return StageSpec(Stage.UNET_SHALLOW, inputs=(*unet.inputs, deepcache_feature_spec(facts, shape)),
-                     outputs=unet.outputs)
+    # Without the last up block's attention (SDXL) nothing reads the text or its mask.
+    text = () if facts.unet_last_up_attention else (ENCODER_HIDDEN_STATES, ENCODER_ATTENTION_MASK)
+    inputs = tuple(t for t in unet.inputs if t.name not in text)
+    return StageSpec(Stage.UNET_SHALLOW, inputs=(*inputs, deepcache_feature_spec(facts, shape)), outputs=unet.outputs)
 
 
 def vae_encoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:

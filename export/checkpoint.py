@@ -131,6 +131,7 @@ class Checkpoint:
             force_zeros_for_empty_prompt=bool(self.force_zeros),
             aesthetic_score=bool(self.aesthetics),
             unet_block_channels=int(unet.get("block_out_channels", (320,))[0]),
+            unet_last_up_attention="CrossAttn" in str(unet.get("up_block_types", ("CrossAttnUpBlock2D",))[-1]),
         )
 
     def tokenizer_files(self, name: str = "tokenizer") -> list[Path]:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import torch
 
-from sdrt.engines.specs import (DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND,
+from sdrt.engines.specs import (DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND,
                                 ModelFacts, Stage, StageSpec)
 
 OPSET = 17
@@ -124,16 +124,18 @@ class UNetShallowGraph(torch.nn.Module):
     def __init__(self, unet: torch.nn.Module, spec: StageSpec, facts: ModelFacts):
         super().__init__()
         self.unet = unet
-        self.optional = tuple(t.name for t in spec.inputs[3:-1])
+        self.names = tuple(t.name for t in spec.inputs[2:-1])   # after sample and timestep
         last = unet.up_blocks[-1]
         self.resnet = last.resnets[-1]
         self.attention = last.attentions[-1] if getattr(last, "attentions", None) else None
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *rest: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
         unet = self.unet
-        kwargs = dict(zip(self.optional, rest[:-1]))
+        kwargs = dict(zip(self.names, rest[:-1]))
         feature = rest[-1]
+        # Without the last up block's attention (SDXL) the spec has no text input; SDXL's
+        # added embedding does not read it either.
+        encoder_hidden_states = kwargs.get(ENCODER_HIDDEN_STATES)
         added = {name: kwargs[name] for name in UNetGraph.ADDED if name in kwargs}
         mask = kwargs.get(ENCODER_ATTENTION_MASK)
         if mask is not None:
@@ -148,10 +150,10 @@ class UNetShallowGraph(torch.nn.Module):
         emb = emb + aug if aug is not None else emb
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
-        encoder_hidden_states = unet.process_encoder_hidden_states(
-            encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
         hidden = self.resnet(torch.cat([feature, unet.conv_in(sample)], dim=1), emb)
         if self.attention is not None:
+            encoder_hidden_states = unet.process_encoder_hidden_states(
+                encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added)
             hidden = self.attention(hidden, encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=mask,
                                     return_dict=False)[0]
         if unet.conv_norm_out:

@@ -129,6 +129,24 @@ def deepcache_text(schedule: CacheSchedule) -> str | None:
     return f"{schedule.interval} non-uniform{center} pow {schedule.pow:g}"
 
 
+def _deepcache(text: str) -> dict[str, Any]:
+    """The Pipeline arguments `deepcache_text` wrote."""
+    words = text.split()
+    try:
+        out: dict[str, Any] = {"cache_interval": int(words[0])}
+        if words[1:2] == ["non-uniform"]:
+            rest = dict(zip(words[2::2], words[3::2]))
+            out.update(cache_uniform=False, cache_pow=float(rest["pow"]))
+            if "center" in rest:
+                out["cache_center"] = int(rest["center"])
+        elif len(words) > 1:
+            raise ValueError(text)
+    except (ValueError, IndexError, KeyError):
+        raise InvalidInput(f"DeepCache: {text!r:.60} is not an interval (3) or '3 non-uniform center 15 pow 1.4'") \
+            from None
+    return out
+
+
 @dataclass(frozen=True)
 class Infotext:
     """A parameters text split as AUTOMATIC1111 splits it."""
@@ -198,6 +216,8 @@ def settings(text: str | Infotext, skip: Collection[str] = ()) -> Settings:
     for name, read in readers.items():
         if name not in skip and (value := read()) is not None:
             kwargs[name] = value
+    if "DeepCache" in f and "cache_interval" not in skip:
+        kwargs.update(_deepcache(f["DeepCache"]))
     notes = []
     emphasis = f.get("Emphasis", "Original")
     if emphasis not in ("Original", NO_EMPHASIS) and "prompt_weighting" not in skip:

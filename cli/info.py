@@ -42,6 +42,8 @@ def format_info(folder: Path, m: Any, checked: bool = False) -> str:
     skip = f"clip skip 0-{f.max_clip_skip}" if f.text_num_layers else "no clip skip (exported by an older sdrt)"
     out.append(f"  prompts       up to {s.prompt_chunks} chunk(s) of {room} tokens ({s.prompt_chunks * room} tokens), "
                f"{skip}")
+    out.append("  deepcache     " + ("yes: unet_shallow runs between full U-Net calls (generate --deepcache N)"
+                                     if s.deepcache else "no (export with --deepcache to add the shallow U-Net)"))
     out.append("stages")
     for stage, spec in m.specs.items():
         out.append(f"  {stage.value:<13} {m.precisions[stage].value}")

@@ -252,3 +252,11 @@ def test_export_cli_deepcache_flag(tiny_sd15, tmp_path):
     assert main(["export", str(tiny_sd15), "--out", str(tmp_path / "a"), "--deepcache", "--no-verify"]) == 0
     m = read_manifest(tmp_path / "a")
     assert m.shape.deepcache and (tmp_path / "a" / "unet_shallow.onnx").is_file()
+
+
+def test_info_says_whether_the_artifact_carries_deepcache(sd15_deepcache, sd15_artifacts, capsys):
+    from sdrt.cli.main import main
+    assert main(["info", str(sd15_deepcache.folder)]) == 0
+    assert "deepcache     yes" in capsys.readouterr().out
+    assert main(["info", str(sd15_artifacts)]) == 0
+    assert "deepcache     no (export with --deepcache" in capsys.readouterr().out

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdrt.engines.base import Backend
 from sdrt.engines.progress import Progress
 from sdrt.runtime.bench import DEFAULT_PROMPT, BenchConfig, format_table, run_bench
 
+from .backends import add_backend_args, backend_request
 from .errors import writing_into
 from .folders import artifact_folder, check_folder_for
 
@@ -21,8 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "per step (step wall time minus engine time), VAE decoder and end to end "
                     "(median, p90, p99, min), images per second and peak memory.")
     p.add_argument("artifact_dir", type=Path, help="folder written by `sdrt export` (or `sdrt build`)")
-    p.add_argument("--backend", default=Backend.ONNXRUNTIME.value,
-                   help=f"one of {', '.join(b.value for b in Backend)} (default onnxruntime)")
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps (default: the artifact's, 25; 4 for an LCM model)")
     p.add_argument("--guidance", type=float, default=None,
@@ -35,14 +33,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, dest="json_path", metavar="FILE",
                    help="also write every figure, the machine, versions and settings to FILE")
     p.add_argument("--force", action="store_true", help="overwrite the --json FILE if it exists")
+    add_backend_args(p)
     p.set_defaults(handler=run_bench_command)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
     from sdrt.engines.files import atomic_write_json
 
+    backend, options = backend_request(args)
     config = BenchConfig(
-        artifact_dir=args.artifact_dir, backend=Backend.parse(args.backend), steps=args.steps, guidance=args.guidance,
+        artifact_dir=args.artifact_dir, backend=backend, options=options, steps=args.steps, guidance=args.guidance,
         scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, prompt=args.prompt,
         json_path=args.json_path, force=args.force,
     ).validate()

@@ -1,5 +1,5 @@
 """`sdrt build`: TensorRT engines for an artifact folder. The work is in
-export/build.py, imported when the command runs, so `sdrt --help` never loads TensorRT."""
+engines/build.py, imported when the command runs, so `sdrt --help` never loads TensorRT."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     from sdrt.engines.cache import engine_dir
-    from sdrt.export.build import BuildConfig, build_engines, parse_stages
+    from sdrt.engines.build import BuildConfig, build_engines, parse_stages
 
     config = BuildConfig(
         artifact_dir=artifact_folder(args.artifact_dir), workspace_gb=args.workspace_gb, opt_level=args.opt_level,

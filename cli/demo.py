@@ -9,6 +9,7 @@ from pathlib import Path
 from sdrt.engines.errors import AlreadyExists, BackendUnavailable, InvalidInput, SdrtError
 from sdrt.engines.progress import Progress
 
+from .backends import add_backend_args, backend_request
 from .errors import writing_into
 from .generate import DEFAULT_PROMPT, add_generation_args, check_request, generate_and_save, generation_request
 
@@ -26,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"folder for the model, artifacts and image (default: ./{DEFAULT_DEMO_DIR})")
     add_generation_args(d, default_prompt=DEFAULT_PROMPT)
     d.add_argument("--force", action="store_true", help=f"overwrite {DEMO_IMAGE} in a folder the demo did not make")
+    add_backend_args(d)
     d.set_defaults(handler=run_demo)
 
 
@@ -37,7 +39,6 @@ def run_demo(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise BackendUnavailable(f"sdrt demo needs the export extra ({e.name} is missing): "
                                  f"pip install 'sdrt[export]'") from None
-    from sdrt.engines.base import Backend
     from sdrt.engines.manifest import MANIFEST_NAME
     from sdrt.runtime.images import output_paths
 
@@ -51,6 +52,7 @@ def run_demo(args: argparse.Namespace) -> int:
     ours = (artifact_dir / MANIFEST_NAME).is_file()
     if image.exists() and not ours and not args.force:
         raise AlreadyExists(f"{image} already exists; pass --force to overwrite it")
+    backend, options = backend_request(args)
     request = generation_request(args)
     check_request(request, batch=1)
     progress = Progress()   # one clock for the whole demo: it reads as one log
@@ -64,7 +66,7 @@ def run_demo(args: argparse.Namespace) -> int:
                                           model_name=DEMO_MODEL), progress)
         else:
             progress.say(f"reusing the export in {artifact_dir}")
-        generate_and_save(artifact_dir, Backend.ONNXRUNTIME, {}, request, output_paths(image, 1),
+        generate_and_save(artifact_dir, backend, options, request, output_paths(image, 1),
                           command=args.command, progress=progress)
     progress.say("demo done")
     return 0

@@ -22,6 +22,7 @@ from sdrt.engines.errors import AlreadyExists, InvalidInput
 from sdrt.engines.progress import Progress
 from sdrt.runtime.config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
 
+from .backends import add_backend_args, backend_request
 from .errors import writing_into
 from .folders import artifact_folder, check_folder_for
 
@@ -33,13 +34,15 @@ DEFAULTS: dict[str, Any] = dict(negative_prompt=None, steps=None, guidance=None,
                                 seed=None, generator=Generator.TORCH.value, image=None, mask_image=None, strength=None,
                                 outpaint=None, scheduler_options=None, prompt_weighting=True, clip_skip=None,
                                 prompt_2=None, negative_prompt_2=None, original_size=None,
-                                crops_coords_top_left=None, target_size=None)
+                                crops_coords_top_left=None, target_size=None, cache_interval=1)
 # Pipeline.__call__ argument <- argparse destination, for the flags a PNG's settings yield to.
 _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps", guidance="guidance",
               scheduler="scheduler", seed="seed", generator="generator", image="image", mask_image="mask",
               strength="strength", outpaint="outpaint", prompt_weighting="prompt_weighting", clip_skip="clip_skip",
               prompt_2="prompt_2", negative_prompt_2="negative_prompt_2", original_size="original_size",
-              crops_coords_top_left="crops_coords_top_left", target_size="target_size")
+              crops_coords_top_left="crops_coords_top_left", target_size="target_size",
+              cache_interval="deepcache", cache_uniform="deepcache_uniform", cache_center="deepcache_center",
+              cache_pow="deepcache_pow")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,14 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--high-noise-frac", type=float, default=0.8, metavar="F",
                    help="with --refiner: the fraction of the noise schedule the base runs (default 0.8)")
     g.add_argument("--force", action="store_true", help="overwrite existing output files")
-    g.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or tensorrt")
-    g.add_argument("--provider", default=None,
-                   help="ONNX Runtime provider: cpu (default) or cuda (needs onnxruntime-gpu)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
-    g.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
-                   help="TensorRT: run the U-Net without capturing it as a CUDA graph")
-    g.add_argument("--shared-device-memory", action="store_true",
-                   help="TensorRT: one activation memory block for all stages (small Jetson boards)")
+    add_backend_args(g)
     g.set_defaults(handler=run_generate)
 
 
@@ -110,6 +106,17 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
     p.add_argument("--clip-skip", type=int, default=None, metavar="N",
                    help="condition on the text encoder's hidden state N layers before the last (diffusers' "
                         "clip_skip; AUTOMATIC1111's 'Clip skip' N+1). Default 0: the last")
+    dc = p.add_argument_group("DeepCache", "reuse the U-Net's deep features across steps (Ma et al., CVPR 2024): "
+                              "faster, and the image changes; needs an artifact exported with --deepcache")
+    dc.add_argument("--deepcache", type=int, default=None, metavar="N",
+                    help="run the full U-Net every N steps and its shallow graph in between (default 1: off, exact)")
+    dc.add_argument("--deepcache-nonuniform", dest="deepcache_uniform", action="store_const", const=False,
+                    default=None, help="the reference's non-uniform schedule: ceil(steps/N) full steps packed "
+                                       "around --deepcache-center by a power law")
+    dc.add_argument("--deepcache-center", type=int, default=None, metavar="STEP",
+                    help="non-uniform: the step the full steps crowd around (default 30%% of the steps)")
+    dc.add_argument("--deepcache-pow", type=float, default=None, metavar="P",
+                    help="non-uniform: the power law's exponent, > 1 (default 1.4)")
     p.add_argument("--no-weighting", dest="prompt_weighting", action="store_const", const=False, default=None,
                    help="take the prompt literally: no AUTOMATIC1111 attention syntax ('(word:1.2)', "
                         "'[word]', BREAK), which is read by default")
@@ -227,7 +234,6 @@ def check_png_fits(path: Path, png: Any, request: Mapping[str, Any], manifest: A
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from sdrt.engines.base import Backend
     from sdrt.engines.manifest import read_manifest
     from sdrt.runtime.images import output_paths
 
@@ -235,8 +241,7 @@ def run_generate(args: argparse.Namespace) -> int:
         # argparse's own wording, from when --prompt was a required flag
         raise InvalidInput("the following arguments are required: --prompt (or --from-png IMAGE.png, whose prompt "
                            "is used)")
-    backend = Backend.parse(args.backend)
-    options = backend_options(args, backend)
+    backend, options = backend_request(args)
     folder = artifact_folder(args.artifact_dir)
     manifest = read_manifest(folder)   # fail fast on a missing or incomplete folder
     png = png_settings(args.from_png, args) if args.from_png is not None else None
@@ -254,22 +259,6 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def backend_options(args: argparse.Namespace, backend: Any) -> dict[str, Any]:
-    """`Pipeline.load` options from the flags of one backend; another backend's flag is refused."""
-    from sdrt.engines.base import Backend
-
-    options: dict[str, Any] = {}
-    if (args.provider is not None or args.threads is not None) and backend is not Backend.ONNXRUNTIME:
-        raise InvalidInput(f"--provider and --threads apply to the onnxruntime backend, not {args.backend}")
-    if args.provider is not None:
-        options["providers"] = args.provider
-    if args.threads is not None:
-        options["threads"] = args.threads
-    if backend is Backend.TENSORRT:
-        options.update(cuda_graph=args.cuda_graph, shared_device_memory=args.shared_device_memory)
-    return options
-
-
 def check_request(request: Mapping[str, Any], batch: int) -> None:
     """Validate the settings before loading engines, so a typo costs no load time.
     The pipeline validates them again (it is also an API entry point)."""
@@ -282,10 +271,12 @@ def check_request(request: Mapping[str, Any], batch: int) -> None:
                             "euler" if r["scheduler"] is None else r["scheduler"], r["seed"],
                             batch=batch, generator=r["generator"],
                             scheduler_options=None if r["scheduler"] is None else r.get("scheduler_options"),
-                            clip_skip=r.get("clip_skip"))
+                            clip_skip=r.get("clip_skip"), cache_interval=r.get("cache_interval", 1),
+                            cache_uniform=r.get("cache_uniform", True), cache_center=r.get("cache_center"),
+                            cache_pow=r.get("cache_pow"))
 
 
-def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], request: Mapping[str, Any],
+def generate_and_save(folder: Path, backend: str, options: Mapping[str, Any], request: Mapping[str, Any],
                       paths: list[Path], command: str, progress: Progress | None = None,
                       refiner: Path | None = None, high_noise_frac: float = 0.8) -> None:
     """Load the pipeline (and a refiner's), generate, write the PNGs (atomically) and
@@ -309,6 +300,8 @@ def generate_and_save(folder: Path, backend: Any, options: Mapping[str, Any], re
     progress.say(f"loading {folder}" + (f" and the refiner {refiner}" if refiner else ""))
     pipe = Pipeline.load(artifact, backend=backend, **options)
     refiner_pipe = Pipeline.load(refiner_artifact, backend=backend, **options) if refiner_artifact else None
+    if pipe.backend_reason:
+        print(f"sdrt {command}: {pipe.backend_reason}", file=sys.stderr)
     try:
         cached = [getattr(e, "cached", None) for e in pipe.engines.values()]
         how = ("optimized graphs from the cache" if all(cached) else

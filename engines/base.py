@@ -1,38 +1,20 @@
 """The engine interface: named NumPy arrays in, named NumPy arrays out.
 
-Every backend (ONNX Runtime, TensorRT) subclasses `Engine` and implements `_run`;
-the input checks live here once, so every backend rejects a wrong name, dtype or
-shape with the same message before any device work starts.
+Every backend (ONNX Runtime, OpenVINO, TensorRT) subclasses `Engine` and implements
+`_run`; the input checks live here once, so every backend rejects a wrong name, dtype
+or shape with the same message before any device work starts. Which backends exist,
+and how an artifact's engines are opened on one, is engines/registry.py.
 """
 
 from __future__ import annotations
 
 import abc
-import enum
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import BackendUnavailable, InvalidInput, InvalidType
+from .errors import InvalidInput, InvalidType
 from .specs import StageSpec
-
-
-class Backend(str, enum.Enum):
-    ONNXRUNTIME = "onnxruntime"
-    TENSORRT = "tensorrt"
-
-    @classmethod
-    def parse(cls, value: "str | Backend") -> "Backend":
-        if isinstance(value, Backend):
-            return value
-        if not isinstance(value, str):
-            raise InvalidType(f"backend must be a string, got {type(value).__name__}")
-        try:
-            return cls(value.lower())
-        except ValueError:
-            known = ", ".join(b.value for b in cls)
-            raise InvalidInput(f"unknown backend {value!r}: choose one of {known}") from None
 
 
 class Engine(abc.ABC):
@@ -95,17 +77,3 @@ def check_inputs(spec: StageSpec, inputs: Mapping[str, np.ndarray]) -> None:
             raise InvalidType(f"{stage} input {t.name!r} must be {t.dtype.value}, got {a.dtype}")
         if a.shape != t.shape:
             raise InvalidInput(f"{stage} input {t.name!r} must have shape {t.shape}, got {a.shape}")
-
-
-def open_engines(folder: Path, manifest: Any, backend: Backend, **options: Any) -> dict:
-    """Open the three stages of an artifact folder on `backend` (imported lazily, so
-    the ONNX Runtime path never loads TensorRT and vice versa)."""
-    try:
-        if backend is Backend.ONNXRUNTIME:
-            from .onnxruntime import open_engines as opener
-        else:
-            from .tensorrt import open_engines as opener
-    except ImportError as e:   # a traceback otherwise: tensorrt / cuda-bindings not installed
-        raise BackendUnavailable(f"the {backend.value} backend cannot run here ({e}); "
-                                 f"install the sdrt[{backend.value}] extra or use another backend") from None
-    return opener(folder, manifest, **options)

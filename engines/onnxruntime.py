@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +37,7 @@ from . import files
 from .errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType
 from .manifest import FileRecord, check_files, file_record
 from .onnx_files import check_external_data
+from .options import check_bool, check_threads, option
 from .specs import Stage, StageSpec, check_io
 
 try:
@@ -45,12 +47,13 @@ except ModuleNotFoundError:  # pragma: no cover - onnxruntime is a runtime depen
     # install, or Ctrl-C landing in the import) must not read as "not installed".
     ort = None
 
+NAME = "onnxruntime"
+SUMMARY = "ONNX Runtime: every machine, the exact reference path (CPU; CUDA with onnxruntime-gpu)"
+EXTRA = None   # a core dependency
+
 CACHE_DIR = Path(".sdrt-cache") / "ort"
 CACHE_TEMP_PREFIX = ".tmp-"
 ENTRY_RECORDS = "files.json"
-# Each intra-op thread is an OS thread, made when the session is: 100,000 of them
-# exhaust the machine, and past int32 ORT raises a bare TypeError.
-MAX_THREADS = 1024
 
 # Short provider names accepted from the CLI and the API.
 PROVIDER_ALIASES = {
@@ -65,6 +68,35 @@ _ORT_TYPES = {
     "tensor(int32)": "int32",
     "tensor(int64)": "int64",
 }
+
+
+@dataclass(frozen=True)
+class Options:
+    providers: tuple[str, ...] | None = option(
+        None, "ONNX Runtime provider: cpu (default) or cuda (needs onnxruntime-gpu), or a full provider name",
+        flag="--provider", metavar="NAME")
+    threads: int | None = option(None, "CPU threads (default: one per physical core)", type=int, metavar="N")
+    cache: bool = option(True, "keep what loading makes (optimized graphs, compiled models) under "
+                               "ARTIFACT_DIR/.sdrt-cache/, so the next load is fast", type=bool)
+    spinning: bool = option(False, "let idle threads busy-wait between ops (lower latency on a dedicated "
+                                   "machine only)", type=bool)
+
+    def __post_init__(self) -> None:
+        providers = self.providers
+        if isinstance(providers, str):
+            providers = (providers,)
+        elif isinstance(providers, list):
+            providers = tuple(providers)
+        if providers is not None and not (isinstance(providers, tuple) and all(isinstance(p, str) for p in providers)):
+            raise InvalidType(f"providers must be strings, got {self.providers!r}")
+        object.__setattr__(self, "providers", providers)
+        check_threads(self.threads)
+        check_bool("cache", self.cache)
+        check_bool("spinning", self.spinning)
+
+
+def unavailable() -> str | None:
+    return None if ort is not None else "onnxruntime is not installed (pip install onnxruntime)"
 
 
 class OrtEngine(Engine):
@@ -152,28 +184,18 @@ def session_options(threads: int | None, optimize: bool, spinning: bool = False)
     return opts
 
 
-def open_engines(folder: str | os.PathLike[str], manifest: Any, providers: Sequence[str] | str | None = None,
-                 threads: int | None = None, cache: bool = True, spinning: bool = False,
+def open_engines(folder: str | os.PathLike[str], manifest: Any, options: Options = Options(),
                  stages: Sequence[Stage] | None = None) -> dict[Stage, Engine]:
-    """Open the stages of an artifact folder (all three unless `stages` is given).
-
-    providers: None / "cpu" (default) or "cuda" (needs onnxruntime-gpu), or full ORT names.
-    threads: intra-op threads; None = one per physical core.
-    cache: save the optimized graph once and reuse it (see the module docstring).
-    spinning: let idle ORT threads busy-wait (lower latency on a dedicated machine only).
-    """
+    """Open the stages of an artifact folder (all of them unless `stages` is given).
+    `options` (see `Options`): providers, threads, the optimized-graph cache, spinning."""
     folder = Path(folder)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InvalidInput(f"threads must be a positive integer or None, got {threads!r}")
-    if threads is not None and threads > MAX_THREADS:
-        raise InvalidInput(f"threads {threads} is more than {MAX_THREADS}: use 1 to {MAX_THREADS}, "
-                           f"or None for one per physical core")
-    names = resolve_providers(providers)
+    names = resolve_providers(options.providers)
     specs = manifest.specs
     engines: dict[Stage, Engine] = {}
     for stage in stages or manifest.stages:
         start = time.perf_counter()
-        session, cached = _open_session(folder, stage, manifest, names, threads, cache, spinning)
+        session, cached = _open_session(folder, stage, manifest, names, options.threads, options.cache,
+                                        options.spinning)
         _check_session(session, specs[stage], folder / stage.onnx_file)
         engines[stage] = OrtEngine(specs[stage], session, time.perf_counter() - start, cached)
     return engines

@@ -21,7 +21,9 @@ development machines. See README, GPU section.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -29,8 +31,13 @@ import numpy as np
 
 from . import cache, cuda
 from .base import Engine
-from .errors import ArtifactError, BackendUnavailable, InvalidInput
+from .errors import ArtifactError, BackendUnavailable, InvalidInput, SdrtError
+from .options import check_bool, check_index, option
 from .specs import Stage, StageSpec, check_io
+
+NAME = "tensorrt"
+SUMMARY = "TensorRT: NVIDIA GPUs (and Jetson), engines built by `sdrt build`"
+EXTRA = "tensorrt"
 
 # TensorRT DataType names -> numpy. An explicit map: trt.nptype() raises for BF16 and
 # FP8, and our graphs keep float32/int32 I/O anyway.
@@ -45,6 +52,52 @@ TRT_TO_NUMPY = {
 }
 
 _LOGGER: Any = None
+
+
+@dataclass(frozen=True)
+class Options:
+    cuda_graph: bool = option(True, "capture the U-Net call as a CUDA graph after one warm-up call", type=bool)
+    shared_device_memory: bool = option(False, "one activation memory block for all stages (small Jetson boards)",
+                                        type=bool)
+    device: int = option(0, "GPU index", type=int, metavar="N")
+
+    def __post_init__(self) -> None:
+        check_bool("cuda_graph", self.cuda_graph)
+        check_bool("shared_device_memory", self.shared_device_memory)
+        check_index("device", self.device)
+
+
+def unavailable() -> str | None:
+    """Cheap: whether the packages are there (a GPU is looked for by `unready`)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed: see README, GPU section"
+    try:
+        found = importlib.util.find_spec("cuda.bindings") is not None
+    except ImportError:   # no `cuda` package at all
+        found = False
+    return None if found else "cuda-bindings is not installed: see README, GPU section"
+
+
+def unready(folder: str | Path, manifest: Any, options: "Options | None" = None) -> str | None:
+    """Why this artifact's engines cannot be opened here now (no GPU, or `sdrt build`
+    has not built current engines for this artifact, TensorRT and GPU), or None."""
+    device = (options or Options()).device
+    try:
+        trt = import_tensorrt()
+        platform = current_platform(trt, device)
+    except SdrtError as e:
+        return str(e)
+    for stage in manifest.stages:
+        state = cache.check(folder, cache.expected_key(manifest, stage, platform), verify_hash=False)
+        if not state.current:
+            return f"{state.reason} (run `sdrt build {folder}`)"
+    return None
+
+
+def device_memory_used() -> int:
+    """Bytes in use on the current GPU, all processes (cudaMemGetInfo: total - free)."""
+    free, total = cuda.check(cuda.cudart().cudaMemGetInfo(), "cudaMemGetInfo")
+    return int(total) - int(free)
 
 
 def import_tensorrt() -> Any:
@@ -207,18 +260,11 @@ class TrtEngine(Engine):
         self._shared.release()
 
 
-def open_engines(folder: str | Path, manifest: Any, cuda_graph: bool = True, shared_device_memory: bool = False,
-                 device: int = 0, stages: Sequence[Stage] | None = None) -> dict[Stage, Engine]:
-    """Open the engines `sdrt build` made for this artifact folder on GPU `device`.
-
-    cuda_graph: capture the U-Net call as a CUDA graph after one warm-up call.
-    shared_device_memory: one activation block for all stages (small Jetson boards).
-    """
-    for name, value in (("cuda_graph", cuda_graph), ("shared_device_memory", shared_device_memory)):
-        if not isinstance(value, bool):
-            raise InvalidInput(f"{name} must be True or False, got {value!r}")
-    if isinstance(device, bool) or not isinstance(device, int) or device < 0:
-        raise InvalidInput(f"device must be a GPU index (0, 1, ...), got {device!r}")
+def open_engines(folder: str | Path, manifest: Any, options: Options = Options(),
+                 stages: Sequence[Stage] | None = None) -> dict[Stage, Engine]:
+    """Open the engines `sdrt build` made for this artifact folder on GPU `options.device`
+    (see `Options`: CUDA-graph capture of the U-Net, one shared activation block)."""
+    cuda_graph, shared_device_memory, device = options.cuda_graph, options.shared_device_memory, options.device
     trt = import_tensorrt()
     cuda.cudart()   # BackendUnavailable before any work if cuda-bindings is missing
     count = cuda.device_count()

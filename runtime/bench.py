@@ -14,6 +14,7 @@ as users run it, without torch in the process. The statistics helpers are shared
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import os
@@ -23,11 +24,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from sdrt.engines.base import Backend
+from sdrt.engines import registry
 from sdrt.engines.errors import AlreadyExists, InvalidInput, InvalidType
 
 SCHEMA = "sdrt-bench"
@@ -138,7 +139,8 @@ def _busy_warning() -> str | None:
 @dataclass(frozen=True)
 class BenchConfig:
     artifact_dir: Path
-    backend: Backend = Backend.ONNXRUNTIME
+    backend: str = registry.DEFAULT     # a backend name, or auto
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # the backend's options, by name
     steps: int | None = None        # None: the artifact's default (25; 4 for an LCM model)
     scheduler: str | None = None
     runs: int = 10
@@ -150,6 +152,7 @@ class BenchConfig:
     force: bool = False
 
     def validate(self) -> "BenchConfig":
+        registry.check_options(registry.parse(self.backend), self.options)
         for name, value, low, high in (("steps", 1 if self.steps is None else self.steps, 1, MAX_STEPS),
                                        ("runs", self.runs, 1, MAX_RUNS),
                                        ("warmup", self.warmup, 0, MAX_RUNS)):
@@ -176,11 +179,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda m: N
     # The settings are checked, and the artifact's defaults resolved, before engines load.
     settings = artifact.request(config.prompt, steps=config.steps, guidance=config.guidance,
                                 scheduler=config.scheduler, seed=config.seed).config
-    progress(f"loading {config.artifact_dir} on {config.backend.value}")
-    pipe = Pipeline.load(artifact, backend=config.backend.value)
+    progress(f"loading {config.artifact_dir} on {config.backend}")
+    pipe = Pipeline.load(artifact, backend=config.backend, **config.options)
     load_s = time.perf_counter() - t0
+    if pipe.backend_reason:
+        progress(pipe.backend_reason)
     progress(f"loaded in {load_s:.2f} s")
-    gpu = _GpuMemory(config.backend)
+    gpu = _GpuMemory(getattr(registry.module(pipe.backend), "device_memory_used", None))
 
     def generate(i: int):
         t = time.perf_counter()
@@ -211,8 +216,9 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda m: N
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
-        "versions": package_versions(["sdrt", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt"]),
-        "backend": config.backend.value,
+        "versions": package_versions(["sdrt", "numpy", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt"]),
+        "backend": pipe.backend,
+        "backend_options": {k: getattr(v, "value", v) for k, v in config.options.items()},
         "settings": {
             "artifact_dir": str(config.artifact_dir),
             "steps": settings.steps,
@@ -249,24 +255,20 @@ def add_generation(samples: dict[str, list[float]], timings: Any, wall_s: float)
 
 
 class _GpuMemory:
-    """Peak GPU memory in use on the device, on the TensorRT backend only (None
-    elsewhere). CUDA keeps no per-process peak, so this is cudaMemGetInfo's used
-    bytes (total - free, all processes on the device) sampled after loading and after
-    every generation: the engines' buffers are allocated once at load, so the
-    samples see the steady state."""
+    """Peak GPU memory in use on the device, on a backend that reports it (its module's
+    `device_memory_used`; None elsewhere). CUDA keeps no per-process peak, so TensorRT's
+    is cudaMemGetInfo's used bytes (total - free, all processes on the device) sampled
+    after loading and after every generation: the engines' buffers are allocated once
+    at load, so the samples see the steady state."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, query: Callable[[], int] | None):
         self.peak: int | None = None
-        self._query = None
-        if backend is Backend.TENSORRT:
-            from sdrt.engines import cuda
-            self._query = lambda: cuda.check(cuda.cudart().cudaMemGetInfo(), "cudaMemGetInfo")
+        self._query = query
         self.sample()
 
     def sample(self) -> None:
         if self._query is not None:
-            free, total = self._query()
-            used = int(total) - int(free)
+            used = self._query()
             self.peak = used if self.peak is None else max(self.peak, used)
 
 

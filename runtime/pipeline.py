@@ -37,7 +37,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from PIL import Image
 
-from sdrt.engines.base import Backend, Engine, open_engines
+from sdrt.engines import registry
+from sdrt.engines.base import Engine
 from sdrt.engines.errors import InvalidInput, InvalidType, NumericsError
 from sdrt.engines.specs import (CLIP_SKIP, DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT,
                                 LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS, TIME_IDS, TIMESTEP,
@@ -136,26 +137,36 @@ class Pipeline:
     running two at once would not be faster), and each caller gets its own result.
     """
 
-    def __init__(self, artifact: Artifact, engines: Mapping[Stage, Engine], backend: Backend):
+    def __init__(self, artifact: Artifact, engines: Mapping[Stage, Engine], backend: str = registry.DEFAULT,
+                 backend_reason: str | None = None):
         self.artifact = artifact
         self.engines = dict(engines)
-        self.backend = backend
+        self.backend = backend                  # the backend's name (auto resolved)
+        self.backend_reason = backend_reason    # with backend="auto": why it was picked
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str] | Artifact, backend: str | Backend = "onnxruntime",
-             check_hashes: bool = True, **backend_options: Any) -> "Pipeline":
+    def load(cls, folder: str | os.PathLike[str] | Artifact, backend: str = registry.DEFAULT, options: Any = None,
+             check_hashes: bool = True, **option_kwargs: Any) -> "Pipeline":
         """Open an artifact folder written by `sdrt export` (or an `Artifact` already open).
 
+        backend: onnxruntime (the default, the exact path), openvino, tensorrt, or auto
+        (engines/registry.py: TensorRT where built, else OpenVINO, else ONNX Runtime).
+        options: the backend's Options record (e.g. sdrt.engines.openvino.Options), or
+        give its fields as keywords (threads=4, precision="bf16", cache=False, ...);
+        an option of another backend is refused, naming the backend that takes it.
+
         Raises MissingFile if the folder does not exist, ArtifactError if it is incomplete
-        (no manifest) or a file does not match the manifest's size and hash.
-        backend_options go to the backend's `open_engines` (ONNX Runtime: providers,
-        threads, cache).
+        (no manifest) or a file does not match the manifest's size and hash,
+        BackendUnavailable (one line) if the backend cannot run here.
         """
-        backend = Backend.parse(backend)
+        name = registry.parse(backend)
+        if options is None:
+            registry.check_options(name, option_kwargs)   # a bad option costs no hashing or loading
         artifact = folder if isinstance(folder, Artifact) else Artifact.open(folder, check_hashes=check_hashes)
-        engines = open_engines(artifact.folder, artifact.manifest, backend, **backend_options)
-        return cls(artifact, engines, backend)
+        choice = registry.resolve(name, artifact.folder, artifact.manifest, options, **option_kwargs)
+        engines = registry.open_engines(artifact.folder, artifact.manifest, choice)
+        return cls(artifact, engines, choice.name, choice.reason)
 
     # -- what the artifact fixes -------------------------------------------------------
 
@@ -481,6 +492,9 @@ class Pipeline:
         context = conditioning.unet_inputs()
         full = config.deepcache.full_calls(len(timesteps), sampler.order)
         feature = None   # DeepCache: the deep feature of the last full U-Net call
+        # SDXL's shallow U-Net reads no text (its last up block has no attention).
+        shallow = ({t.name for t in self.manifest.specs[Stage.UNET_SHALLOW].inputs}
+                   if config.deepcache.enabled else set())
         if self.manifest.facts.guidance_embedding:   # LCM: the scale enters the U-Net, no CFG
             context[TIMESTEP_COND] = guidance_embedding(config.guidance, self.manifest.facts.time_cond_proj_dim,
                                                         self.manifest.shape.guided_batch)
@@ -496,8 +510,8 @@ class Pipeline:
                 raw, feature = result[LATENT], result.get(DEEPCACHE_FEATURE)
                 unet_times.append(self._engine_time(Stage.UNET, u0))
             else:
-                raw = self._run(Stage.UNET_SHALLOW, {SAMPLE: sample, TIMESTEP: timesteps[i], **context,
-                                                     DEEPCACHE_FEATURE: feature})[LATENT]
+                inputs = {SAMPLE: sample, TIMESTEP: timesteps[i], DEEPCACHE_FEATURE: feature, **context}
+                raw = self._run(Stage.UNET_SHALLOW, {k: v for k, v in inputs.items() if k in shallow})[LATENT]
                 unet_times.append(self._engine_time(Stage.UNET_SHALLOW, u0))
             out = raw
             if cfg_graph:

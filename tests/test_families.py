@@ -181,7 +181,7 @@ def test_unsupported_family_is_refused_before_any_work(tiny_sd15, tmp_path, case
 
 
 def test_build_of_a_stage_the_artifact_lacks_is_refused_before_tensorrt(text_only):
-    from sdrt.export.build import BuildConfig, build_engines
+    from sdrt.engines.build import BuildConfig, build_engines
     with pytest.raises(InvalidInput, match="this artifact has no vae_encoder stage: its stages are "
                                            "text_encoder, unet, vae_decoder"):
         build_engines(BuildConfig(text_only, stages=(Stage.VAE_ENCODER,)))

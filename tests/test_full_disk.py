@@ -75,7 +75,7 @@ def test_build_on_a_full_disk_is_one_line_and_leaves_no_engine(sd15_artifacts, t
     """TensorRT and CUDA are stand-ins (as in test_interrupted): only the write path runs."""
     import sdrt.engines.files as files
     from sdrt.engines import cache, cuda, tensorrt
-    from sdrt.export import build
+    from sdrt.engines import build
 
     folder = tmp_path / "art"
     shutil.copytree(sd15_artifacts, folder, ignore=shutil.ignore_patterns(".sdrt-cache"))

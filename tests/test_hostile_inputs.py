@@ -87,7 +87,7 @@ CLI_CASES = [
     ("generate {new} --prompt x --out {new}.png", "does not exist"),
     ("generate {file} --prompt x --out {new}.png", "is not a folder"),
     ("generate {empty} --prompt x --out {new}.png", "has no manifest.json"),
-    ("generate {art} --prompt x --backend foo --out {new}.png", "unknown backend 'foo': choose one of onnxruntime, tensorrt"),
+    ("generate {art} --prompt x --backend foo --out {new}.png", "unknown backend 'foo': choose one of auto, onnxruntime, openvino, tensorrt"),
     ("generate {art} --prompt x --backend tensorrt --out {new}.png", "tensorrt"),
     ("generate {art} --prompt x --provider foo --out {new}.png", "unknown ONNX Runtime provider 'foo'"),
     ("generate {art} --prompt x --provider cuda --out {new}.png", "CUDAExecutionProvider is not available"),
@@ -617,7 +617,7 @@ def test_export_of_a_hostile_checkpoint_is_one_line_before_any_work(edit, words,
 ], ids=["workspace=nan", "workspace=0", "workspace='4'", "opt_level=9", "opt_level=2.5", "device=-1",
         "device=True"])
 def test_api_bad_build_config_raises_invalid_input_before_tensorrt(places, kwargs, words):
-    from sdrt.export.build import BuildConfig, build_engines
+    from sdrt.engines.build import BuildConfig, build_engines
 
     with pytest.raises(InvalidInput) as e:
         build_engines(BuildConfig(artifact_dir=places["art"], **kwargs))
@@ -625,7 +625,7 @@ def test_api_bad_build_config_raises_invalid_input_before_tensorrt(places, kwarg
 
 
 def test_api_unknown_build_stage_names_the_accepted_ones():
-    from sdrt.export.build import parse_stages
+    from sdrt.engines.build import parse_stages
 
-    with pytest.raises(InvalidInput, match="unknown stage 'unet2': choose from text_encoder, text_encoder_2, unet, vae_encoder, vae_decoder"):
+    with pytest.raises(InvalidInput, match="unknown stage 'unet2': choose from text_encoder, text_encoder_2, unet, unet_shallow, vae_encoder, vae_decoder"):
         parse_stages(["unet", "unet2"])

@@ -300,7 +300,7 @@ def test_build_after_a_killed_build_says_so_and_rebuilds(sd15_artifacts, tmp_pat
 
     from sdrt.engines import cache, cuda, tensorrt
     from sdrt.engines.files import TEMP_PREFIX
-    from sdrt.export import build
+    from sdrt.engines import build
     from sdrt.engines.progress import Progress
 
     folder = tmp_path / "artifacts"

@@ -32,3 +32,16 @@ def test_import_and_generation_never_load_torch_diffusers_or_transformers(sd15_a
     assert len(report["shape"]) == 4          # a generation really ran
     assert report["after_import"] == []
     assert report["after_run"] == []
+
+
+def test_sdrt_build_and_the_backend_registry_import_no_torch_export_runtime_or_backend_library():
+    # `sdrt build` runs on a runtime-only install (a Jetson board): engines/build.py
+    # needs no torch; listing the backends (for --help) loads no backend library.
+    code = ("import json, sys\n"
+            "import sdrt.engines.build, sdrt.engines.registry as r\n"
+            "[r.fields(n) for n in r.names()]; [r.describe(n) for n in r.names()]\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy} | {{'openvino', 'tensorrt'}}"
+            " or m.startswith(('sdrt.export', 'sdrt.runtime')))))\n").format(heavy=set(HEAVY))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

@@ -11,7 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sdrt.engines import files
 from sdrt.engines import onnxruntime as ortb
-from sdrt.engines.base import Backend, open_engines
+from sdrt.engines.registry import open_engines
 from sdrt.engines.errors import ArtifactError, BackendUnavailable, InvalidInput, InvalidType
 from sdrt.engines.manifest import Manifest, file_record
 from sdrt.engines.specs import (ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT, SAMPLE, TEXT_EMBEDDINGS,
@@ -102,7 +102,7 @@ def folder(tmp_path):
 
 def test_each_stage_computes_its_graph_like_numpy(folder):
     path, manifest = folder
-    engines = open_engines(path, manifest, Backend.ONNXRUNTIME, cache=False)
+    engines = open_engines(path, manifest, "onnxruntime", cache=False)
     rng = np.random.default_rng(1)
     for stage, engine in engines.items():
         x = _inputs(engine.spec, rng)
@@ -123,7 +123,7 @@ def test_each_stage_computes_its_graph_like_numpy(folder):
 ])
 def test_engine_rejects_wrong_inputs_naming_the_tensor(folder, change, error, words):
     path, manifest = folder
-    unet = open_engines(path, manifest, Backend.ONNXRUNTIME, cache=False, stages=[Stage.UNET])[Stage.UNET]
+    unet = open_engines(path, manifest, "onnxruntime", cache=False, stages=[Stage.UNET])[Stage.UNET]
     x = _inputs(unet.spec, np.random.default_rng(2))
     change(x)
     with pytest.raises(error) as e:
@@ -136,7 +136,7 @@ def test_graph_that_does_not_match_the_manifest_is_refused_at_load(tmp_path):
     wrong = Manifest(FACTS, ShapeConfig(height=24, width=24, batch=1, cfg=True), manifest.precisions,
                      manifest.files)
     with pytest.raises(ArtifactError, match="unet.onnx: its I/O .* differs from the unet stage spec.*export the model again"):
-        open_engines(tmp_path, wrong, Backend.ONNXRUNTIME, cache=False)
+        open_engines(tmp_path, wrong, "onnxruntime", cache=False)
 
 
 def test_corrupt_onnx_file_is_an_artifact_error(folder):
@@ -144,18 +144,18 @@ def test_corrupt_onnx_file_is_an_artifact_error(folder):
     (path / Stage.VAE_DECODER.onnx_file).write_bytes(b"not a protobuf")
     # engines.onnx_files reads the protobuf before ORT does, so its message may come first.
     with pytest.raises(ArtifactError, match="vae_decoder.onnx: (ONNX Runtime cannot load it|not a valid ONNX model)"):
-        open_engines(path, manifest, Backend.ONNXRUNTIME, cache=False, stages=[Stage.VAE_DECODER])
+        open_engines(path, manifest, "onnxruntime", cache=False, stages=[Stage.VAE_DECODER])
 
 
 def test_optimized_graph_cache_is_written_once_then_reused_with_same_outputs(folder):
     path, manifest = folder
     rng = np.random.default_rng(3)
-    first = open_engines(path, manifest, Backend.ONNXRUNTIME)
+    first = open_engines(path, manifest, "onnxruntime")
     inputs = {s: _inputs(e.spec, rng) for s, e in first.items()}
     assert not any(e.cached for e in first.values())
     entries = sorted(p.name for p in (path / ortb.CACHE_DIR).iterdir())
     assert [e.split("-")[0] for e in entries] == sorted(s.value for s in STAGES)  # one per stage, no temporaries
-    second = open_engines(path, manifest, Backend.ONNXRUNTIME)
+    second = open_engines(path, manifest, "onnxruntime")
     assert all(e.cached for e in second.values())
     for stage in STAGES:
         want = _oracle(stage, inputs[stage])
@@ -177,10 +177,10 @@ def test_cache_key_changes_with_the_onnx_file(folder):
 
 def test_damaged_cache_entry_is_rebuilt(folder):
     path, manifest = folder
-    open_engines(path, manifest, Backend.ONNXRUNTIME, stages=[Stage.UNET])
+    open_engines(path, manifest, "onnxruntime", stages=[Stage.UNET])
     entry = next((path / ortb.CACHE_DIR).glob("unet-*"))
     (entry / "unet.onnx").write_bytes(b"garbage")
-    engine = open_engines(path, manifest, Backend.ONNXRUNTIME, stages=[Stage.UNET])[Stage.UNET]
+    engine = open_engines(path, manifest, "onnxruntime", stages=[Stage.UNET])[Stage.UNET]
     assert not engine.cached
     x = _inputs(engine.spec, np.random.default_rng(4))
     np.testing.assert_allclose(engine(x)[LATENT], _oracle(Stage.UNET, x)[LATENT], rtol=1e-5, atol=1e-5)
@@ -194,7 +194,7 @@ def test_unwritable_cache_falls_back_to_an_uncached_session(folder, monkeypatch)
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(files.tempfile, "mkdtemp", refuse)
-    engines = open_engines(path, manifest, Backend.ONNXRUNTIME)
+    engines = open_engines(path, manifest, "onnxruntime")
     assert not any(e.cached for e in engines.values())
     x = _inputs(engines[Stage.UNET].spec, np.random.default_rng(5))
     np.testing.assert_allclose(engines[Stage.UNET](x)[LATENT], _oracle(Stage.UNET, x)[LATENT], rtol=1e-5, atol=1e-5)
@@ -220,15 +220,15 @@ def test_cpu_is_always_the_fallback_provider():
 def test_threads_must_be_positive(folder):
     path, manifest = folder
     with pytest.raises(InvalidInput, match="threads must be a positive integer"):
-        open_engines(path, manifest, Backend.ONNXRUNTIME, threads=0)
+        open_engines(path, manifest, "onnxruntime", threads=0)
 
 
 def test_sessions_do_not_busy_wait_unless_asked(folder):
     # Spinning threads collapse latency on shared cores (see session_options).
     path, manifest = folder
     key = "session.intra_op.allow_spinning"
-    quiet = open_engines(path, manifest, Backend.ONNXRUNTIME, cache=False, stages=[Stage.UNET])[Stage.UNET]
-    spin = open_engines(path, manifest, Backend.ONNXRUNTIME, cache=False, spinning=True, stages=[Stage.UNET])[Stage.UNET]
+    quiet = open_engines(path, manifest, "onnxruntime", cache=False, stages=[Stage.UNET])[Stage.UNET]
+    spin = open_engines(path, manifest, "onnxruntime", cache=False, spinning=True, stages=[Stage.UNET])[Stage.UNET]
     assert quiet.session.get_session_options().get_session_config_entry(key) == "0"
     with pytest.raises(Exception, match="does not have configuration"):   # ORT's default: spin
         spin.session.get_session_options().get_session_config_entry(key)

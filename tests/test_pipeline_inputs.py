@@ -88,5 +88,5 @@ def test_file_that_does_not_match_the_manifest_hash_is_named(sd15_artifacts, tmp
 
 
 def test_unknown_backend_lists_the_known_ones(sd15_artifacts):
-    with pytest.raises(InvalidInput, match="unknown backend 'coreml': choose one of onnxruntime, tensorrt"):
+    with pytest.raises(InvalidInput, match="unknown backend 'coreml': choose one of auto, onnxruntime, openvino, tensorrt"):
         Pipeline.load(sd15_artifacts, backend="coreml")

@@ -1,4 +1,4 @@
-"""The TensorRT backend (engines/tensorrt.py) and `sdrt build` (export/build.py).
+"""The TensorRT backend (engines/tensorrt.py) and `sdrt build` (engines/build.py).
 
 TensorRT cannot be installed here. What runs everywhere:
 - TrtEngine's own logic (upload only what changed, CUDA-graph capture after a warm-up
@@ -332,7 +332,7 @@ def test_build_reuses_current_engines_and_rebuilds_for_another_tensorrt(sd15_art
     import shutil
 
     from sdrt.engines import cuda
-    from sdrt.export.build import BuildConfig, build_engines
+    from sdrt.engines.build import BuildConfig, build_engines
     from sdrt.engines.progress import Progress
 
     folder = tmp_path / "artifacts"
@@ -381,14 +381,14 @@ def test_build_reuses_current_engines_and_rebuilds_for_another_tensorrt(sd15_art
 
 def test_build_config_rejects_bad_values_by_name(tmp_path):
     from sdrt.engines.errors import InvalidInput
-    from sdrt.export.build import BuildConfig, parse_stages
+    from sdrt.engines.build import BuildConfig, parse_stages
 
     for kwargs, words in (({"workspace_gb": 0}, "workspace"), ({"opt_level": 6}, "from 0 to 5"),
                           ({"opt_level": True}, "optimization level"),
                           ({"device": -1}, "GPU index")):
         with pytest.raises(InvalidInput, match=words):
             BuildConfig(tmp_path, **kwargs).validate()
-    with pytest.raises(InvalidInput, match="unknown stage 'vae'.*text_encoder, text_encoder_2, unet, vae_encoder, vae_decoder"):
+    with pytest.raises(InvalidInput, match="unknown stage 'vae'.*text_encoder, text_encoder_2, unet, unet_shallow, vae_encoder, vae_decoder"):
         parse_stages(["vae"])
 
 
@@ -428,7 +428,7 @@ def test_tensorrt_pipeline_matches_onnxruntime(sd15_artifacts, tmp_path):
     pytest.importorskip("cuda.bindings.runtime", reason="cuda-bindings is not installed")
     import shutil
 
-    from sdrt.export.build import BuildConfig, build_engines
+    from sdrt.engines.build import BuildConfig, build_engines
     from sdrt.runtime.pipeline import Pipeline
 
     folder = tmp_path / "artifacts"

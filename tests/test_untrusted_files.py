@@ -215,7 +215,7 @@ def test_reader_agrees_with_onnx_package_on_exported_unet(sd15_artifacts):
 def test_onnxruntime_backend_refuses_escape_before_opening(tmp_path, sd15_artifacts, outside):
     """The ORT engine runs the check itself; the copied U-Net whose data file is a
     symlink out of the folder is refused with our message, not ORT's."""
-    from sdrt.engines.base import Backend, open_engines
+    from sdrt.engines.registry import open_engines
     from sdrt.engines.manifest import read_manifest
 
     folder = tmp_path / "a"
@@ -227,7 +227,7 @@ def test_onnxruntime_backend_refuses_escape_before_opening(tmp_path, sd15_artifa
     data.symlink_to(moved)
     manifest = read_manifest(folder)
     with pytest.raises(ArtifactError, match="outside"):
-        open_engines(folder, manifest, Backend.ONNXRUNTIME)
+        open_engines(folder, manifest, "onnxruntime")
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -345,7 +345,7 @@ def test_code_in_a_pickle_only_checkpoint_never_runs_without_the_flag(tiny_sd15,
 def test_tensorrt_build_refuses_escape_before_touching_tensorrt(tmp_path, outside):
     """`sdrt build` checks the graph before TensorRT's parser (which reads whatever
     location it is given) sees it; the fake `trt` would fail if it were reached."""
-    from sdrt.export.build import build_plan
+    from sdrt.engines.build import build_plan
 
     path = _matmul_model(tmp_path / "m", "../outside/secret.bin", write_data=False)
     with pytest.raises(ArtifactError, match="outside"):

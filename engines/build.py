@@ -2,14 +2,16 @@
 `ARTIFACT_DIR/engines/` (see engines/cache.py), then checked against ONNX Runtime.
 
 Engines are strongly typed, so each one has the precision its ONNX file states
-(export/precision.py); static shapes need no optimization profile. A persistent
+(export/precision.py wrote it); static shapes need no optimization profile. A persistent
 timing cache makes rebuilds (another stage, a re-export) take a fraction of the
 first build. Only the TensorRT API present in 10.3 through 11.x is used.
 
 Verification runs the engine and ONNX Runtime (CPU) on the same random inputs and
-prints export's error table. Both sides run the same graph; the bound is the fp16
-one for every stage, because TensorRT may run an fp32 graph's matmuls and
-convolutions in TF32 (10-bit mantissa, like fp16), which it allows by default.
+prints export's error table (engines/verify.py). Both sides run the same graph; the
+bound is the fp16 one for every stage, because TensorRT may run an fp32 graph's
+matmuls and convolutions in TF32 (10-bit mantissa, like fp16), which it allows by
+default. Needs no torch: it lives with the engines and imports neither export nor
+the runtime, so a runtime-only install (a Jetson board) can build.
 
 Not run on real hardware during development (TensorRT cannot be installed on the
 development machines); the build flow is tested with a stand-in `tensorrt` module.
@@ -22,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from sdrt.engines import cache
-from sdrt.engines.errors import ArtifactError, InvalidInput
-from sdrt.engines.manifest import Manifest, load_manifest
-from sdrt.engines.onnx_files import check_external_data
-from sdrt.engines.progress import Progress
-from sdrt.engines.specs import Precision, Stage
+from . import cache
+from .errors import ArtifactError, InvalidInput
+from .manifest import Manifest, load_manifest
+from .onnx_files import check_external_data
+from .progress import Progress
+from .specs import Precision, Stage
 
 MAX_OPT_LEVEL = 5
 
@@ -80,7 +82,7 @@ def parse_stages(names: Sequence[str] | None) -> tuple[Stage, ...]:
 class BuildReport:
     built: list[Stage] = field(default_factory=list)
     reused: list[Stage] = field(default_factory=list)
-    checks: list[Any] = field(default_factory=list)     # export.verify.StageCheck
+    checks: list[Any] = field(default_factory=list)     # engines.verify.StageCheck
 
     @property
     def passed(self) -> bool:
@@ -106,8 +108,8 @@ def decide(folder: Path, manifest: Manifest, platform: cache.Platform, config: B
 
 
 def build_engines(config: BuildConfig, progress: Progress | None = None) -> BuildReport:
-    from sdrt.engines import cuda
-    from sdrt.engines.tensorrt import current_platform, import_tensorrt
+    from . import cuda
+    from .tensorrt import current_platform, import_tensorrt
 
     config = config.validate()
     progress = progress or Progress()
@@ -119,7 +121,7 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
     platform = current_platform(trt, config.device)
     progress.say(f"building for {platform.describe()} in {cache.engine_dir(folder)}")
     cache.engine_dir(folder).mkdir(parents=True, exist_ok=True)
-    from sdrt.engines.files import remove_temp_files
+    from .files import remove_temp_files
     removed = remove_temp_files(cache.engine_dir(folder))   # left by a killed build
     if removed:
         progress.say(f"removed {len(removed)} temporary file(s) left by an interrupted build")
@@ -183,13 +185,11 @@ def build_plan(trt: Any, onnx_path: Path, config: BuildConfig) -> bytes:
 def verify_engines(folder: Path, manifest: Manifest, stages: Sequence[Stage], device: int,
                    progress: Progress) -> list[Any]:
     """Each engine against ONNX Runtime CPU on the same random inputs: export's table."""
-    from sdrt.engines.tensorrt import open_engines
-
-    from .precision import verify_tolerance
-    from .verify import compare, random_inputs, run_onnx, table
+    from .tensorrt import Options, open_engines
+    from .verify import compare, random_inputs, run_onnx, table, verify_tolerance
 
     checks = []
-    engines = open_engines(folder, manifest, cuda_graph=False, device=device, stages=list(stages))
+    engines = open_engines(folder, manifest, Options(cuda_graph=False, device=device), stages=list(stages))
     try:
         for stage in stages:
             spec = manifest.specs[stage]
@@ -207,5 +207,5 @@ def verify_engines(folder: Path, manifest: Manifest, stages: Sequence[Stage], de
 
 
 def _logger(trt: Any) -> Any:
-    from sdrt.engines.tensorrt import logger
+    from .tensorrt import logger
     return logger(trt)

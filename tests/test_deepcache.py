@@ -260,3 +260,13 @@ def test_info_says_whether_the_artifact_carries_deepcache(sd15_deepcache, sd15_a
     assert "deepcache     yes" in capsys.readouterr().out
     assert main(["info", str(sd15_artifacts)]) == 0
     assert "deepcache     no (export with --deepcache" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("interval", [2, 3])
+def test_deepcache_runs_alike_on_the_openvino_backend(sd15_deepcache, interval):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed")
+    ov = Pipeline.load(sd15_deepcache.folder, backend="openvino")
+    want = sd15_deepcache(PROMPT, steps=8, seed=6, cache_interval=interval)
+    got = ov(PROMPT, steps=8, seed=6, cache_interval=interval)
+    assert _max_diff(got.pixels, want.pixels) <= TOL
+    assert ov.engines.keys() == sd15_deepcache.engines.keys()   # the shallow U-Net too

@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "as CLIP); longer prompts are cut at K chunks with a warning. Prompts of fewer "
                              "chunks give the same images as on a K=1 artifact")
     export.add_argument("--deepcache", action="store_true",
-                        help="also export DeepCache's shallow U-Net (a few percent of the U-Net's weights), so "
+                        help="also export DeepCache's shallow U-Net (about 1%% of the U-Net's weights), so "
                              "`generate --deepcache N` can run the full U-Net only every N steps; the full U-Net "
                              "then also returns the feature the shallow one reuses")
     export.add_argument("--precision", default="fp32", choices=[p.value for p in Precision],

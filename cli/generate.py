@@ -303,7 +303,7 @@ def generate_and_save(folder: Path, backend: str, options: Mapping[str, Any], re
     if pipe.backend_reason:
         print(f"sdrt {command}: {pipe.backend_reason}", file=sys.stderr)
     try:
-        cached = [getattr(e, "cached", None) for e in pipe.engines.values()]
+        cached = [e.cached for e in pipe.engines.values()]
         how = ("optimized graphs from the cache" if all(cached) else
                "graphs optimized now; later loads reuse them" if any(c is False for c in cached) else "")
         steps = prepared.config.steps

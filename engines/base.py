@@ -20,6 +20,12 @@ from .specs import StageSpec
 class Engine(abc.ABC):
     """One compiled stage. Call it with a mapping of input name to array."""
 
+    # Whether the backend loaded this stage from its cache of prepared graphs (ONNX
+    # Runtime's optimized graph, OpenVINO's compiled model): True / False, or None where
+    # the backend keeps no such cache (TensorRT's engines are built ahead by `sdrt build`).
+    cached: bool | None = None
+    load_seconds: float = 0.0   # seconds this stage took to open
+
     def __init__(self, spec: StageSpec):
         self.spec = spec
         # (name, dtype, shape) per input: the per-call check runs once per denoising

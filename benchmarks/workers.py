@@ -17,8 +17,8 @@ Every worker reports the same stage names (see `sdrt.runtime.bench.FIGURES`), in
 seconds: text_encoder (summed per generation), unet_step, host_step, step,
 vae_decoder, end_to_end. A stage a framework does not run is absent.
 
-Run as: python benchmarks/workers.py KIND SETTINGS_JSON   (KIND: sdrt, sdrt_openvino, sdrt_dcN, diffusers,
-openvino, openvino_bf16)
+Run as: python benchmarks/workers.py KIND SETTINGS_JSON   (KIND: sdrt, sdrt_openvino, diffusers, openvino,
+openvino_bf16)
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ def peak_rss_bytes() -> int:
 
 
 class SdrtWorker:
-    """sdrt's Pipeline on the ONNX Runtime backend (or TensorRT on a GPU). The kinds
-    `sdrt_openvino` (the OpenVINO backend) and `sdrt_dcN` (DeepCache, interval N, on the
-    case's backend) are this worker with that one setting changed."""
+    """sdrt's Pipeline on the ONNX Runtime backend (or TensorRT on a GPU); the kind
+    `sdrt_openvino` is this worker on the OpenVINO backend. A run command may carry
+    `cache_interval` (DeepCache): the coordinator times sdrt_dcN in the sdrt process,
+    on the same pipeline, rather than holding another copy of the model in memory."""
 
     def __init__(self, s: dict[str, Any], kind: str = "sdrt"):
         self.s = s
         self.latents = np.load(s["latents"])
         self.backend = "openvino" if kind == "sdrt_openvino" else s.get("backend", "onnxruntime")
-        self.cache_interval = int(kind[len("sdrt_dc"):]) if kind.startswith("sdrt_dc") else 1
 
     def load(self) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -59,13 +59,13 @@ class SdrtWorker:
         sessions = {stage.value: getattr(e, "load_seconds", None) for stage, e in self.pipe.engines.items()}
         return {"load_s": t2 - t0, "info": {"import_s": t1 - t0, "pipeline_load_s": t2 - t1,
                                             "sessions_s": sessions, "torch_imported": "torch" in sys.modules,
-                                            "backend": self.backend, "cache_interval": self.cache_interval}}
+                                            "backend": self.backend}}
 
-    def run(self, save: str | None) -> dict[str, Any]:
+    def run(self, save: str | None, cache_interval: int = 1) -> dict[str, Any]:
         s = self.s
         t0 = time.perf_counter()
         result = self.pipe(s["prompt"], steps=s["steps"], guidance=s["guidance"], scheduler=s["scheduler"],
-                           seed=0, latents=self.latents, cache_interval=self.cache_interval)
+                           seed=0, latents=self.latents, cache_interval=cache_interval)
         wall = time.perf_counter() - t0
         if save:
             np.save(save, result.pixels)
@@ -290,7 +290,8 @@ def main(argv: list[str]) -> int:
         try:
             if cmd["cmd"] == "quit":
                 break
-            reply = worker.load() if cmd["cmd"] == "load" else worker.run(cmd.get("save"))
+            extra = {k: v for k, v in cmd.items() if k not in ("cmd", "save")}   # e.g. cache_interval
+            reply = worker.load() if cmd["cmd"] == "load" else worker.run(cmd.get("save"), **extra)
             reply.update(ok=True, peak_rss_bytes=peak_rss_bytes())
         except Exception as e:  # report to the coordinator, which stops the case
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}

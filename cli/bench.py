@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="guidance scale (default: the artifact's, 7.5; 1 on a --no-cfg artifact, which runs "
                         "no CFG; an LCM model's embedded scale, 8.5)")
     p.add_argument("--scheduler", default=None, help="scheduler name (default: the model's)")
+    p.add_argument("--deepcache", type=int, default=1, metavar="N",
+                   help="DeepCache: the full U-Net every N steps, the shallow one between (default 1: off; "
+                        "needs an artifact exported with --deepcache)")
     p.add_argument("--runs", type=int, default=BenchConfig.runs, help="measured generations (default 10)")
     p.add_argument("--warmup", type=int, default=BenchConfig.warmup, help="untimed generations first (default 2)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -44,6 +47,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     config = BenchConfig(
         artifact_dir=args.artifact_dir, backend=backend, options=options, steps=args.steps, guidance=args.guidance,
         scheduler=args.scheduler, runs=args.runs, warmup=args.warmup, prompt=args.prompt,
+        cache_interval=args.deepcache,
         json_path=args.json_path, force=args.force,
     ).validate()
     artifact_folder(config.artifact_dir)

@@ -148,6 +148,7 @@ class BenchConfig:
     prompt: str = DEFAULT_PROMPT
     guidance: float | None = None   # None: the artifact's default (7.5; 1 on --no-cfg; LCM 8.5)
     seed: int = 0
+    cache_interval: int = 1         # DeepCache: the full U-Net every N steps (1: off)
     json_path: Path | None = None
     force: bool = False
 
@@ -178,7 +179,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda m: N
     artifact = Artifact.open(config.artifact_dir)
     # The settings are checked, and the artifact's defaults resolved, before engines load.
     settings = artifact.request(config.prompt, steps=config.steps, guidance=config.guidance,
-                                scheduler=config.scheduler, seed=config.seed).config
+                                scheduler=config.scheduler, seed=config.seed,
+                                cache_interval=config.cache_interval).config
     progress(f"loading {config.artifact_dir} on {config.backend}")
     pipe = Pipeline.load(artifact, backend=config.backend, **config.options)
     load_s = time.perf_counter() - t0
@@ -190,7 +192,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda m: N
     def generate(i: int):
         t = time.perf_counter()
         result = pipe(config.prompt, steps=settings.steps, guidance=settings.guidance,
-                      scheduler=config.scheduler, seed=config.seed + i)
+                      scheduler=config.scheduler, seed=config.seed + i, cache_interval=config.cache_interval)
         return result, time.perf_counter() - t
 
     for i in range(config.warmup):
@@ -228,6 +230,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = lambda m: N
             "prompt": config.prompt,
             "guidance": settings.guidance,
             "seed": config.seed,
+            "cache_interval": config.cache_interval,
             **({"height": shape.height, "width": shape.width, "batch": shape.batch, "cfg": shape.cfg}
                if shape is not None else {}),
             **({"precisions": {s.value: p.value for s, p in manifest.precisions.items()}}
@@ -281,7 +284,8 @@ def format_table(report: dict[str, Any]) -> str:
     shape = f"{s.get('width', '?')}x{s.get('height', '?')}, batch {s.get('batch', '?')}"
     lines = [
         f"sdrt bench: {s['artifact_dir']} on {report['backend']} ({shape}, {s['steps']} steps, "
-        f"scheduler {s['scheduler']}, {s['runs']} runs after {s['warmup']} warm-up)",
+        f"scheduler {s['scheduler']}, {s['runs']} runs after {s['warmup']} warm-up"
+        f"{', DeepCache interval ' + str(s['cache_interval']) if s.get('cache_interval', 1) > 1 else ''})",
         f"machine: {report['machine']['cpu']}, {report['machine']['usable_cpus']} CPUs",
         "",
         f"{'figure':<14}{'median ms':>12}{'p90 ms':>12}{'p99 ms':>12}{'min ms':>12}{'n':>7}",

@@ -270,3 +270,11 @@ def test_deepcache_runs_alike_on_the_openvino_backend(sd15_deepcache, interval):
     got = ov(PROMPT, steps=8, seed=6, cache_interval=interval)
     assert _max_diff(got.pixels, want.pixels) <= TOL
     assert ov.engines.keys() == sd15_deepcache.engines.keys()   # the shallow U-Net too
+
+
+def test_bench_times_deepcache_and_says_so(sd15_deepcache, capsys):
+    from sdrt.cli.main import main
+    assert main(["bench", str(sd15_deepcache.folder), "--steps", "6", "--runs", "1", "--warmup", "0",
+                 "--deepcache", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "DeepCache interval 3" in out

@@ -42,7 +42,8 @@ class CacheSchedule:
     def create(cls, interval: object = 1, uniform: object = True, center: object = None,
                pow: object = None) -> "CacheSchedule":
         if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= MAX_INTERVAL:
-            raise InvalidInput(f"cache_interval must be an integer from 1 (off) to {MAX_INTERVAL}, got {interval!r:.40}")
+            raise InvalidInput(f"cache_interval must be an integer from 1 (off) to {MAX_INTERVAL}, "
+                               f"got {interval!r:.40}")
         if not isinstance(uniform, bool):
             raise InvalidInput(f"cache_uniform must be True or False, got {uniform!r:.40}")
         if (center is not None or pow is not None) and uniform:
@@ -74,13 +75,6 @@ class CacheSchedule:
         """Per U-Net call: True where it runs the full U-Net. `order` calls make a step."""
         full = self.full_steps(math.ceil(calls / order))
         return tuple(i // order in full for i in range(calls))
-
-    def describe(self) -> str:
-        if not self.enabled:
-            return ""
-        if self.uniform:
-            return f"DeepCache interval {self.interval}"
-        return f"DeepCache interval {self.interval} non-uniform (center {self.center}, pow {self.pow:g})"
 
 
 def quad_center_steps(total: int, count: int, center: int, pow: float) -> list[int]:

@@ -278,3 +278,16 @@ def test_bench_times_deepcache_and_says_so(sd15_deepcache, capsys):
                  "--deepcache", "3"]) == 0
     out = capsys.readouterr().out
     assert "DeepCache interval 3" in out
+
+
+def test_fp16_export_converts_the_shallow_unet_and_deepcache_runs_on_it(tiny_sd15, export_into, tmp_path,
+                                                                       sd15_deepcache):
+    """Export verifies every fp16 graph (the shallow one included) against torch; the fp16
+    artifact's DeepCache image stays within fp16 rounding of the fp32 one."""
+    from sdrt.engines.specs import Precision
+    folder = export_into(tiny_sd15, tmp_path / "fp16", precision=Precision.FP16, deepcache=True)
+    pipe = Pipeline.load(folder)
+    assert pipe.manifest.precisions[pipe.manifest.stages[2]] is Precision.FP16   # unet_shallow
+    got = pipe(PROMPT, steps=6, seed=1, cache_interval=2)
+    want = sd15_deepcache(PROMPT, steps=6, seed=1, cache_interval=2)
+    assert _max_diff(got.pixels, want.pixels) <= 2e-2

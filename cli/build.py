@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--no-verify", dest="verify", action="store_false",
                        help="skip the TensorRT vs ONNX Runtime check")
     build.add_argument("--device", type=int, default=0, help="GPU index (default: 0)")
+    build.add_argument("--refittable", action="store_true",
+                       help="build the text encoder and U-Net engines refittable, so `generate --lora` can "
+                            "change their weights after loading (rebuilds engines that are not)")
     build.set_defaults(handler=run_build)
 
 
@@ -45,7 +48,7 @@ def run_build(args: argparse.Namespace) -> int:
     config = BuildConfig(
         artifact_dir=artifact_folder(args.artifact_dir), workspace_gb=args.workspace_gb, opt_level=args.opt_level,
         timing_cache=args.timing_cache, force=args.force, stages=parse_stages(args.stages),
-        verify=args.verify, device=args.device,
+        verify=args.verify, device=args.device, refittable=args.refittable,
     )
     with writing_into(engine_dir(config.artifact_dir)):
         report = build_engines(config)

@@ -9,6 +9,7 @@ from pathlib import Path
 from sdrt.engines.specs import Precision
 
 from .errors import writing_into
+from .generate import lora_arg
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="the checkpoint's name in the PNG metadata of generated images (AUTOMATIC1111's "
                              "'Model:'; no commas, colons, quotes or line breaks). Default: the model folder's "
                              "name, or NAME for a Hugging Face cache snapshot (models--ORG--NAME/snapshots/...)")
+    export.add_argument("--lora", dest="loras", action="append", type=lora_arg, default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA into the exported weights at SCALE (default 1.0): the fastest way to "
+                             "run one LoRA always; repeat for several. `generate --lora` applies LoRAs per call "
+                             "instead")
     export.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the ONNX Runtime vs torch check")
     export.add_argument("--force", action="store_true", help="replace artifacts already in --out")
@@ -68,7 +73,7 @@ def run_export(args: argparse.Namespace) -> int:
         precision=Precision(args.precision),
         vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
         vae_encoder=args.vae_encoder, verify=args.verify, force=args.force, allow_pickle=args.allow_pickle,
-        model_name=args.model_name,
+        model_name=args.model_name, loras=tuple(args.loras),
     )
     with writing_into(args.out_dir):
         manifest = export_artifacts(config)

@@ -42,7 +42,7 @@ _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps",
               prompt_2="prompt_2", negative_prompt_2="negative_prompt_2", original_size="original_size",
               crops_coords_top_left="crops_coords_top_left", target_size="target_size",
               cache_interval="deepcache", cache_uniform="deepcache_uniform", cache_center="deepcache_center",
-              cache_pow="deepcache_pow")
+              cache_pow="deepcache_pow", loras="loras")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -117,6 +117,10 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
                     help="non-uniform: the step the full steps crowd around (default 30%% of the steps)")
     dc.add_argument("--deepcache-pow", type=float, default=None, metavar="P",
                     help="non-uniform: the power law's exponent, > 1 (default 1.4)")
+    p.add_argument("--lora", dest="loras", action="append", type=lora_arg, default=None, metavar="FILE[:SCALE]",
+                   help="apply a LoRA (.safetensors, diffusers/PEFT or kohya/AUTOMATIC1111 format) at SCALE "
+                        "(default 1.0), as diffusers' fuse_lora; repeat for several. Needs an artifact exported "
+                        "by this sdrt and the onnxruntime backend (or TensorRT engines built with --refittable)")
     p.add_argument("--no-weighting", dest="prompt_weighting", action="store_const", const=False, default=None,
                    help="take the prompt literally: no AUTOMATIC1111 attention syntax ('(word:1.2)', "
                         "'[word]', BREAK), which is read by default")
@@ -142,6 +146,20 @@ def _pixel_pair(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected two integers such as 1024,1024; got {text!r}") from None
     return a, b
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """FILE or FILE:SCALE (the scale after the last colon, when it reads as a number)."""
+    path, sep, tail = text.rpartition(":")
+    if sep and path:
+        try:
+            scale = float(tail)
+        except ValueError:
+            return text, 1.0
+        if not math.isfinite(scale):
+            raise argparse.ArgumentTypeError(f"LoRA scale {tail!r} is not a finite number")
+        return path, scale
+    return text, 1.0
 
 
 def _scheduler_option(text: str) -> tuple[str, Any]:

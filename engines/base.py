@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import InvalidInput, InvalidType
+from .errors import BackendUnavailable, InvalidInput, InvalidType
 from .specs import StageSpec
 
 
@@ -25,6 +25,7 @@ class Engine(abc.ABC):
     # the backend keeps no such cache (TensorRT's engines are built ahead by `sdrt build`).
     cached: bool | None = None
     load_seconds: float = 0.0   # seconds this stage took to open
+    backend_title = "this backend"   # for messages
 
     def __init__(self, spec: StageSpec):
         self.spec = spec
@@ -56,6 +57,15 @@ class Engine(abc.ABC):
         """Seconds the backend itself spent in the last call, where it measures that
         (CUDA events); None where only the caller's wall clock is available."""
         return None
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """From the next call on, use these values for the named initializers (ONNX
+        names, in the graph's dtype and layout) and the exported values for all others;
+        `{}` restores the exported weights exactly. A LoRA applied per call goes through
+        here (runtime/loras.py). Backends that cannot change weights once loaded say so."""
+        raise BackendUnavailable(f"{self.backend_title} cannot change weights once an engine is loaded; "
+                                 f"run LoRAs on the onnxruntime backend, on TensorRT engines built with "
+                                 f"`sdrt build --refittable`, or merge them with `sdrt export --lora FILE:SCALE`")
 
     def close(self) -> None:
         """Release device memory and sessions. Safe to call twice."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import cache
+from . import cache, weightmap
 from .errors import ArtifactError, InvalidInput
 from .manifest import Manifest, load_manifest
 from .onnx_files import check_external_data
@@ -44,6 +44,9 @@ class BuildConfig:
     stages: tuple[Stage, ...] = ()         # empty: every stage of the artifact
     verify: bool = True
     device: int = 0
+    # Refittable engines for the stages a LoRA can change (text encoders, U-Net): their
+    # weights can be replaced after loading (TensorRT's Refitter; `generate --lora`).
+    refittable: bool = False
 
     def validate(self) -> "BuildConfig":
         w = self.workspace_gb
@@ -128,11 +131,14 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
 
     report = BuildReport()
     for stage, state in decide(folder, manifest, platform, config).items():
+        refit = config.refittable and stage in weightmap.COMPONENTS
         if state.current and not config.force:
-            progress.say(f"{state.reason}: not rebuilt (--force rebuilds it)")
-            report.reused.append(stage)
-            continue
-        if state.status is not cache.Status.MISSING:
+            if not (refit and not cache.built_refittable(folder, stage)):
+                progress.say(f"{state.reason}: not rebuilt (--force rebuilds it)")
+                report.reused.append(stage)
+                continue
+            progress.say(f"{stage.value}: the engine is not refittable: rebuilding (--refittable)")
+        elif state.status is not cache.Status.MISSING:
             progress.say(f"{state.reason}: rebuilding")
         elif cache.plan_path(folder, stage).is_file():
             progress.say(f"{stage.value}: engine file without its record (left by an interrupted build): rebuilding")
@@ -141,8 +147,9 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
         with progress.step(f"{stage.value}: building {key.precision.value} engine "
                            f"(optimization level {config.opt_level}, workspace {config.workspace_gb:g} GB)"), \
                 progress.heartbeat(f"{stage.value}: still building"):
-            plan = build_plan(trt, folder / stage.onnx_file, config)
-        info = cache.BuildInfo(config.workspace_bytes, config.opt_level, time.perf_counter() - start)
+            plan = build_plan(trt, folder / stage.onnx_file, config, refit)
+        info = cache.BuildInfo(config.workspace_bytes, config.opt_level, time.perf_counter() - start,
+                               {"refittable": True} if refit else {})
         path = cache.store_plan(folder, key, plan, info)
         progress.say(f"{stage.value}: wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
         report.built.append(stage)
@@ -152,9 +159,12 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
     return report
 
 
-def build_plan(trt: Any, onnx_path: Path, config: BuildConfig) -> bytes:
+def build_plan(trt: Any, onnx_path: Path, config: BuildConfig, refittable: bool = False) -> bytes:
     """Parse one static-shape ONNX file into a strongly typed network and build it.
-    Loads and saves the timing cache at `config.timing_cache_path`."""
+    Loads and saves the timing cache at `config.timing_cache_path`. `refittable`:
+    BuilderFlag.REFIT, so weights can be replaced by ONNX initializer name after loading
+    (engines/tensorrt.py's set_weights); NVIDIA reports refittable engines running
+    slower on some GPUs (TensorRT issues #2936, #3099), so it is asked for, not default."""
     check_external_data(onnx_path)   # TensorRT's parser reads any location it is given: refuse escapes first
     log = _logger(trt)
     builder = trt.Builder(log)
@@ -168,6 +178,8 @@ def build_plan(trt: Any, onnx_path: Path, config: BuildConfig) -> bytes:
     build_config = builder.create_builder_config()
     build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_bytes)
     build_config.builder_optimization_level = config.opt_level
+    if refittable:
+        build_config.set_flag(trt.BuilderFlag.REFIT)
     timing_path = config.timing_cache_path
     timing = build_config.create_timing_cache(cache.read_timing_cache(timing_path))
     if not build_config.set_timing_cache(timing, ignore_mismatch=False):

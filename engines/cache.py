@@ -93,6 +93,15 @@ class BuildInfo:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+def built_refittable(folder: str | Path, stage: Stage) -> bool:
+    """Whether the stage's recorded engine was built with `sdrt build --refittable`."""
+    try:
+        meta = json.loads(sidecar_path(folder, stage).read_text(encoding="utf-8"))
+        return bool(meta["build"].get("refittable", False))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return False
+
+
 def engine_dir(folder: str | Path) -> Path:
     return Path(folder) / ENGINE_DIR
 

@@ -138,6 +138,8 @@ class Manifest:
     source: str = ""
     format_version: int = FORMAT_VERSION       # what the folder was written as (1: sdrt 0.1)
     checkpoint: CheckpointInfo | None = None   # None: exported before sdrt recorded it
+    # LoRAs merged into the weights at export (`sdrt export --lora`): name, file, scale, sha256
+    merged_loras: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -191,6 +193,7 @@ class Manifest:
             "files": {k: v.to_json() for k, v in sorted(self.files.items())},
             "tools": dict(self.tools),
             "verification": dict(self.verification),
+            **({"merged_loras": [dict(m) for m in self.merged_loras]} if self.merged_loras else {}),
         }
 
     @classmethod
@@ -209,8 +212,12 @@ class Manifest:
             precisions = {s: Precision(entry["precision"]) for s, entry in stated.items()}
             records = {str(k): FileRecord(str(v["sha256"]), int(v["size"])) for k, v in data["files"].items()}
             checkpoint = CheckpointInfo.from_json(data["checkpoint"], where) if "checkpoint" in data else None
+            merged = data.get("merged_loras", [])
+            if not isinstance(merged, list) or not all(isinstance(m, dict) for m in merged):
+                raise ArtifactError(f"{where}: merged_loras must be a list of objects")
             manifest = cls(facts, shape, precisions, records, dict(data.get("tools", {})),
-                           dict(data.get("verification", {})), str(data.get("source", "")), version, checkpoint)
+                           dict(data.get("verification", {})), str(data.get("source", "")), version, checkpoint,
+                           tuple(merged))
             if version >= 2 and data.get("family") != facts.family:
                 raise ArtifactError(f"{where}: family {data.get('family')!r:.40} differs from the model's "
                                     f"{facts.family!r:.40}")

@@ -36,7 +36,9 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+import numpy as np
 
 from .errors import ArtifactError, MissingFile
 
@@ -246,3 +248,191 @@ def check_external_data(path: str | os.PathLike[str], root: str | os.PathLike[st
 
 def _within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
+
+
+# TensorProto.DataType -> NumPy, for the weights `read_initializers` returns.
+_NP_TYPES = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64}
+
+
+def read_initializers(path: str | os.PathLike[str], names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The values of the named top-level initializers of the ONNX file at `path`, read
+    from its raw bytes or its external data file (inside its folder, as
+    `check_external_data` requires), without the `onnx` package. What changes weights
+    at run time (LoRA) reads the exported weights from here, so restoring them is exact.
+    Raises ArtifactError naming a tensor that is missing or stored in a way sdrt does not
+    write (typed fields other than float_data)."""
+    path = Path(path)
+    wanted = set(names)
+    external = {ref.tensor: ref for ref in check_external_data(path) if ref.tensor in wanted}
+    found: dict[str, np.ndarray] = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            for number, wire, a, b in _fields(view, 0, len(view)):
+                if number == 7 and wire == _LEN:
+                    for n2, w2, a2, b2 in _fields(view, a, b):
+                        if n2 == 5 and w2 == _LEN:
+                            _read_tensor(view, a2, b2, wanted, external, path.parent, found)
+        except _Malformed as e:
+            raise ArtifactError(f"{path}: not a valid ONNX model, truncated or corrupt ({e})") from None
+        finally:
+            view.release()
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ArtifactError(f"{path}: no initializer {missing[0]!r} ({len(missing)} missing); export the model again")
+    return found
+
+
+def _read_tensor(buf: memoryview, start: int, end: int, wanted: set[str], external: dict[str, ExternalRef],
+                 folder: Path, found: dict[str, np.ndarray]) -> None:
+    name, dims, dtype, raw, floats = None, [], None, None, None
+    for number, wire, a, b in _fields(buf, start, end):
+        if number == 8 and wire == _LEN:
+            name = bytes(buf[a:b]).decode("utf-8", "replace")
+            if name not in wanted:
+                return
+        elif number == 1:
+            if wire == _VARINT:
+                dims.append(a)
+            elif wire == _LEN:   # packed
+                pos = a
+                while pos < b:
+                    d, pos = _varint(buf, pos, b)
+                    dims.append(d)
+        elif number == 2 and wire == _VARINT:
+            dtype = a
+        elif number == 9 and wire == _LEN:
+            raw = (a, b)
+        elif number == 4 and wire == _LEN:
+            floats = (a, b)
+    if name is None:
+        return
+    if dtype not in _NP_TYPES:
+        raise _Malformed(f"tensor {name!r} has data type {dtype}, not one sdrt reads")
+    np_type = np.dtype(_NP_TYPES[dtype]).newbyteorder("<")
+    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    if name in external:
+        ref = external[name]
+        with open(folder / ref.location, "rb") as f:
+            f.seek(ref.offset)
+            data = f.read(count * np_type.itemsize)
+        array = np.frombuffer(data, dtype=np_type)
+    elif raw is not None:
+        array = np.frombuffer(buf[raw[0]:raw[1]], dtype=np_type).copy()
+    elif floats is not None and dtype == 1:
+        array = np.frombuffer(buf[floats[0]:floats[1]], dtype=np_type).copy()
+    else:
+        raise _Malformed(f"tensor {name!r} holds its values in a field sdrt does not read")
+    if array.size != count:
+        raise _Malformed(f"tensor {name!r} holds {array.size} values for shape {dims}")
+    found[name] = array.astype(array.dtype.newbyteorder("="), copy=False).reshape(dims)
+
+
+def initializer_types(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], int]]:
+    """{name: (dims, ONNX data type)} of every top-level initializer, values not read."""
+    found: dict[str, tuple[tuple[int, ...], int]] = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        view = memoryview(mm)
+        try:
+            for number, wire, a, b in _fields(view, 0, len(view)):
+                if number == 7 and wire == _LEN:
+                    for n2, w2, a2, b2 in _fields(view, a, b):
+                        if n2 == 5 and w2 == _LEN:
+                            name, dims, dtype = _tensor_header(view, a2, b2)
+                            found[name] = (dims, dtype)
+        except _Malformed as e:
+            raise ArtifactError(f"{path}: not a valid ONNX model, truncated or corrupt ({e})") from None
+        finally:
+            view.release()
+    return found
+
+
+def _tensor_header(buf: memoryview, start: int, end: int) -> tuple[str, tuple[int, ...], int]:
+    name, dims, dtype = "", [], 0
+    for number, wire, a, b in _fields(buf, start, end):
+        if number == 8 and wire == _LEN:
+            name = bytes(buf[a:b]).decode("utf-8", "replace")
+        elif number == 1 and wire == _VARINT:
+            dims.append(a)
+        elif number == 1 and wire == _LEN:
+            pos = a
+            while pos < b:
+                d, pos = _varint(buf, pos, b)
+                dims.append(d)
+        elif number == 2 and wire == _VARINT:
+            dtype = a
+    return name, tuple(dims), dtype
+
+
+def with_overridable(path: str | os.PathLike[str], names: Iterable[str]) -> bytes:
+    """The ONNX model at `path` with the named initializers also listed as graph inputs,
+    as serialized bytes. ONNX Runtime lets a caller feed such an initializer at run time
+    ("overridable initializers", IR version >= 4) and uses the stored value when it is
+    not fed. Protobuf messages are concatenations of fields, so the inputs are appended
+    to the graph's bytes and only the graph's length prefix is rewritten; the `onnx`
+    package is not needed (the runtime does not depend on it)."""
+    types = initializer_types(path)
+    extra = bytearray()
+    for name in names:
+        dims, dtype = types[name]
+        shape = b"".join(_message(1, _varint_field(1, d)) for d in dims)          # TensorShapeProto.dim
+        tensor = _varint_field(1, dtype) + _message(2, shape)                      # TypeProto.Tensor
+        value_info = _message(1, name.encode()) + _message(2, _message(1, tensor))  # ValueInfoProto
+        extra += _message(11, value_info)                                          # GraphProto.input
+    data = Path(path).read_bytes()
+    view = memoryview(data)
+    out = bytearray()
+    pos = 0
+    try:
+        for number, wire, a, b in _fields(view, 0, len(view)):
+            if number == 7 and wire == _LEN:
+                head_start = _field_start(view, pos, a)
+                out += data[pos:head_start]
+                out += _message(7, bytes(view[a:b]) + bytes(extra))
+                pos = b
+    except _Malformed as e:
+        raise ArtifactError(f"{path}: not a valid ONNX model, truncated or corrupt ({e})") from None
+    out += data[pos:]
+    return bytes(out)
+
+
+def _field_start(buf: memoryview, scan_from: int, payload: int) -> int:
+    """Where the field whose payload starts at `payload` begins (its key and length),
+    found by walking the top-level fields again from `scan_from`."""
+    pos = scan_from
+    while pos < payload:
+        start = pos
+        key, pos = _varint(buf, pos, payload)
+        wire = key & 7
+        if wire == _LEN:
+            length, pos = _varint(buf, pos, payload)
+            if pos == payload:
+                return start
+            pos += length
+        elif wire == _VARINT:
+            _, pos = _varint(buf, pos, payload)
+        elif wire == _I64:
+            pos += 8
+        elif wire == _I32:
+            pos += 4
+    raise _Malformed("graph field not found")
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _varint_field(number: int, value: int) -> bytes:
+    return _encode_varint(number << 3 | _VARINT) + _encode_varint(value)
+
+
+def _message(number: int, payload: bytes) -> bytes:
+    return _encode_varint(number << 3 | _LEN) + _encode_varint(len(payload)) + payload

@@ -103,6 +103,8 @@ def import_openvino() -> Any:
 class OvEngine(Engine):
     """One stage as an OpenVINO compiled model with one infer request."""
 
+    backend_title = "OpenVINO"   # compiled models have constant weights: LoRAs need a recompile (not done)
+
     def __init__(self, spec: StageSpec, compiled: Any, load_seconds: float = 0.0, cached: bool = False):
         super().__init__(spec)
         self.compiled = compiled

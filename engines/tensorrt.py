@@ -167,9 +167,13 @@ class _Shared:
 
 
 class TrtEngine(Engine):
+    backend_title = "TensorRT"
+
     def __init__(self, spec: StageSpec, engine: Any, context: Any, shared: _Shared,
-                 cuda_graph: bool = False, runtime: Any = None):
+                 cuda_graph: bool = False, runtime: Any = None, trt: Any = None, onnx_path: Path | None = None):
         super().__init__(spec)
+        self._trt, self._onnx_path = trt, onnx_path
+        self._refitted: set[str] = set()    # initializers that hold other than the exported values
         self._engine, self._context, self._runtime = engine, context, runtime
         self._shared = shared
         self._stream = shared.stream
@@ -235,6 +239,43 @@ class TrtEngine(Engine):
                 return
         self._execute()
 
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Refit (an engine built with `sdrt build --refittable`): the named weights get
+        the given values, and those changed before but not named now get the exported
+        values back, read from the artifact's ONNX files. Refitting LoRA B over LoRA A
+        from the current weights would leave A's residue (TensorRT issue #3628); here
+        every weight is either given or exported, so the result is exact."""
+        if self._context is None:
+            raise InvalidInput(f"{self.spec.stage.value} engine is closed")
+        names = set(weights) | self._refitted
+        if not names:
+            return
+        if self._trt is None or self._onnx_path is None or not self._engine.refittable:
+            raise BackendUnavailable(f"{self.spec.stage.value}: this TensorRT engine was built without --refittable, "
+                                     f"so its weights cannot change; run `sdrt build --refittable` on the artifact")
+        from .onnx_files import read_initializers
+
+        restore = sorted(self._refitted - set(weights))
+        exported = read_initializers(self._onnx_path, restore) if restore else {}
+        refitter = self._trt.Refitter(self._engine, logger(self._trt))
+        keep = []   # the host arrays must live until refit_cuda_engine has copied them
+        for name in sorted(names):
+            value = np.ascontiguousarray(weights[name] if name in weights else exported[name])
+            keep.append(value)
+            if not refitter.set_named_weights(name, self._trt.Weights(value)):
+                raise ArtifactError(f"{self.spec.stage.value}: the TensorRT engine has no refittable weight {name!r}; "
+                                    f"rebuild it with `sdrt build --refittable --force`")
+        self._stream.synchronize()
+        if not refitter.refit_cuda_engine():
+            self._refitted = names   # unknown state: restore everything on the next call
+            raise ArtifactError(f"{self.spec.stage.value}: TensorRT refit failed (see the TensorRT log above)")
+        del keep
+        self._refitted = set(weights)
+        if self._graph is not None:   # a captured graph may hold the old weights' kernels: capture again
+            self._graph.close()
+            self._graph = None
+            self._use_graph, self._calls = True, 0
+
     @property
     def graph_captured(self) -> bool:
         return self._graph is not None
@@ -293,7 +334,8 @@ def open_engines(folder: str | Path, manifest: Any, options: Options = Options()
         for stage, engine in loaded.items():
             context = _context(trt, engine, shared)
             engines[stage] = TrtEngine(specs[stage], engine, context, shared,
-                                       cuda_graph=cuda_graph and stage is Stage.UNET, runtime=runtime)
+                                       cuda_graph=cuda_graph and stage is Stage.UNET, runtime=runtime, trt=trt,
+                                       onnx_path=folder / stage.onnx_file)
     except BaseException:
         for e in engines.values():
             e.close()

@@ -35,6 +35,8 @@ class ExportConfig:
     # The checkpoint's name in PNG metadata (AUTOMATIC1111's `Model:`). None: derived from
     # model_dir (NAME for a Hugging Face hub cache snapshot, else the folder's name).
     model_name: str | None = None
+    # LoRAs merged into the exported weights, as (file, scale) pairs (export/merge.py)
+    loras: tuple[tuple[Path, float], ...] = ()
 
     def stage_precision(self, stage: Stage) -> Precision:
         if stage in (Stage.VAE_ENCODER, Stage.VAE_DECODER) and self.vae_precision is not None:

@@ -27,6 +27,8 @@ from sdrt.engines.families import family
 from sdrt.engines.manifest import (CheckpointInfo, FileRecord, Manifest, check_model_name, file_record, model_name,
                                    write_manifest)
 from sdrt.engines.specs import ModelFacts, Precision, ShapeConfig, Stage, StageSpec, check_io, stage_specs
+from sdrt.engines import weightmap
+from sdrt.engines.weightmap import StageWeights, WeightMap
 
 from . import outdir
 from .checkpoint import SCHEDULER_CONFIG, Checkpoint, open_checkpoint
@@ -66,8 +68,10 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     specs = stage_specs(facts, shape, stages)
     checks = []
     known: dict[str, FileRecord] = {}   # records computed while writing
+    linked: dict[Stage, StageWeights] = {}   # which initializer holds which parameter
     for stage in stages:
-        check = _export_stage(ckpt, facts, specs[stage], precisions[stage], out_dir, config.verify, progress, known)
+        check = _export_stage(ckpt, facts, specs[stage], precisions[stage], out_dir, config.verify, progress, known,
+                              linked)
         if check is not None:
             checks.append(check)
             if not check.passed:
@@ -83,7 +87,16 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
 
         progress.say("verification (ONNX Runtime CPU vs torch, random inputs):\n" + table(checks))
 
+    merged_loras = []
+    if config.loras:
+        from .merge import merge_loras
+
+        with progress.step(f"merging {len(config.loras)} LoRA(s) into the weights"):
+            merged_loras = merge_loras(out_dir, WeightMap(linked), tuple(config.loras), stages)
+        known.clear()   # the weight files changed: hash them again
     copied = _copy_runtime_files(ckpt, out_dir)
+    weightmap.write(out_dir, WeightMap(linked))
+    copied.append(weightmap.WEIGHT_MAP)
     names = []
     for stage in stages:
         names += [n for n in (stage.onnx_file, stage.data_file) if n]
@@ -94,7 +107,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     manifest = Manifest(
         facts=facts, shape=shape, precisions=precisions, files=records, tools=_tool_versions(),
         verification={c.stage.value: c.to_json() for c in checks},
-        source=str(ckpt.folder.resolve()), checkpoint=checkpoint,
+        source=str(ckpt.folder.resolve()), checkpoint=checkpoint, merged_loras=tuple(merged_loras),
     )
     write_manifest(out_dir, manifest)
     progress.say(f"wrote {out_dir / 'manifest.json'}")
@@ -177,6 +190,10 @@ def _check_config(config: ExportConfig) -> None:
         raise InvalidInput(f"batch must be an integer >= 1 (images per call), got {config.batch!r}")
     if config.model_name is not None:
         check_model_name(config.model_name)   # before minutes of export
+    if config.loras:
+        from sdrt.runtime.loras import parse_loras
+
+        parse_loras(list(config.loras))   # names and scales, before minutes of export
     accepted = ", ".join(p.value for p in Precision)
     for name, value in (("precision", config.precision), ("vae_precision", config.vae_precision)):
         if value is not None and not isinstance(value, Precision):
@@ -195,8 +212,10 @@ def _precision_module() -> Any:
 
 
 def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Precision, out_dir: Path,
-                  verify: bool, progress: Progress, known: dict[str, FileRecord]) -> Any:
+                  verify: bool, progress: Progress, known: dict[str, FileRecord],
+                  linked: dict[Stage, StageWeights]) -> Any:
     from . import graphs
+    from . import weightmap as link
     from .checkpoint import load_module
     from .verify import FP32_TOLERANCE, compare, random_inputs, run_onnx
 
@@ -204,7 +223,13 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
     name = stage.value
     with files.temp_folder(out_dir, prefix=f"{files.TEMP_PREFIX}{name}-") as work:
         with progress.step(f"{name}: loading weights"):
-            graph = graphs.wrap(stage, load_module(ckpt, stage), spec, facts)
+            module = load_module(ckpt, stage)
+            graph = graphs.wrap(stage, module, spec, facts)
+        params = None
+        if link.link_stage(stage):
+            with progress.step(f"{name}: hashing parameters (to link them to the graph's weights)"):
+                params = link.fingerprints(module, stage)
+        del module
         inputs = random_inputs(spec, facts)
         raw = work / "raw"
         raw.mkdir()
@@ -218,12 +243,18 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
             data = None if not stage.data_file else (stage.data_file if precision is Precision.FP32 else "fp32.onnx.data")
             data_sha256 = graphs.clean_file(raw / "model.onnx", fp32, data)
             shutil.rmtree(raw)
+        if params is not None:
+            with progress.step(f"{name}: linking parameters to the graph's weights"):
+                weights = link.match(stage, params, link.initializer_keys(fp32))
+            params = None
         final = work / stage.onnx_file
         tolerance = FP32_TOLERANCE
         if precision is not Precision.FP32:
             module = _precision_module()
             with progress.step(f"{name}: converting to {precision.value}"):
                 module.convert_stage(fp32, final, stage)
+            if link.link_stage(stage):
+                weights = link.after_conversion(weights, final)
             tolerance = tuple(module.verify_tolerance(stage, precision))
             for p in (fp32, work / "fp32.onnx.data"):
                 p.unlink(missing_ok=True)
@@ -247,6 +278,8 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
                 os.replace(work / fname, out_dir / fname)
         if data_sha256 and precision is Precision.FP32:
             known[stage.data_file] = FileRecord(data_sha256, (out_dir / stage.data_file).stat().st_size)
+        if link.link_stage(stage):
+            linked[stage] = weights
         return check
 
 

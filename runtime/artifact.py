@@ -24,6 +24,7 @@ from sdrt.engines.manifest import Manifest, load_manifest
 from sdrt.engines.specs import LATENT, Stage
 
 from . import inputs
+from .loras import parse_loras
 from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
 from .prompts import parse_prompt_attention
 from .schedulers import (Sampler, SchedulerFallback, checkpoint_default, denoising_end_calls, make_sampler,
@@ -163,8 +164,11 @@ class Artifact:
                 crops_coords_top_left: Any = None, target_size: Any = None, denoising_start: Any = None,
                 denoising_end: Any = None, aesthetic_score: Any = 6.0,
                 negative_aesthetic_score: Any = 2.5, cache_interval: Any = 1, cache_uniform: Any = True,
-                cache_center: Any = None, cache_pow: Any = None) -> Request:
-        """Validate one generation's settings and inputs (see `Pipeline.__call__`)."""
+                cache_center: Any = None, cache_pow: Any = None, loras: Any = None) -> Request:
+        """Validate one generation's settings and inputs (see `Pipeline.__call__`).
+        LoRA files are named and scaled here; their contents are checked against the
+        engines' weights by the Pipeline (runtime/loras.py), before any engine runs."""
+        chosen_loras = parse_loras(loras)
         task = self._task(image, mask_image, outpaint)
         if scheduler is None:
             default = checkpoint_default(self.scheduler_config)
@@ -185,6 +189,8 @@ class Artifact:
             denoising_end=denoising_end, aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score, cache_interval=cache_interval,
             cache_uniform=cache_uniform, cache_center=cache_center, cache_pow=cache_pow)
+        if chosen_loras:
+            config = dataclasses.replace(config, loras=chosen_loras)
         if config.deepcache.enabled and Stage.UNET_SHALLOW not in self.manifest.stages:
             raise InvalidInput(f"cache_interval {config.deepcache.interval} (DeepCache) needs the shallow U-Net, which "
                                f"{self.folder} lacks: export it with --deepcache")

@@ -98,6 +98,8 @@ class GenerationConfig:
     negative_given: bool = False
     # DeepCache: the full U-Net every `interval` steps, the shallow one in between (off: 1).
     deepcache: CacheSchedule = CacheSchedule()
+    # LoRAs applied for this call (runtime/loras.py), in the order given
+    loras: tuple[Any, ...] = ()
 
     @property
     def prompt(self) -> str:

@@ -49,6 +49,7 @@ from .artifact import Artifact, Request
 from .config import GenerationConfig, Generator, Task
 from .images import PARAMETERS_KEY, to_pil
 from .infotext import parameters_text
+from .loras import LoraWeights
 from .schedulers import SCHEDULERS, Sampler, denoising_end_calls
 from .tokenizer import PromptTruncated
 from .torch_random import TorchGenerator
@@ -143,6 +144,7 @@ class Pipeline:
         self.engines = dict(engines)
         self.backend = backend                  # the backend's name (auto resolved)
         self.backend_reason = backend_reason    # with backend="auto": why it was picked
+        self.loras = LoraWeights(artifact.folder, self.engines)   # the LoRAs the engines run with now
         self._lock = threading.Lock()
 
     @classmethod
@@ -226,7 +228,8 @@ class Pipeline:
                  target_size: tuple[int, int] | None = None, denoising_start: float | None = None,
                  denoising_end: float | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, cache_interval: int = 1, cache_uniform: bool = True,
-                 cache_center: int | None = None, cache_pow: float | None = None) -> GenerationResult:
+                 cache_center: int | None = None, cache_pow: float | None = None,
+                 loras: Any = None) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
@@ -270,6 +273,12 @@ class Pipeline:
         cache_uniform=False: the reference's non-uniform schedule, ceil(steps / interval)
         full steps packed around step cache_center (default 30% of the steps) by a power
         law of exponent cache_pow (default 1.4). See runtime/deepcache.py.
+        loras: LoRA files for this call, each a path or (path, scale) (scale default 1.0):
+        diffusers/PEFT or kohya/AUTOMATIC1111 .safetensors, for the U-Net and the text
+        encoder(s). Applied exactly as diffusers' fuse_lora(lora_scale=scale), several at
+        once adding up; switching, or going back to none, re-reads and re-exports nothing,
+        and a call without LoRAs runs the exported weights bit for bit (runtime/loras.py).
+        On onnxruntime, and TensorRT engines built with --refittable.
         on_step(i, n): called after each denoising step (progress reporting).
         """
         request = self.artifact.request(prompt, negative_prompt, steps, guidance, scheduler, seed, latents,
@@ -277,13 +286,14 @@ class Pipeline:
                                         prompt_weighting, clip_skip, prompt_2, negative_prompt_2, original_size,
                                         crops_coords_top_left, target_size, denoising_start, denoising_end,
                                         aesthetic_score, negative_aesthetic_score, cache_interval, cache_uniform,
-                                        cache_center, cache_pow)
+                                        cache_center, cache_pow, loras)
         return self.run(request, on_step)
 
     def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
         """Generate from a request made by `self.artifact.request(...)`."""
         if on_step is not None and not callable(on_step):
             raise InvalidType(f"on_step must be a callable on_step(i, n) or None, got {type(on_step).__name__}")
+        self.loras.read(request.config.loras)   # a bad file fails here, before the lock and any engine work
         with self._lock:
             return self._generate(request, on_step)
 
@@ -292,6 +302,7 @@ class Pipeline:
         start = time.perf_counter()
         config, sampler = request.config, request.sampler
         rng = _random_source(config) if rng is None else rng
+        self.loras.apply(config.loras)
         conditioning, text_time = self.encode_prompt(config)
         latents, vae_encoder_time = self.prepare_latents(request, rng)
         x, step_times, unet_times = self.denoise(config, sampler, latents, conditioning, rng, on_step)
@@ -593,7 +604,8 @@ def refine_requests(base: Artifact, refiner: Artifact, prompt: Any, high_noise_f
                            f"export both at the same size and batch")
     first = base.request(prompt, denoising_end=high_noise_frac, **kwargs)
     # The refiner has no first encoder and no target size; the hand-off sets the rest.
-    skip = ("prompt_2", "negative_prompt_2", "target_size", "denoising_end", "denoising_start", "image",
+    # LoRAs are the base's (a LoRA trained on the base does not fit the refiner's U-Net).
+    skip = ("prompt_2", "negative_prompt_2", "target_size", "loras", "denoising_end", "denoising_start", "image",
             "mask_image", "outpaint", "latents")
     refiner_kwargs = {k: v for k, v in kwargs.items() if k not in skip}
     refiner_kwargs["seed"] = first.config.seed

@@ -13,6 +13,7 @@ float32 exactly (a bfloat16 is the top 16 bits of a float32).
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
 # The first bytes of the formats a `.pt`/`.bin`/`.ckpt` may really be: a zip (torch.save
 # since 1.6) or a raw pickle stream (protocol 2+ starts with 0x80).
@@ -41,9 +43,16 @@ class SafetensorsFile:
 
 
 def looks_like_pickle(path: str | os.PathLike[str]) -> bool:
-    """Whether the file starts like a torch.save zip or a pickle stream."""
+    """Whether the file starts like a torch.save zip or a pickle stream, and not like a
+    safetensors file: a safetensors header length whose low byte is 0x80 (128, 384, ...,
+    1 in 32 of the 8-byte-padded headers the format writes) starts like a pickle too, so
+    a file whose first 8 bytes give a length that fits and whose header opens with "{"
+    is safetensors."""
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+        size = os.fstat(f.fileno()).st_size
+        if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+            return False
     return any(head.startswith(m) for m in _PICKLE_MAGIC)
 
 
@@ -78,13 +87,29 @@ def read(path: str | os.PathLike[str], what: str = "file") -> SafetensorsFile:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidInput(f"{what} {path}: __metadata__ must map names to strings")
-    tensors = {}
+    tensors, spans = {}, []
     for name, entry in header.items():
-        tensors[name] = _tensor(path, what, name, entry, data)
+        tensors[name], span = _tensor(path, what, name, entry, data)
+        spans.append((span, name))
+    _check_coverage(path, what, spans, len(data))
     return SafetensorsFile(path, tensors, dict(metadata))
 
 
-def _tensor(path: Path, what: str, name: str, entry: object, data: bytes) -> np.ndarray:
+def _check_coverage(path: Path, what: str, spans: list[tuple[tuple[int, int], str]], size: int) -> None:
+    """The format's rule (and its reference reader's check): the tensors' bytes follow
+    one another from the start of the data to its end, with no gap and no overlap, so
+    no byte of the file goes unread (no polyglot files)."""
+    end = 0
+    for (begin, stop), name in sorted(spans):
+        if begin != end:
+            raise InvalidInput(f"{what} {path}, tensor {name!r}: its bytes start at {begin}, not where the "
+                               f"previous tensor's end ({end}): {'overlapping' if begin < end else 'a gap'}")
+        end = stop
+    if end != size:
+        raise InvalidInput(f"{what} {path}: the tensors end at byte {end} of {size} bytes of data")
+
+
+def _tensor(path: Path, what: str, name: str, entry: object, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
     where = f"{what} {path}, tensor {name!r}"
     if not isinstance(entry, dict):
         raise InvalidInput(f"{where}: its header entry is not an object")
@@ -101,7 +126,7 @@ def _tensor(path: Path, what: str, name: str, entry: object, data: bytes) -> np.
         raise InvalidInput(f"{where}: data_offsets {offsets!r} is not [begin, end]")
     begin, end = offsets
     item = np.dtype(_DTYPES[dtype]).itemsize
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)      # Python ints: a hostile shape must not wrap around int64
     if not 0 <= begin <= end or end > len(data):
         raise InvalidInput(f"{where}: bytes {begin}..{end} lie outside the file's {len(data)} bytes of data "
                            f"(truncated?)")
@@ -110,4 +135,4 @@ def _tensor(path: Path, what: str, name: str, entry: object, data: bytes) -> np.
     array = np.frombuffer(data, dtype=np.dtype(_DTYPES[dtype]).newbyteorder("<"), count=count, offset=begin)
     if dtype == "BF16":
         array = (array.astype(np.uint32) << 16).view(np.float32)
-    return array.astype(array.dtype.newbyteorder("="), copy=True).reshape(shape)
+    return array.astype(array.dtype.newbyteorder("="), copy=True).reshape(shape), (begin, end)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any, Mapping
 
+from sdrt.engines.weightmap import WEIGHT_MAP
+
 from .folders import artifact_folder
 from .parser import one_line
 
@@ -44,6 +46,11 @@ def format_info(folder: Path, m: Any, checked: bool = False) -> str:
                f"{skip}")
     out.append("  deepcache     " + ("yes: unet_shallow runs between full U-Net calls (generate --deepcache N)"
                                      if s.deepcache else "no (export with --deepcache to add the shallow U-Net)"))
+    ready = WEIGHT_MAP in m.files
+    out.append("  loras         " + ("per call (generate --lora FILE[:SCALE])" if ready
+                                     else "no per-call LoRAs (exported by an older sdrt: export again)"))
+    if m.merged_loras:
+        out.append("  merged loras  " + ", ".join(f"{x.get('name')}:{x.get('scale')}" for x in m.merged_loras))
     out.append("stages")
     for stage, spec in m.specs.items():
         out.append(f"  {stage.value:<13} {m.precisions[stage].value}")

@@ -467,3 +467,55 @@ def test_shared_device_memory_contexts_use_one_user_managed_block():
     calls.clear()
     trt_backend._context(fake_trt, Engine(), SimpleNamespace(block=None))
     assert calls == [("create", None)]   # default: TensorRT allocates per context
+
+
+# --- refit (LoRA) over a stand-in Refitter ----------------------------------------
+
+def test_refit_sets_new_weights_and_restores_the_exported_ones_exactly(monkeypatch, sd15_artifacts):
+    """Every refit names each weight it ever changed: given values, or the exported
+    ones read back from the artifact's ONNX file (no residue of an earlier LoRA)."""
+    from sdrt.engines.onnx_files import read_initializers
+    from sdrt.engines.weightmap import read as read_weight_map
+
+    names = sorted({t.initializer for t in read_weight_map(sd15_artifacts).stages[Stage.UNET].params.values()})[:3]
+    exported = read_initializers(sd15_artifacts / "unet.onnx", names)
+    refits: list[dict] = []
+
+    class Refitter:
+        def __init__(self, engine, log):
+            self.pending = {}
+
+        def set_named_weights(self, name, weights):
+            self.pending[name] = weights.array.copy()
+            return name in exported
+
+        def refit_cuda_engine(self):
+            refits.append(self.pending)
+            return True
+
+    fake_trt = SimpleNamespace(Refitter=Refitter, Weights=lambda a: SimpleNamespace(array=a),
+                               Logger=SimpleNamespace(WARNING=0))
+    monkeypatch.setattr(trt_backend, "logger", lambda trt: None)
+    engine, fake = unet_engine(monkeypatch)
+    engine._engine = SimpleNamespace(refittable=True)
+    engine._trt, engine._onnx_path = fake_trt, sd15_artifacts / "unet.onnx"
+    a = {names[0]: exported[names[0]] + 1, names[1]: exported[names[1]] * 2}
+    b = {names[2]: exported[names[2]] - 1}
+    engine.set_weights(a)
+    engine.set_weights(b)
+    engine.set_weights({})
+    engine.set_weights({})   # nothing changed: no refit
+    assert [sorted(r) for r in refits] == [sorted(a), sorted(names), [names[2]]]
+    assert all(np.array_equal(refits[0][n], a[n]) for n in a)
+    assert all(np.array_equal(refits[1][n], exported[n]) for n in names[:2])   # A's weights restored
+    assert np.array_equal(refits[1][names[2]], b[names[2]])
+    assert np.array_equal(refits[2][names[2]], exported[names[2]])
+
+
+def test_refit_on_an_engine_built_without_refittable_says_how_to_build_one(monkeypatch):
+    engine, _ = unet_engine(monkeypatch)
+    engine._engine = SimpleNamespace(refittable=False)
+    engine._trt, engine._onnx_path = object(), None
+    with pytest.raises(BackendUnavailable, match="sdrt build --refittable"):
+        engine.set_weights({"w": np.zeros(1, np.float32)})
+    engine.set_weights({})   # restoring nothing needs no refit

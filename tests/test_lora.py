@@ -163,3 +163,22 @@ def test_cli_lora_flag_gives_the_api_image(pipe, sd15_artifacts, lora_files, tmp
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     api = pipe(PROMPT, steps=STEPS, seed=SEED, loras=[(lora_files["kohya"], 0.6)]).images[0]
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(api))
+
+
+def test_lcm_lora_runs_few_steps_on_the_base_model_as_diffusers(pipe, tiny_sd15, lora_files):
+    """LCM-LoRA: a LoRA (LoCon, kohya keys, as latent-consistency/lcm-lora-sdv1-5 ships)
+    on a plain SD 1.5 artifact, with the LCM sampler, 4 steps and guidance 1, as its
+    model card runs it in diffusers."""
+    import torch
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    path = lora_files["locon"]
+    ref = StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None)
+    ref.scheduler = LCMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora()
+    want = ref(PROMPT, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(SEED),
+               output_type="np").images
+    got = pipe(PROMPT, steps=4, guidance=1.0, scheduler="lcm", seed=SEED, loras=[(path, 1.0)]).pixels
+    assert np.abs(got - want).max() <= PIXELS

@@ -44,6 +44,10 @@ def format_info(folder: Path, m: Any, checked: bool = False) -> str:
                f"{skip}")
     out.append("  deepcache     " + ("yes: unet_shallow runs between full U-Net calls (generate --deepcache N)"
                                      if s.deepcache else "no (export with --deepcache to add the shallow U-Net)"))
+    out.append("  safety        " + (f"yes: the checkpoint's safety checker on {f.safety_image_size}x"
+                                     f"{f.safety_image_size} crops; flagged images are returned black "
+                                     f"(generate --no-safety-checker skips it)" if f.safety_image_size
+                                     else "no safety checker"))
     out.append("stages")
     for stage, spec in m.specs.items():
         out.append(f"  {stage.value:<13} {m.precisions[stage].value}")

@@ -28,7 +28,8 @@ from sdrt.engines.files import fsync_tree, temp_folder
 from . import vocab
 from sdrt.engines.progress import Progress
 
-VARIANTS = ("sd15", "sd15-safety", "sd2", "sd15-inpaint", "lcm", "sdxl", "sdxl-refiner", "sdxl-inpaint", "sd15-full", "sd21-full", "sdxl-full")
+VARIANTS = ("sd15", "sd2", "sd15-inpaint", "lcm", "sdxl", "sdxl-refiner", "sdxl-inpaint", "sd15-safety",
+            "sd15-full", "sd21-full", "sdxl-full")
 MAX_SEED = 2**32 - 1
 
 _DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")

@@ -326,6 +326,8 @@ def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
 
     quiet_libraries()
     component = STAGE_COMPONENT[stage]
+    if component not in ckpt.weights:   # the safety checker of a checkpoint without one
+        raise MissingFile(f"{ckpt.folder} has no {component} for the {stage.value} stage")
     w = ckpt.weights[component]
     from safetensors import SafetensorError
 

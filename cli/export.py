@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     export.add_argument("--no-vae-encoder", dest="vae_encoder", action="store_false",
                         help="leave out the VAE encoder (text-to-image only: no input images); not for "
                              "inpainting checkpoints")
+    export.add_argument("--no-safety-checker", dest="safety_checker", action="store_false",
+                        help="leave out the checkpoint's safety checker (exported by default when the checkpoint "
+                             "has one: generated images it flags as NSFW are returned black, as diffusers does)")
     export.add_argument("--model-name", metavar="NAME", default=None,
                         help="the checkpoint's name in the PNG metadata of generated images (AUTOMATIC1111's "
                              "'Model:'; no commas, colons, quotes or line breaks). Default: the model folder's "
@@ -72,8 +75,8 @@ def run_export(args: argparse.Namespace) -> int:
         batch=args.batch, cfg=args.cfg, prompt_chunks=args.prompt_chunks, deepcache=args.deepcache,
         precision=Precision(args.precision),
         vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
-        vae_encoder=args.vae_encoder, verify=args.verify, force=args.force, allow_pickle=args.allow_pickle,
-        model_name=args.model_name, loras=tuple(args.loras),
+        vae_encoder=args.vae_encoder, safety_checker=args.safety_checker, verify=args.verify, force=args.force,
+        allow_pickle=args.allow_pickle, model_name=args.model_name, loras=tuple(args.loras),
     )
     with writing_into(args.out_dir):
         manifest = export_artifacts(config)

@@ -34,7 +34,7 @@ DEFAULTS: dict[str, Any] = dict(negative_prompt=None, steps=None, guidance=None,
                                 seed=None, generator=Generator.TORCH.value, image=None, mask_image=None, strength=None,
                                 outpaint=None, scheduler_options=None, prompt_weighting=True, clip_skip=None,
                                 prompt_2=None, negative_prompt_2=None, original_size=None,
-                                crops_coords_top_left=None, target_size=None, cache_interval=1)
+                                crops_coords_top_left=None, target_size=None, cache_interval=1, safety_checker=True)
 # Pipeline.__call__ argument <- argparse destination, for the flags a PNG's settings yield to.
 _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps", guidance="guidance",
               scheduler="scheduler", seed="seed", generator="generator", image="image", mask_image="mask",
@@ -42,7 +42,7 @@ _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps",
               prompt_2="prompt_2", negative_prompt_2="negative_prompt_2", original_size="original_size",
               crops_coords_top_left="crops_coords_top_left", target_size="target_size",
               cache_interval="deepcache", cache_uniform="deepcache_uniform", cache_center="deepcache_center",
-              cache_pow="deepcache_pow", loras="loras")
+              cache_pow="deepcache_pow", loras="loras", safety_checker="safety_checker")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -121,6 +121,9 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
                    help="apply a LoRA (.safetensors, diffusers/PEFT or kohya/AUTOMATIC1111 format) at SCALE "
                         "(default 1.0), as diffusers' fuse_lora; repeat for several. Needs an artifact exported "
                         "by this sdrt and the onnxruntime backend (or TensorRT engines built with --refittable)")
+    p.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=False, default=None,
+                   help="do not run the artifact's safety checker (by default, images it flags as NSFW are "
+                        "returned black and reported here, as diffusers does)")
     p.add_argument("--no-weighting", dest="prompt_weighting", action="store_const", const=False, default=None,
                    help="take the prompt literally: no AUTOMATIC1111 attention syntax ('(word:1.2)', "
                         "'[word]', BREAK), which is read by default")
@@ -348,9 +351,20 @@ def generate_and_save(folder: Path, backend: str, options: Mapping[str, Any], re
         pipe.close()
         if refiner_pipe is not None:
             refiner_pipe.close()
+    report_flagged(result.nsfw_content_detected, paths, command)
     print(format_timings(result.timings, c.steps, c.scheduler, result.seed))
     for path in paths:
         print(f"wrote {path}")
+
+
+def report_flagged(flags: list[bool] | None, paths: list[Path], command: str) -> None:
+    """One stderr line naming the batch items the safety checker flagged (written black)."""
+    flagged = [i for i, f in enumerate(flags or ()) if f]
+    if flagged:
+        items = ", ".join(f"{i} ({paths[i]})" for i in flagged)
+        print(f"sdrt {command}: safety checker: potential NSFW content in batch item{'s' * (len(flagged) > 1)} "
+              f"{items}: written as black images; try another prompt or seed (--no-safety-checker turns the "
+              f"checker off)", file=sys.stderr)
 
 
 def _print_warnings(caught: list, command: str) -> None:

@@ -51,6 +51,10 @@ def format_info(folder: Path, m: Any, checked: bool = False) -> str:
                                      else "no per-call LoRAs (exported by an older sdrt: export again)"))
     if m.merged_loras:
         out.append("  merged loras  " + ", ".join(f"{x.get('name')}:{x.get('scale')}" for x in m.merged_loras))
+    out.append("  safety        " + (f"yes: the checkpoint's safety checker on {f.safety_image_size}x"
+                                     f"{f.safety_image_size} crops; flagged images are returned black "
+                                     f"(generate --no-safety-checker skips it)" if f.safety_image_size
+                                     else "no safety checker"))
     out.append("stages")
     for stage, spec in m.specs.items():
         out.append(f"  {stage.value:<13} {m.precisions[stage].value}")

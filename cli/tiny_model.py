@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write a built-in checkpoint in the diffusers layout with random weights from a fixed "
                     "seed and the real CLIP vocabulary. sd15, sd2, sd15-inpaint, lcm and sdxl are tiny "
                     "(for tests and demos); sd15-full and sd21-full are the published full-size "
-                    "architectures (several GB).")
+                    "architectures (several GB). sd15-safety is the tiny sd15 with a tiny safety checker "
+                    "and feature extractor (its thresholds flag nothing).")
     tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create")
     tiny.add_argument("--variant", default="sd15", choices=VARIANTS,
                       help="which model family and size (default: sd15)")

@@ -42,9 +42,11 @@ class Family:
 # The SD 1.x / 2.x layout: one CLIP text encoder, a U-Net, and the VAE. The VAE
 # encoder serves image-to-image and inpainting only, so a text-to-image deployment
 # may leave it out (`sdrt export --no-vae-encoder`).
-# DeepCache's shallow U-Net is in an artifact exported with --deepcache only.
-_SD_STAGES = (Stage.TEXT_ENCODER, Stage.UNET, Stage.UNET_SHALLOW, Stage.VAE_ENCODER, Stage.VAE_DECODER)
-_SD_OPTIONAL = frozenset({Stage.UNET_SHALLOW, Stage.VAE_ENCODER})
+# DeepCache's shallow U-Net is in an artifact exported with --deepcache only. The
+# safety checker is there when the checkpoint has one (and the export kept it).
+_SD_STAGES = (Stage.TEXT_ENCODER, Stage.UNET, Stage.UNET_SHALLOW, Stage.VAE_ENCODER, Stage.VAE_DECODER,
+              Stage.SAFETY_CHECKER)
+_SD_OPTIONAL = frozenset({Stage.UNET_SHALLOW, Stage.VAE_ENCODER, Stage.SAFETY_CHECKER})
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd1", "Stable Diffusion 1.x", _SD_STAGES, _SD_OPTIONAL),

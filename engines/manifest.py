@@ -225,6 +225,10 @@ class Manifest:
             if shape.deepcache != (Stage.UNET_SHALLOW in manifest.stages):
                 raise ArtifactError(f"{where}: shape deepcache is {shape.deepcache} but the stages "
                                     f"{'lack' if shape.deepcache else 'include'} {Stage.UNET_SHALLOW.value}")
+            if (Stage.SAFETY_CHECKER in manifest.stages) != (facts.safety_image_size > 0):
+                raise ArtifactError(f"{where}: model fact safety_image_size is {facts.safety_image_size} but the "
+                                    f"stages {'include' if facts.safety_image_size == 0 else 'lack'} "
+                                    f"{Stage.SAFETY_CHECKER.value}")
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:

@@ -45,6 +45,9 @@ class Stage(str, enum.Enum):
     UNET_SHALLOW = "unet_shallow"
     VAE_ENCODER = "vae_encoder"
     VAE_DECODER = "vae_decoder"
+    # The checkpoint's safety checker (diffusers' StableDiffusionSafetyChecker): CLIP's
+    # vision model and the concept embeddings, run on the decoded images.
+    SAFETY_CHECKER = "safety_checker"
 
     @property
     def onnx_file(self) -> str:
@@ -114,6 +117,9 @@ class ModelFacts:
     # Whether the U-Net's last up block has cross-attention (SD 1.x/2.x: CrossAttnUpBlock2D;
     # SDXL: UpBlock2D, none). Without it DeepCache's shallow U-Net reads no text.
     unet_last_up_attention: bool = True
+    # The safety checker's CLIP vision image_size (= its feature extractor's crop size):
+    # the side of the pixel values it takes. 0 = none (not in the checkpoint, or left out).
+    safety_image_size: int = 0
 
     @property
     def context_size(self) -> int:
@@ -178,7 +184,7 @@ class ModelFacts:
         names = {f.name for f in fields(cls)}
         optional = {"family", "unet_in_channels", "text_num_layers", "time_cond_proj_dim", "text_2_hidden_size",
                     "pooled_size", "text_2_num_layers", "force_zeros_for_empty_prompt", "aesthetic_score",
-                    "unet_block_channels", "unet_last_up_attention"}
+                    "unet_block_channels", "unet_last_up_attention", "safety_image_size"}
         missing = names - set(data) - optional
         if missing:
             raise InvalidInput(f"model facts lack {sorted(missing)}")
@@ -190,7 +196,7 @@ class ModelFacts:
         for f in fields(self):
             value = getattr(self, f.name)
             least = 0 if f.name in ("text_num_layers", "time_cond_proj_dim", "text_2_hidden_size", "pooled_size",
-                                    "text_2_num_layers", "unet_block_channels") else 1
+                                    "text_2_num_layers", "unet_block_channels", "safety_image_size") else 1
             if f.name == "text_hidden_size" and self.family == "sdxl-refiner":
                 least = 0   # the refiner has only the second text encoder
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < least):
@@ -339,6 +345,13 @@ TEXT_EMBEDS = "text_embeds"   # SDXL: text_encoder_2's pooled projection, an add
 TIME_IDS = "time_ids"         # SDXL: original size, crop top-left, target size, per batch item
 DEEPCACHE_FEATURE = "deepcache_feature"   # the full U-Net's deep feature, the shallow one's input
 SDXL_TIME_IDS = 6
+CLIP_INPUT = "clip_input"           # the safety checker's CLIP pixel values
+SPECIAL_SCORES = "special_scores"   # cosine similarity to each special-care concept minus its threshold
+CONCEPT_SCORES = "concept_scores"   # cosine similarity to each concept minus its threshold
+# StableDiffusionSafetyChecker's concept counts (fixed in its __init__), and CLIP's RGB input.
+SAFETY_CONCEPTS = 17
+SAFETY_SPECIAL_CONCEPTS = 3
+CLIP_CHANNELS = 3
 
 # Images the VAE encoder takes per call. image-to-image and inpainting take one input
 # image for all batch items, as diffusers does with a single image: it encodes it
@@ -437,6 +450,18 @@ def vae_decoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
                      outputs=(TensorSpec(IMAGES, (b, facts.image_channels, shape.height, shape.width), _F32),))
 
 
+def safety_checker_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
+    """One call per generation on every batch item's CLIP pixel values (the feature
+    extractor's crop of the decoded image) -> each image's scores against the concepts,
+    thresholds already subtracted. The runtime applies diffusers' rounding, special-care
+    adjustment and any-concept rule to them (runtime/safety.py)."""
+    b, side = shape.batch, facts.safety_image_size
+    return StageSpec(Stage.SAFETY_CHECKER,
+                     inputs=(TensorSpec(CLIP_INPUT, (b, CLIP_CHANNELS, side, side), _F32),),
+                     outputs=(TensorSpec(SPECIAL_SCORES, (b, SAFETY_SPECIAL_CONCEPTS), _F32),
+                              TensorSpec(CONCEPT_SCORES, (b, SAFETY_CONCEPTS), _F32)))
+
+
 # Stage kind -> its spec function. Adding a stage kind is one entry here plus its
 # spec function (and its export wrapper in export/graphs.py).
 STAGE_SPECS: dict[Stage, Callable[[ModelFacts, ShapeConfig], StageSpec]] = {
@@ -446,6 +471,7 @@ STAGE_SPECS: dict[Stage, Callable[[ModelFacts, ShapeConfig], StageSpec]] = {
     Stage.UNET_SHALLOW: unet_shallow_spec,
     Stage.VAE_ENCODER: vae_encoder_spec,
     Stage.VAE_DECODER: vae_decoder_spec,
+    Stage.SAFETY_CHECKER: safety_checker_spec,
 }
 
 

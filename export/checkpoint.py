@@ -21,7 +21,13 @@ WEIGHT_COMPONENTS = ("text_encoder", "unet", "vae")
 SDXL_COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 REFINER_COMPONENTS = ("text_encoder_2", "unet", "vae")   # the SDXL refiner has no first text encoder
 STAGE_COMPONENT = {Stage.TEXT_ENCODER: "text_encoder", Stage.TEXT_ENCODER_2: "text_encoder_2", Stage.UNET: "unet",
-                   Stage.UNET_SHALLOW: "unet", Stage.VAE_ENCODER: "vae", Stage.VAE_DECODER: "vae"}
+                   Stage.UNET_SHALLOW: "unet", Stage.VAE_ENCODER: "vae", Stage.VAE_DECODER: "vae",
+                   Stage.SAFETY_CHECKER: "safety_checker"}
+# The safety checker and its feature extractor, as model_index.json names their classes
+# (CLIPFeatureExtractor is CLIPImageProcessor's old name, in older SD 1.x checkpoints).
+SAFETY_CHECKER_CLASS = "StableDiffusionSafetyChecker"
+FEATURE_EXTRACTOR_CLASSES = ("CLIPImageProcessor", "CLIPFeatureExtractor")
+FEATURE_EXTRACTOR_CONFIG = "feature_extractor/preprocessor_config.json"
 # Tokenizer folders: the second is SDXL's (it pads with "!", id 0).
 TOKENIZER_DIRS = ("tokenizer", "tokenizer_2")
 # diffusers pipeline classes whose checkpoints hold an SD 1.x/2.x text encoder, U-Net and VAE.
@@ -57,6 +63,10 @@ class Checkpoint:
     weights: dict[str, "Weights"]          # component -> the weights export loads
     force_zeros: bool = False              # model_index.json force_zeros_for_empty_prompt (SDXL)
     aesthetics: bool = False               # model_index.json requires_aesthetics_score (SDXL refiner)
+    # The feature extractor's preprocessor_config.json when the safety checker is read
+    # (then configs["safety_checker"] is its config); None without one.
+    preprocessor: dict[str, Any] | None = None
+    safety_listed: bool = False            # model_index.json names a safety checker (read or not)
 
     def facts(self) -> ModelFacts:
         """The configs' facts, range-checked (ModelFacts.validate): a NaN scaling factor or
@@ -132,6 +142,8 @@ class Checkpoint:
             aesthetic_score=bool(self.aesthetics),
             unet_block_channels=int(unet.get("block_out_channels", (320,))[0]),
             unet_last_up_attention="CrossAttn" in str(unet.get("up_block_types", ("CrossAttnUpBlock2D",))[-1]),
+            safety_image_size=int(self.configs["safety_checker"].get("vision_config", {}).get("image_size", 224))
+            if "safety_checker" in self.configs else 0,
         )
 
     def tokenizer_files(self, name: str = "tokenizer") -> list[Path]:
@@ -143,7 +155,9 @@ class Checkpoint:
         return TOKENIZER_DIRS[1:] if self.refiner else TOKENIZER_DIRS if self.sdxl else TOKENIZER_DIRS[:1]
 
 
-def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
+def open_checkpoint(folder: Path, allow_pickle: bool = False, safety_checker: bool = True) -> Checkpoint:
+    """Check a checkpoint folder and read its configs. safety_checker=False leaves the
+    checkpoint's safety checker unread (an export without it)."""
     folder = Path(folder)
     if not folder.exists():
         raise MissingFile(f"model folder {folder} does not exist")
@@ -172,6 +186,12 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
     tok_cfg_path = folder / tokenizer_dirs[0] / "tokenizer_config.json"
     tokenizer_config = _read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
 
+    safety_listed = _lists_safety_checker(folder, model_index)
+    preprocessor = None
+    if safety_listed and safety_checker:
+        configs["safety_checker"] = _read_json(_require(folder, "safety_checker/config.json"))
+        preprocessor = _read_json(_require(folder, FEATURE_EXTRACTOR_CONFIG))
+        components = (*components, "safety_checker")
     weights = {c: _find_weights(folder, c) for c in components}
     for c, w in weights.items():
         if w.safetensors and w.file.endswith(".index.json"):
@@ -184,7 +204,26 @@ def open_checkpoint(folder: Path, allow_pickle: bool = False) -> Checkpoint:
             f"--allow-pickle-code-execution if you trust its source")
     force_zeros = sdxl and model_index.get("force_zeros_for_empty_prompt", True)   # the pipeline's default
     aesthetics = sdxl and model_index.get("requires_aesthetics_score", False)
-    return Checkpoint(folder, configs, scheduler, tokenizer_config, weights, bool(force_zeros), bool(aesthetics))
+    return Checkpoint(folder, configs, scheduler, tokenizer_config, weights, bool(force_zeros), bool(aesthetics),
+                      preprocessor, safety_listed)
+
+
+def _lists_safety_checker(folder: Path, model_index: dict[str, Any]) -> bool:
+    """Whether model_index.json names a safety checker (["stable_diffusion",
+    "StableDiffusionSafetyChecker"]; [null, null] or absent: none), with the CLIP
+    feature extractor it needs. Another class is refused: sdrt would not know its rule."""
+    entry = model_index.get("safety_checker")
+    if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
+        return False
+    if entry[1] != SAFETY_CHECKER_CLASS:
+        raise InvalidInput(f"{folder}: safety_checker is a {entry[1]!r:.60}; sdrt exports diffusers' "
+                           f"{SAFETY_CHECKER_CLASS} (export with --no-safety-checker to leave it out)")
+    extractor = model_index.get("feature_extractor")
+    if not isinstance(extractor, list) or len(extractor) != 2 or extractor[1] not in FEATURE_EXTRACTOR_CLASSES:
+        raise InvalidInput(f"{folder}: the safety checker needs a CLIPImageProcessor feature_extractor, and "
+                           f"model_index.json lists {extractor!r:.60} (export with --no-safety-checker to leave "
+                           f"the checker out)")
+    return True
 
 
 def _refuse_unsupported_pipeline(folder: Path, model_index: dict[str, Any]) -> None:
@@ -287,6 +326,8 @@ def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
 
     quiet_libraries()
     component = STAGE_COMPONENT[stage]
+    if component not in ckpt.weights:   # the safety checker of a checkpoint without one
+        raise MissingFile(f"{ckpt.folder} has no {component} for the {stage.value} stage")
     w = ckpt.weights[component]
     from safetensors import SafetensorError
 
@@ -304,6 +345,10 @@ def load_module(ckpt: Checkpoint, stage: Stage) -> Any:
             from diffusers import UNet2DConditionModel
 
             model = UNet2DConditionModel.from_pretrained(ckpt.folder, subfolder=component, torch_dtype=torch.float32, **kw)
+        elif stage is Stage.SAFETY_CHECKER:
+            from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+            model = StableDiffusionSafetyChecker.from_pretrained(ckpt.folder / component, dtype=torch.float32, **kw)
         else:   # both VAE stages: the export wrapper picks the encoder or the decoder
             from diffusers import AutoencoderKL
 

@@ -29,6 +29,9 @@ class ExportConfig:
     # without it an artifact can never take an input image; a text-to-image-only
     # deployment can leave it out. An inpainting checkpoint always needs it.
     vae_encoder: bool = True
+    # Export the checkpoint's safety checker when it has one (diffusers runs it unless
+    # told not to); False leaves it out, with a notice.
+    safety_checker: bool = True
     verify: bool = True
     force: bool = False
     allow_pickle: bool = False         # allow loading .bin/.ckpt weights (executes code)

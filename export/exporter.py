@@ -31,7 +31,7 @@ from sdrt.engines import weightmap
 from sdrt.engines.weightmap import StageWeights, WeightMap
 
 from . import outdir
-from .checkpoint import SCHEDULER_CONFIG, Checkpoint, open_checkpoint
+from .checkpoint import FEATURE_EXTRACTOR_CONFIG, SCHEDULER_CONFIG, Checkpoint, open_checkpoint
 from .config import ExportConfig
 from sdrt.engines.progress import Progress
 
@@ -41,8 +41,10 @@ TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "o
 def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> Manifest:
     progress = progress or Progress()
     _check_config(config)
-    ckpt = open_checkpoint(Path(config.model_dir), allow_pickle=config.allow_pickle)
+    ckpt = open_checkpoint(Path(config.model_dir), allow_pickle=config.allow_pickle,
+                           safety_checker=config.safety_checker)
     facts = ckpt.facts()
+    _check_feature_extractor(ckpt, facts)
     stages = _stages(facts, config)
     precisions = {s: config.stage_precision(s) for s in stages}
     upcast = _vae_upcast(ckpt, config, precisions)
@@ -62,6 +64,9 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     outdir.prepare(out_dir, config.force, progress)
     if upcast:
         progress.say(upcast)
+    if ckpt.safety_listed and not config.safety_checker:
+        progress.say("leaving out the checkpoint's safety checker (--no-safety-checker): generated images are "
+                     "not checked for NSFW content")
     progress.say(f"exporting {ckpt.folder} ({facts.family}, {facts.prediction_type}) at "
                  f"{shape.width}x{shape.height}, batch {shape.batch}{' with CFG' if shape.cfg else ''} to {out_dir}")
 
@@ -95,6 +100,10 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
             merged_loras = merge_loras(out_dir, WeightMap(linked), tuple(config.loras), stages)
         known.clear()   # the weight files changed: hash them again
     copied = _copy_runtime_files(ckpt, out_dir)
+    if Stage.SAFETY_CHECKER in stages:   # its feature extractor: how the runtime makes the checker's input
+        files.atomic_write_bytes(out_dir / FEATURE_EXTRACTOR_CONFIG,
+                                 (ckpt.folder / FEATURE_EXTRACTOR_CONFIG).read_bytes())
+        copied.append(FEATURE_EXTRACTOR_CONFIG)
     weightmap.write(out_dir, WeightMap(linked))
     copied.append(weightmap.WEIGHT_MAP)
     names = []
@@ -178,7 +187,28 @@ def _stages(facts: ModelFacts, config: ExportConfig) -> tuple[Stage, ...]:
         if config.deepcache is not False:
             raise InvalidInput(f"deepcache must be True or False, got {config.deepcache!r}")
         left_out.add(Stage.UNET_SHALLOW)
+    if not facts.safety_image_size:   # none in the checkpoint, or --no-safety-checker
+        left_out.add(Stage.SAFETY_CHECKER)
     return tuple(s for s in family(facts.family).stages if s not in left_out)
+
+
+def _check_feature_extractor(ckpt: Checkpoint, facts: ModelFacts) -> None:
+    """The runtime must be able to read the feature extractor's config and make the
+    checker's input size from it: refused now, naming the file, not at generation."""
+    if ckpt.preprocessor is None:
+        return
+    from sdrt.runtime.safety import ClipImageProcessing
+
+    path = ckpt.folder / FEATURE_EXTRACTOR_CONFIG
+    try:
+        processing = ClipImageProcessing.from_config(ckpt.preprocessor, str(path))
+    except ArtifactError as e:
+        raise InvalidInput(str(e)) from None
+    side = facts.safety_image_size
+    if processing.crop != (side, side):
+        got = "no center crop" if processing.crop is None else f"crop_size {processing.crop[1]}x{processing.crop[0]}"
+        raise InvalidInput(f"{path}: {got}, but the safety checker's vision model takes {side}x{side} images; "
+                           f"export with --no-safety-checker to leave it out")
 
 
 def _check_config(config: ExportConfig) -> None:

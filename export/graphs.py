@@ -193,10 +193,33 @@ class VaeEncoderGraph(torch.nn.Module):
         return mean, torch.exp(0.5 * logvar)
 
 
+class SafetyCheckerGraph(torch.nn.Module):
+    """CLIP pixel values -> each image's cosine similarity to the special-care and the
+    other concept embeddings, minus each concept's threshold: the numeric part of
+    diffusers' StableDiffusionSafetyChecker.forward (the vision model's pooled output,
+    the visual projection, `cosine_distance`, `cos - weights`). Its rounding, the
+    special-care adjustment and the black-out are host code (runtime/safety.py), where
+    diffusers runs them as a Python loop; forward_onnx, diffusers' own tensor version,
+    applies the adjustment differently, so it is not what is traced here."""
+
+    def __init__(self, checker: torch.nn.Module, spec: StageSpec, facts: ModelFacts):
+        super().__init__()
+        self.checker = checker
+
+    def forward(self, clip_input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from diffusers.pipelines.stable_diffusion.safety_checker import cosine_distance
+
+        c = self.checker
+        image_embeds = c.visual_projection(c.vision_model(clip_input)[1])
+        special = cosine_distance(image_embeds, c.special_care_embeds) - c.special_care_embeds_weights
+        concept = cosine_distance(image_embeds, c.concept_embeds) - c.concept_embeds_weights
+        return special, concept
+
+
 # Stage kind -> its export wrapper (the graph side of specs.STAGE_SPECS).
 WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.TEXT_ENCODER_2: TextEncoderGraph, Stage.UNET: UNetGraph,
             Stage.UNET_SHALLOW: UNetShallowGraph, Stage.VAE_ENCODER: VaeEncoderGraph,
-            Stage.VAE_DECODER: VaeDecoderGraph}
+            Stage.VAE_DECODER: VaeDecoderGraph, Stage.SAFETY_CHECKER: SafetyCheckerGraph}
 
 
 def wrap(stage: Stage, module: torch.nn.Module, spec: StageSpec, facts: ModelFacts) -> torch.nn.Module:

@@ -14,6 +14,7 @@ that a U-Net call takes milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,8 @@ from sdrt.engines.files import fsync_tree, temp_folder
 from . import vocab
 from sdrt.engines.progress import Progress
 
-VARIANTS = ("sd15", "sd2", "sd15-inpaint", "lcm", "sdxl", "sdxl-refiner", "sdxl-inpaint", "sd15-full", "sd21-full", "sdxl-full")
+VARIANTS = ("sd15", "sd2", "sd15-inpaint", "lcm", "sdxl", "sdxl-refiner", "sdxl-inpaint", "sd15-safety",
+            "sd15-full", "sd21-full", "sdxl-full")
 MAX_SEED = 2**32 - 1
 
 _DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -90,6 +92,7 @@ class Variant:
     refiner: bool = False     # SDXL refiner: text_encoder_2 alone, aesthetic-score time ids
     # Keys written into scheduler_config.json that the scheduler class does not take.
     scheduler_extra: dict[str, Any] = field(default_factory=dict)
+    safety: bool = False      # with a (tiny) StableDiffusionSafetyChecker and its feature extractor
 
 
 def _vae(block_out: tuple[int, ...], groups: int, layers: int, sample_size: int,
@@ -111,6 +114,9 @@ def _clip(hidden: int, intermediate: int, layers: int, heads: int, act: str, pro
 
 
 def _variant(name: str) -> Variant:
+    if name == "sd15-safety":
+        # The tiny SD 1.5 with a safety checker, as the published SD 1.x checkpoints ship one.
+        return dataclasses.replace(_variant("sd15"), safety=True)
     if name in ("sd15", "sd15-inpaint", "lcm"):
         # sd15-inpaint: runwayml/stable-diffusion-inpainting's layout, whose U-Net takes
         # 9 channels (latents, mask, masked-image latents). lcm: an LCM-distilled SD 1.5
@@ -224,6 +230,40 @@ def _variant(name: str) -> Variant:
     raise InvalidInput(f"unknown tiny-model variant {name!r}: choose one of {', '.join(VARIANTS)}")
 
 
+# The tiny safety checker: CLIP ViT with 8-pixel patches on 32-pixel crops, a
+# 16-wide projection, and a feature extractor that resizes the shortest edge to 36
+# and crops 32 (real checkpoints: 224 and 224), so both steps do something.
+SAFETY_IMAGE_SIZE = 32
+SAFETY_RESIZE = 36
+
+
+def _tiny_safety_checker(seed: int) -> dict[str, Any]:
+    """StableDiffusionSafetyChecker and CLIPImageProcessor parts of a pipeline. Its
+    concept embeddings are random (the class initialises them to ones, every concept
+    alike) and every threshold is 1.0, which a cosine cannot pass: nothing is flagged
+    until a test lowers them (tests/test_safety_checker.py)."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config=dict(vocab_size=1000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=SAFETY_IMAGE_SIZE, patch_size=8, hidden_act="quick_gelu"),
+        projection_dim=16)
+    torch.manual_seed(seed)
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds.normal_()
+        checker.special_care_embeds.normal_()
+        checker.concept_embeds_weights.fill_(1.0)
+        checker.special_care_embeds_weights.fill_(1.0)
+    extractor = CLIPImageProcessor(size={"shortest_edge": SAFETY_RESIZE},
+                                   crop_size={"height": SAFETY_IMAGE_SIZE, "width": SAFETY_IMAGE_SIZE})
+    return dict(safety_checker=checker, feature_extractor=extractor, requires_safety_checker=True)
+
+
 def quiet_libraries() -> None:
     """diffusers/transformers progress bars and load-time notices (torchvision,
     accelerate) would drown sdrt's own progress lines."""
@@ -291,6 +331,7 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
         if spec.text_2 is not None:
             torch.manual_seed(seed + 3)
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec.text_2))
+    safety_parts = _tiny_safety_checker(seed + 4) if spec.safety else {}
     sched_cls = {"PNDMScheduler": PNDMScheduler, "DDIMScheduler": DDIMScheduler, "LCMScheduler": LCMScheduler,
                  "EulerDiscreteScheduler": EulerDiscreteScheduler}[spec.scheduler["_class_name"]]
     scheduler = sched_cls.from_config({k: v for k, v in spec.scheduler.items() if k != "_class_name"})
@@ -303,6 +344,7 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
         parts = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         if spec.text_2 is None:
             parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            parts.update(safety_parts)
         else:   # SDXL has no safety checker; force_zeros_for_empty_prompt as the published models ship it
             write_tokenizer(tmp / "tokenizer_2", spec.pad_token_2)
             parts.update(text_encoder_2=text_encoder_2, tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tokenizer_2"),
@@ -315,8 +357,13 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
         # The tokenizers were written above: transformers 5's save_pretrained would keep
         # only tokenizer.json and tokenizer_config.json of them.
         names = ["unet", "vae", "scheduler", "model_index.json"] + ([] if spec.refiner else ["text_encoder"])
+        names += ["safety_checker", "feature_extractor"] if spec.safety else []
         for name in names + (["text_encoder_2"] if spec.text_2 is not None else []):
             os.replace(tmp / "pipe" / name, tmp / name)
+        if spec.safety:   # transformers 5 without torchvision names its PIL class; the checkpoints name this one
+            index = json.loads((tmp / "model_index.json").read_text(encoding="utf-8"))
+            index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(tmp / "pipe")
         if spec.scheduler_extra:
             path = tmp / "scheduler" / "scheduler_config.json"

@@ -27,6 +27,7 @@ from . import inputs
 from .loras import parse_loras
 from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
 from .prompts import parse_prompt_attention
+from .safety import ClipImageProcessing, read_processing
 from .schedulers import (Sampler, SchedulerFallback, checkpoint_default, denoising_end_calls, make_sampler,
                          resolved_name)
 from .tokenizer import Tokenizer
@@ -56,16 +57,20 @@ class Request:
     # image-to-image from latents (an SDXL base's hand-off to its refiner): used as the
     # image's latents, no VAE encoder call
     image_latents: np.ndarray | None = None
+    # Run the artifact's safety checker (when it has one); False only when asked for.
+    safety_checker: bool = True
 
 
 class Artifact:
     def __init__(self, folder: Path, manifest: Manifest, tokenizer: Tokenizer, scheduler_config: Mapping[str, Any],
-                 tokenizer_2: Tokenizer | None = None):
+                 tokenizer_2: Tokenizer | None = None, clip_processing: ClipImageProcessing | None = None):
         self.folder = folder
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2
         self.scheduler_config = dict(scheduler_config)
+        # The safety checker's feature extractor (None: the artifact has no checker).
+        self.clip_processing = clip_processing
         self._samplers: dict[tuple, Sampler] = {}
 
     @classmethod
@@ -91,8 +96,11 @@ class Artifact:
         path = folder / SCHEDULER_CONFIG
         if not path.is_file():
             raise ArtifactError(f"{path} is missing: the artifact folder is incomplete; export it again")
+        processing = None
+        if manifest.has(Stage.SAFETY_CHECKER):
+            processing = read_processing(folder, manifest.facts.safety_image_size)
         return cls(folder, manifest, tokenizer, read_json_object(path, ArtifactError, "scheduler config"),
-                   tokenizer_2 or tokenizer)
+                   tokenizer_2 or tokenizer, processing)
 
     # -- what the artifact fixes -------------------------------------------------------
 
@@ -164,10 +172,13 @@ class Artifact:
                 crops_coords_top_left: Any = None, target_size: Any = None, denoising_start: Any = None,
                 denoising_end: Any = None, aesthetic_score: Any = 6.0,
                 negative_aesthetic_score: Any = 2.5, cache_interval: Any = 1, cache_uniform: Any = True,
-                cache_center: Any = None, cache_pow: Any = None, loras: Any = None) -> Request:
+                cache_center: Any = None, cache_pow: Any = None, safety_checker: Any = True,
+                loras: Any = None) -> Request:
         """Validate one generation's settings and inputs (see `Pipeline.__call__`).
         LoRA files are named and scaled here; their contents are checked against the
         engines' weights by the Pipeline (runtime/loras.py), before any engine runs."""
+        if not isinstance(safety_checker, bool):
+            raise InvalidType(f"safety_checker must be True or False, got {type(safety_checker).__name__}")
         chosen_loras = parse_loras(loras)
         task = self._task(image, mask_image, outpaint)
         if scheduler is None:
@@ -237,7 +248,8 @@ class Artifact:
             canvas, canvas_mask = inputs.outpaint_canvas(inputs.load_image(image), margins, height=h, width=w)
             img, mask = inputs.preprocess_image(canvas, h, w), inputs.preprocess_mask(canvas_mask, h, w)
         elif task is Task.IMAGE_TO_IMAGE and self._is_latents(image):
-            return Request(config, sampler, latents=None, image_latents=self._check_latents(image))
+            return Request(config, sampler, latents=None, image_latents=self._check_latents(image),
+                           safety_checker=safety_checker)
         elif task.takes_image:
             # Files are decoded once here; arrays go as they are (float arrays take
             # diffusers' NumPy path in `inputs`).
@@ -247,7 +259,7 @@ class Artifact:
                 size = (source.shape[1], source.shape[0]) if isinstance(source, np.ndarray) else source.size
                 mask_source = mask_image if isinstance(mask_image, np.ndarray) else inputs.load_mask(mask_image)
                 mask = inputs.preprocess_mask(mask_source, h, w, image_size=size)
-        return Request(config, sampler, img, mask, self._check_latents(latents))
+        return Request(config, sampler, img, mask, self._check_latents(latents), safety_checker=safety_checker)
 
     def sampler(self, name: str, steps: int, strength: float | None = None,
                 options: Mapping[str, Any] | None = None, denoising_start: float | None = None) -> Sampler:

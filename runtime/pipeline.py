@@ -43,8 +43,9 @@ from sdrt.engines.errors import InvalidInput, InvalidType, NumericsError
 from sdrt.engines.specs import (CLIP_SKIP, DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, IMAGES,
                                 INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS,
                                 TIME_IDS, TIMESTEP, TIMESTEP_COND, Stage)
+from sdrt.engines.specs import CLIP_INPUT, CONCEPT_SCORES, SPECIAL_SCORES   # the safety checker's
 
-from . import inputs, prompts
+from . import inputs, prompts, safety
 from .artifact import Artifact, Request
 from .config import GenerationConfig, Generator, Task
 from .images import PARAMETERS_KEY, to_pil
@@ -65,6 +66,7 @@ class Timings:
     vae_decoder: float
     total: float
     vae_encoder: float = 0.0   # image tasks: encoding the input (and masked) image
+    safety_checker: float = 0.0   # the safety checker's engine call (0 when none ran)
 
     @property
     def unet_median(self) -> float:
@@ -77,7 +79,8 @@ class Timings:
 
     def to_json(self) -> dict[str, Any]:
         return {"text_encoder": self.text_encoder, "vae_encoder": self.vae_encoder, "steps": list(self.steps),
-                "unet": list(self.unet), "vae_decoder": self.vae_decoder, "total": self.total}
+                "unet": list(self.unet), "vae_decoder": self.vae_decoder,
+                "safety_checker": self.safety_checker, "total": self.total}
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ class GenerationResult:
     # handing over to its refiner) the only output: images is empty and pixels None
     latents: np.ndarray | None = None
     rng: Any = None             # the random stream after this call (a refiner continues it)
+    # Per image, whether the artifact's safety checker flagged it (its image and pixels
+    # are then all black, as diffusers returns them); None when no checker ran (the
+    # artifact has none, or safety_checker=False).
+    nsfw_content_detected: list[bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -229,7 +236,7 @@ class Pipeline:
                  denoising_end: float | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, cache_interval: int = 1, cache_uniform: bool = True,
                  cache_center: int | None = None, cache_pow: float | None = None,
-                 loras: Any = None) -> GenerationResult:
+                 safety_checker: bool = True, loras: Any = None) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
@@ -273,6 +280,10 @@ class Pipeline:
         cache_uniform=False: the reference's non-uniform schedule, ceil(steps / interval)
         full steps packed around step cache_center (default 30% of the steps) by a power
         law of exponent cache_pow (default 1.4). See runtime/deepcache.py.
+        safety_checker: run the artifact's safety checker, when it has one (the
+        checkpoint's, exported unless `sdrt export --no-safety-checker`): images it flags
+        come back black, and `result.nsfw_content_detected` says which; False skips it,
+        as diffusers' safety_checker=None does.
         loras: LoRA files for this call, each a path or (path, scale) (scale default 1.0):
         diffusers/PEFT or kohya/AUTOMATIC1111 .safetensors, for the U-Net and the text
         encoder(s). Applied exactly as diffusers' fuse_lora(lora_scale=scale), several at
@@ -286,7 +297,7 @@ class Pipeline:
                                         prompt_weighting, clip_skip, prompt_2, negative_prompt_2, original_size,
                                         crops_coords_top_left, target_size, denoising_start, denoising_end,
                                         aesthetic_score, negative_aesthetic_score, cache_interval, cache_uniform,
-                                        cache_center, cache_pow, loras)
+                                        cache_center, cache_pow, safety_checker=safety_checker, loras=loras)
         return self.run(request, on_step)
 
     def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -311,16 +322,20 @@ class Pipeline:
                               vae_encoder_time)
             return GenerationResult([], None, timings, config.seed, config, request.latents is not None, "", x, rng)
         pixels, vae_time = self.decode(x)
-        timings = Timings(text_time, tuple(step_times), tuple(unet_times), vae_time, time.perf_counter() - start,
-                          vae_encoder_time)
         images = to_pil(pixels)
+        nsfw, safety_time = None, 0.0
+        if request.safety_checker and self.manifest.has(Stage.SAFETY_CHECKER):
+            pixels, nsfw, safety_time = self.run_safety_checker(pixels, images)
+            images = to_pil(pixels)
+        timings = Timings(text_time, tuple(step_times), tuple(unet_times), vae_time, time.perf_counter() - start,
+                          vae_encoder_time, safety_time)
         given = request.latents is not None   # the seed did not draw these latents: it is not recorded
         m = self.manifest
         for i, image in enumerate(images):
             image.info[PARAMETERS_KEY] = parameters_text(config, self.width, self.height, m.model_name, m.model_hash,
                                                          index=i, seed=not given)
         return GenerationResult(images, pixels, timings, config.seed, config, given, images[0].info[PARAMETERS_KEY],
-                                x)
+                                x, nsfw_content_detected=nsfw)
 
     def refine(self, refiner: "Pipeline", prompt: str | list[str], high_noise_frac: float = 0.8,
                on_step: Callable[[int, int], None] | None = None, **kwargs: Any) -> GenerationResult:
@@ -557,6 +572,19 @@ class Pipeline:
         pixels = np.ascontiguousarray(np.clip(images / np.float32(2) + np.float32(0.5), 0, 1).transpose(0, 2, 3, 1),
                                       dtype=np.float32)
         return pixels, vae_time
+
+    def run_safety_checker(self, pixels: np.ndarray,
+                           images: list[Image.Image]) -> tuple[np.ndarray, list[bool], float]:
+        """diffusers' run_safety_checker: the 8-bit images through the checkpoint's
+        feature extractor, the checker's scores to per-image flags, and the flagged
+        images' pixels replaced by zeros (runtime/safety.py)."""
+        t0 = time.perf_counter()
+        out = self._run(Stage.SAFETY_CHECKER, {CLIP_INPUT: self.artifact.clip_processing(images)})
+        seconds = self._engine_time(Stage.SAFETY_CHECKER, t0)
+        _check_finite(out[CONCEPT_SCORES], "the safety checker")
+        _check_finite(out[SPECIAL_SCORES], "the safety checker")
+        flagged = safety.flags(out[SPECIAL_SCORES], out[CONCEPT_SCORES])
+        return safety.black_out(pixels, flagged), flagged, seconds
 
     def _encode_image(self, image: np.ndarray, rng: Any) -> tuple[np.ndarray, float]:
         """diffusers' `_encode_vae_image`: a latent sample (mean + std * noise, one draw),

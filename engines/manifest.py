@@ -218,6 +218,9 @@ class Manifest:
             if shape.deepcache != (Stage.UNET_SHALLOW in manifest.stages):
                 raise ArtifactError(f"{where}: shape deepcache is {shape.deepcache} but the stages "
                                     f"{'lack' if shape.deepcache else 'include'} {Stage.UNET_SHALLOW.value}")
+            if bool(shape.controlnets) != (Stage.CONTROLNET in manifest.stages):
+                raise ArtifactError(f"{where}: shape controlnets is {shape.controlnets} but the stages "
+                                    f"{'lack' if shape.controlnets else 'include'} {Stage.CONTROLNET.value}")
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:

@@ -31,6 +31,7 @@ from sdrt.engines.specs import ModelFacts, Precision, ShapeConfig, Stage, StageS
 from . import outdir
 from .checkpoint import SCHEDULER_CONFIG, Checkpoint, open_checkpoint
 from .config import ExportConfig
+from .controlnet import ControlNetSource, check_paths, load_controlnets, open_controlnets
 from sdrt.engines.progress import Progress
 
 TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon")
@@ -41,6 +42,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     _check_config(config)
     ckpt = open_checkpoint(Path(config.model_dir), allow_pickle=config.allow_pickle)
     facts = ckpt.facts()
+    controlnets = open_controlnets(check_paths(config.controlnets), ckpt, facts, config.allow_pickle)
     stages = _stages(facts, config)
     precisions = {s: config.stage_precision(s) for s in stages}
     upcast = _vae_upcast(ckpt, config, precisions)
@@ -49,7 +51,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
         height=native if config.height is None else config.height,
         width=native if config.width is None else config.width,
         batch=config.batch, cfg=_cfg(facts, config.cfg), prompt_chunks=config.prompt_chunks,
-        deepcache=config.deepcache,
+        deepcache=config.deepcache, controlnets=len(controlnets),
     ).validate(facts)
     if Precision.FP16 in precisions.values():
         _precision_module()  # fail before any work if fp16 cannot be done here
@@ -67,7 +69,8 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     checks = []
     known: dict[str, FileRecord] = {}   # records computed while writing
     for stage in stages:
-        check = _export_stage(ckpt, facts, specs[stage], precisions[stage], out_dir, config.verify, progress, known)
+        check = _export_stage(ckpt, facts, specs[stage], precisions[stage], out_dir, config.verify, progress, known,
+                              controlnets)
         if check is not None:
             checks.append(check)
             if not check.passed:
@@ -165,6 +168,8 @@ def _stages(facts: ModelFacts, config: ExportConfig) -> tuple[Stage, ...]:
         if config.deepcache is not False:
             raise InvalidInput(f"deepcache must be True or False, got {config.deepcache!r}")
         left_out.add(Stage.UNET_SHALLOW)
+    if not config.controlnets:
+        left_out.add(Stage.CONTROLNET)
     return tuple(s for s in family(facts.family).stages if s not in left_out)
 
 
@@ -195,7 +200,8 @@ def _precision_module() -> Any:
 
 
 def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Precision, out_dir: Path,
-                  verify: bool, progress: Progress, known: dict[str, FileRecord]) -> Any:
+                  verify: bool, progress: Progress, known: dict[str, FileRecord],
+                  controlnets: tuple[ControlNetSource, ...] = ()) -> Any:
     from . import graphs
     from .checkpoint import load_module
     from .verify import FP32_TOLERANCE, compare, random_inputs, run_onnx
@@ -204,7 +210,9 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
     name = stage.value
     with files.temp_folder(out_dir, prefix=f"{files.TEMP_PREFIX}{name}-") as work:
         with progress.step(f"{name}: loading weights"):
-            graph = graphs.wrap(stage, load_module(ckpt, stage), spec, facts)
+            module = load_controlnets(controlnets) if stage is Stage.CONTROLNET else load_module(ckpt, stage)
+            graph = graphs.wrap(stage, module, spec, facts)
+            del module
         inputs = random_inputs(spec, facts)
         raw = work / "raw"
         raw.mkdir()

@@ -44,6 +44,8 @@ def format_info(folder: Path, m: Any, checked: bool = False) -> str:
                f"{skip}")
     out.append("  deepcache     " + ("yes: unet_shallow runs between full U-Net calls (generate --deepcache N)"
                                      if s.deepcache else "no (export with --deepcache to add the shallow U-Net)"))
+    out.append("  controlnets   " + (f"{s.controlnets}: generate with --control-image, one per ControlNet"
+                                     if s.controlnets else "none (export with --controlnet CN_DIR to add them)"))
     out.append("stages")
     for stage, spec in m.specs.items():
         out.append(f"  {stage.value:<13} {m.precisions[stage].value}")

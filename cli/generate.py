@@ -128,7 +128,7 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
                          "to the artifact's size; repeat it once per ControlNet, in their export order")
     cn.add_argument("--control-scale", action="extend", nargs="+", type=float, default=None, metavar="S",
                     help="controlnet_conditioning_scale: one value for all ControlNets or one per ControlNet "
-                         "(default 1.0)")
+                         "(default 1.0; with --image 0.8, with --mask or --outpaint 0.5, as diffusers)")
     cn.add_argument("--control-start", action="extend", nargs="+", type=float, default=None, metavar="F",
                     help="control_guidance_start: the fraction of the steps where a ControlNet starts acting "
                          "(default 0.0; one value or one per ControlNet)")

@@ -171,7 +171,7 @@ class Artifact:
         """Validate one generation's settings and inputs (see `Pipeline.__call__`)."""
         task = self._task(image, mask_image, outpaint)
         control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
-                                control_guidance_end, guess_mode)
+                                control_guidance_end, guess_mode, task)
         if scheduler is None:
             default = checkpoint_default(self.scheduler_config)
             if default.notice:
@@ -253,7 +253,7 @@ class Artifact:
                 mask = inputs.preprocess_mask(mask_source, h, w, image_size=size)
         return Request(config, sampler, img, mask, self._check_latents(latents), control_images=images)
 
-    def _control(self, image: Any, scale: Any, start: Any, end: Any, guess_mode: Any) -> Any:
+    def _control(self, image: Any, scale: Any, start: Any, end: Any, guess_mode: Any, task: Task) -> Any:
         """The call's ControlNet settings (None without a control image), checked against
         the artifact's ControlNets; the images are decoded later, with the other inputs."""
         count = self.manifest.shape.controlnets
@@ -267,7 +267,7 @@ class Artifact:
         if not count:
             raise InvalidInput(f"control_image needs an artifact exported with ControlNets; {self.folder} has none: "
                                f"export it with --controlnet CONTROLNET_FOLDER")
-        return controlnet.ControlSettings.create(count, scale, start, end, guess_mode)
+        return controlnet.ControlSettings.create(count, scale, start, end, guess_mode, task.value)
 
     def sampler(self, name: str, steps: int, strength: float | None = None,
                 options: Mapping[str, Any] | None = None, denoising_start: float | None = None) -> Sampler:

@@ -38,6 +38,9 @@ from sdrt.engines.errors import InvalidInput, InvalidType
 from . import inputs
 
 MAX_CONTROL_SCALE = 10.0   # far past any useful weight (AUTOMATIC1111's slider stops at 2)
+# controlnet_conditioning_scale's defaults: StableDiffusionControlNetPipeline 1.0,
+# ...Img2ImgPipeline 0.8, ...InpaintPipeline 0.5 (outpainting is inpainting).
+DEFAULT_SCALES = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5, "outpaint": 0.5}
 
 
 @dataclass(frozen=True)
@@ -51,12 +54,13 @@ class ControlSettings:
 
     @classmethod
     def create(cls, count: int, scale: Any = None, start: Any = None, end: Any = None,
-               guess_mode: Any = False) -> "ControlSettings":
+               guess_mode: Any = False, task: str = "txt2img") -> "ControlSettings":
         """`scale`, `start`, `end`: one number for every ControlNet or a list of `count`
-        (None: diffusers' defaults 1.0, 0.0, 1.0)."""
+        (None: diffusers' defaults for `task`, a Task value: scale DEFAULT_SCALES[task],
+        start 0.0, end 1.0)."""
         if not isinstance(guess_mode, bool):
             raise InvalidType(f"guess_mode must be True or False, got {type(guess_mode).__name__} {guess_mode!r:.40}")
-        scales = _per_net("controlnet_conditioning_scale", 1.0 if scale is None else scale, count)
+        scales = _per_net("controlnet_conditioning_scale", DEFAULT_SCALES[task] if scale is None else scale, count)
         starts = _per_net("control_guidance_start", 0.0 if start is None else start, count)
         ends = _per_net("control_guidance_end", 1.0 if end is None else end, count)
         for k, s in enumerate(scales):

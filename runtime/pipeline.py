@@ -278,7 +278,8 @@ class Pipeline:
         StableDiffusionControlNet(Img2Img/Inpaint)Pipeline: the conditioning image (a
         path, PIL image or array, used as given: resized to the artifact's size, no
         preprocessor), or a list of one per ControlNet in their export order;
-        controlnet_conditioning_scale (default 1.0), control_guidance_start (0.0) and
+        controlnet_conditioning_scale (default as diffusers: 1.0, with image= 0.8, with
+        mask_image= or outpaint= 0.5), control_guidance_start (0.0) and
         control_guidance_end (1.0): one number or a list of one per ControlNet; guess_mode:
         the ControlNets see the conditional half only (see runtime/controlnet.py). Without
         control_image a ControlNet artifact runs its U-Net with zero residuals (the base model).

@@ -319,3 +319,51 @@ def test_bad_controlnet_exports_are_refused(tiny_sd15, controlnets, tmp_path):
     _refused_export(tmp_path, tiny_sd15, InvalidInput, "max prompt chunks 1", controlnets=controlnets[:1],
                     prompt_chunks=2)
     _refused_export(tmp_path, tiny_sd15, InvalidType, "not one path", controlnets=controlnets[0])
+
+
+# -- command line ------------------------------------------------------------------------
+
+def test_cli_generate_takes_control_images_and_settings(two, tmp_path, capsys):
+    from sdrt.cli.main import main
+    from sdrt.runtime.images import read_parameters
+    pipeline, _ = two
+    paths = [tmp_path / "edges.png", tmp_path / "blocks.png"]
+    IMAGE_0.save(paths[0])
+    IMAGE_1.save(paths[1])
+    out = tmp_path / "out.png"
+    code = main(["generate", str(pipeline.folder), "--prompt", PROMPT, "--steps", "3", "--seed", "11", "--out",
+                 str(out), "--control-image", str(paths[0]), "--control-image", str(paths[1]),
+                 "--control-scale", "0.5", "1.3", "--control-end", "0.8", "--guess-mode", "--guidance", "4"])
+    assert code == 0
+    want = pipeline(PROMPT, steps=3, seed=11, guidance=4.0, control_image=[IMAGE_0, IMAGE_1],
+                    controlnet_conditioning_scale=[0.5, 1.3], control_guidance_end=0.8, guess_mode=True)
+    with Image.open(out) as im:
+        assert np.array_equal(np.asarray(im), np.asarray(want.images[0]))
+    assert read_parameters(out) == want.parameters
+    assert 'ControlNet 1: "Module: none, Weight: 1.3, Resize Mode: Just Resize, Guidance Start: 0, ' \
+           'Guidance End: 0.8, Guess Mode: True"' in want.parameters
+
+
+def test_cli_refuses_a_control_image_count_that_does_not_fit(two, tmp_path, capsys):
+    from sdrt.cli.main import main
+    path = tmp_path / "edges.png"
+    IMAGE_0.save(path)
+    code = main(["generate", str(two[0].folder), "--prompt", PROMPT, "--out", str(tmp_path / "x.png"),
+                 "--control-image", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "control_image has 1 images but this artifact has 2 ControlNet(s)" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "x.png").exists()
+
+
+def test_cli_export_passes_controlnet_folders(tiny_sd15, tmp_path, capsys):
+    from sdrt.cli.main import main
+    code = main(["export", str(tiny_sd15), "--out", str(tmp_path / "a"), "--controlnet", str(tmp_path / "nope")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and f"ControlNet folder {tmp_path / 'nope'} does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_cli_tiny_model_writes_the_tiny_controlnet(controlnets, tmp_path):
+    from sdrt.cli.main import main
+    assert main(["tiny-model", str(tmp_path / "cn"), "--variant", "controlnet"]) == 0
+    for name in ("config.json", "diffusion_pytorch_model.safetensors"):   # seed 0: the fixture's bytes
+        assert (tmp_path / "cn" / name).read_bytes() == (controlnets[0] / name).read_bytes()

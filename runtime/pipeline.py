@@ -60,7 +60,7 @@ class Timings:
 
     text_encoder: float
     steps: tuple[float, ...]   # wall time of each denoising step, U-Net call and sampler math
-    unet: tuple[float, ...]    # engine time of each U-Net call
+    unet: tuple[float, ...]    # engine time of each U-Net call (with ControlNets: plus the controlnet stage's)
     vae_decoder: float
     total: float
     vae_encoder: float = 0.0   # image tasks: encoding the input (and masked) image
@@ -523,14 +523,16 @@ class Pipeline:
             sample = np.concatenate([model_in, model_in]) if cfg_graph else model_in
             # ControlNet: its residuals for this call (the 4-channel latents, before an
             # inpainting U-Net's mask and masked image are appended, as diffusers runs it).
+            c0 = time.perf_counter()
             residuals = control(i, sample, timesteps[i]) if control is not None else {}
+            control_time = self._engine_time(Stage.CONTROLNET, c0) if residuals and control_images is not None else 0.0
             if latents.unet_extra is not None:   # 9-channel U-Net: [latents, mask, masked-image latents]
                 sample = np.concatenate([sample, latents.unet_extra], axis=1)
             u0 = time.perf_counter()
             if full[i]:
                 result = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: timesteps[i], **context, **residuals})
                 raw, feature = result[LATENT], result.get(DEEPCACHE_FEATURE)
-                unet_times.append(self._engine_time(Stage.UNET, u0))
+                unet_times.append(self._engine_time(Stage.UNET, u0) + control_time)
             else:
                 inputs = {SAMPLE: sample, TIMESTEP: timesteps[i], DEEPCACHE_FEATURE: feature, **context}
                 raw = self._run(Stage.UNET_SHALLOW, {k: v for k, v in inputs.items() if k in shallow})[LATENT]

@@ -291,7 +291,8 @@ class ShapeConfig:
                 # ControlNetModel takes no encoder attention mask: it would attend to the
                 # zero padding of a context longer than the prompt.
                 raise InvalidInput(f"ControlNets take a 75-token prompt context (diffusers' ControlNetModel has no "
-                                   f"encoder attention mask): export with max prompt chunks 1, not {self.prompt_chunks}")
+                                   f"encoder attention mask): export with max prompt chunks 1, "
+                                   f"not {self.prompt_chunks}")
         return self
 
     @property

@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .specs import (CLIP_SKIP, CONTROL_SCALES, CONTROLNET_COND, ENCODER_ATTENTION_MASK, TIME_IDS, TIMESTEP_COND, DType, ModelFacts,
-                    Precision, Stage, StageSpec)
+from .specs import (CLIP_SKIP, CONTROL_SCALES, CONTROLNET_COND, ENCODER_ATTENTION_MASK, TIME_IDS, TIMESTEP_COND, DType,
+                    ModelFacts, Precision, Stage, StageSpec)
 
 # fp32: graph and torch differ only by kernel order and fused ops.
 FP32_TOLERANCE = (1e-4, 1e-4)  # (atol, rtol of output scale)

@@ -90,10 +90,10 @@ def _open(folder: Path, ckpt: Checkpoint, facts: ModelFacts, allow_pickle: bool)
         raise InvalidInput(f"{folder}: conditioning_channels {config.get('conditioning_channels')!r:.20} is not "
                            f"supported: control images are RGB (3 channels), as diffusers' pipelines prepare them")
     embedding = config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
-    if not isinstance(embedding, (list, tuple)) or 2 ** (len(embedding) - 1) != facts.vae_scale_factor:
+    scale = 2 ** (len(embedding) - 1) if isinstance(embedding, (list, tuple)) and embedding else None
+    if scale != facts.vae_scale_factor:
         raise InvalidInput(f"{folder}: conditioning_embedding_out_channels {_show(embedding)} scales the control "
-                           f"image down by {2 ** (len(embedding) - 1) if isinstance(embedding, (list, tuple)) else '?'}, "
-                           f"not by the VAE's {facts.vae_scale_factor}")
+                           f"image down by {scale or '?'}, not by the VAE's {facts.vae_scale_factor}")
     if config.get("global_pool_conditions"):
         raise InvalidInput(f"{folder}: global_pool_conditions (a shuffle-type ControlNet, always in guess mode) is "
                            f"not supported yet")

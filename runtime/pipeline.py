@@ -40,8 +40,8 @@ from PIL import Image
 from sdrt.engines import registry
 from sdrt.engines.base import Engine
 from sdrt.engines.errors import InvalidInput, InvalidType, NumericsError
-from sdrt.engines.specs import (CLIP_SKIP, CONTROL_SCALES, CONTROLNET_COND, DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, IMAGES,
-                                INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS,
+from sdrt.engines.specs import (CLIP_SKIP, CONTROL_SCALES, CONTROLNET_COND, DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK,
+                                ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS,
                                 TIME_IDS, TIMESTEP, TIMESTEP_COND, Stage)
 
 from . import controlnet, inputs, prompts

@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="also export DeepCache's shallow U-Net (about 1%% of the U-Net's weights), so "
                              "`generate --deepcache N` can run the full U-Net only every N steps; the full U-Net "
                              "then also returns the feature the shallow one reuses")
+    export.add_argument("--controlnet", dest="controlnets", action="append", type=Path, default=[],
+                        metavar="CN_DIR",
+                        help="a diffusers ControlNetModel folder (SD 1.x/2.x) to export with the model; repeat for "
+                             "several (their residuals are summed, as diffusers' MultiControlNetModel does). The "
+                             "U-Net then takes their residuals: generate with --control-image, one per ControlNet "
+                             "in this order")
     export.add_argument("--precision", default="fp32", choices=[p.value for p in Precision],
                         help="precision of the graphs (default: fp32); inputs and outputs stay float32")
     export.add_argument("--vae-precision", choices=[p.value for p in Precision],
@@ -73,6 +79,7 @@ def run_export(args: argparse.Namespace) -> int:
     config = ExportConfig(
         model_dir=args.model_dir, out_dir=args.out_dir, height=args.height, width=args.width,
         batch=args.batch, cfg=args.cfg, prompt_chunks=args.prompt_chunks, deepcache=args.deepcache,
+        controlnets=tuple(args.controlnets),
         precision=Precision(args.precision),
         vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
         vae_encoder=args.vae_encoder, safety_checker=args.safety_checker, verify=args.verify, force=args.force,

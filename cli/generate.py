@@ -42,7 +42,11 @@ _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps",
               prompt_2="prompt_2", negative_prompt_2="negative_prompt_2", original_size="original_size",
               crops_coords_top_left="crops_coords_top_left", target_size="target_size",
               cache_interval="deepcache", cache_uniform="deepcache_uniform", cache_center="deepcache_center",
-              cache_pow="deepcache_pow", loras="loras", safety_checker="safety_checker")
+              cache_pow="deepcache_pow", loras="loras", safety_checker="safety_checker", control_image="control_image",
+              controlnet_conditioning_scale="control_scale", control_guidance_start="control_start",
+              control_guidance_end="control_end", guess_mode="guess_mode")
+# ControlNet settings given once apply to every ControlNet (the API's single number).
+_PER_CONTROLNET = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -124,6 +128,22 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
     p.add_argument("--no-safety-checker", dest="safety_checker", action="store_const", const=False, default=None,
                    help="do not run the artifact's safety checker (by default, images it flags as NSFW are "
                         "returned black and reported here, as diffusers does)")
+    cn = p.add_argument_group("ControlNet", "needs an artifact exported with --controlnet; as diffusers' "
+                              "StableDiffusionControlNetPipeline (and its Img2Img / Inpaint pipelines with --image)")
+    cn.add_argument("--control-image", action="append", type=Path, default=None, metavar="FILE",
+                    help="conditioning image (PNG, JPEG, WebP), used as given (no edge or depth detection), resized "
+                         "to the artifact's size; repeat it once per ControlNet, in their export order")
+    cn.add_argument("--control-scale", action="extend", nargs="+", type=float, default=None, metavar="S",
+                    help="controlnet_conditioning_scale: one value for all ControlNets or one per ControlNet "
+                         "(default 1.0; with --image 0.8, with --mask or --outpaint 0.5, as diffusers)")
+    cn.add_argument("--control-start", action="extend", nargs="+", type=float, default=None, metavar="F",
+                    help="control_guidance_start: the fraction of the steps where a ControlNet starts acting "
+                         "(default 0.0; one value or one per ControlNet)")
+    cn.add_argument("--control-end", action="extend", nargs="+", type=float, default=None, metavar="F",
+                    help="control_guidance_end: the fraction of the steps where it stops (default 1.0)")
+    cn.add_argument("--guess-mode", action="store_const", const=True, default=None,
+                    help="guess mode: the ControlNets read the image without the prompt's help (conditional half "
+                         "only; diffusers recommends --guidance 3 to 5)")
     p.add_argument("--no-weighting", dest="prompt_weighting", action="store_const", const=False, default=None,
                    help="take the prompt literally: no AUTOMATIC1111 attention syntax ('(word:1.2)', "
                         "'[word]', BREAK), which is read by default")
@@ -194,6 +214,9 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise InvalidInput(f"--scheduler-option {next(k for k in keys if keys.count(k) > 1)} is given twice")
     if options:
         given["scheduler_options"] = options
+    for name in _PER_CONTROLNET:
+        if name in given and len(given[name]) == 1:
+            given[name] = given[name][0]
     return given
 
 

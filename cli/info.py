@@ -55,6 +55,8 @@ def format_info(folder: Path, m: Any, checked: bool = False) -> str:
                                      f"{f.safety_image_size} crops; flagged images are returned black "
                                      f"(generate --no-safety-checker skips it)" if f.safety_image_size
                                      else "no safety checker"))
+    out.append("  controlnets   " + (f"{s.controlnets}: generate with --control-image, one per ControlNet"
+                                     if s.controlnets else "none (export with --controlnet CN_DIR to add them)"))
     out.append("stages")
     for stage, spec in m.specs.items():
         out.append(f"  {stage.value:<13} {m.precisions[stage].value}")

@@ -9,7 +9,7 @@ from .errors import writing_into
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sdrt.export.tiny import VARIANTS   # the module imports torch only when a model is made
+    from sdrt.export.tiny import CONTROLNET_VARIANTS, VARIANTS   # torch is imported only when a model is made
 
     tiny = sub.add_parser(
         "tiny-model", help="write a built-in Stable Diffusion checkpoint (no download)",
@@ -17,9 +17,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "seed and the real CLIP vocabulary. sd15, sd2, sd15-inpaint, lcm and sdxl are tiny "
                     "(for tests and demos); sd15-full and sd21-full are the published full-size "
                     "architectures (several GB). sd15-safety is the tiny sd15 with a tiny safety checker "
-                    "and feature extractor (its thresholds flag nothing).")
+                    "and feature extractor (its thresholds flag nothing); controlnet is a ControlNetModel "
+                    "folder for the sd15 variant (`sdrt export --controlnet`).")
     tiny.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to create")
-    tiny.add_argument("--variant", default="sd15", choices=VARIANTS,
+    tiny.add_argument("--variant", default="sd15", choices=VARIANTS + CONTROLNET_VARIANTS,
                       help="which model family and size (default: sd15)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     tiny.add_argument("--force", action="store_true", help="replace an existing checkpoint folder")

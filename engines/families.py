@@ -42,18 +42,21 @@ class Family:
 # The SD 1.x / 2.x layout: one CLIP text encoder, a U-Net, and the VAE. The VAE
 # encoder serves image-to-image and inpainting only, so a text-to-image deployment
 # may leave it out (`sdrt export --no-vae-encoder`).
-# DeepCache's shallow U-Net is in an artifact exported with --deepcache only. The
+# DeepCache's shallow U-Net is in an artifact exported with --deepcache only, the
+# ControlNets (run before each U-Net call) in one exported with --controlnet only. The
 # safety checker is there when the checkpoint has one (and the export kept it).
-_SD_STAGES = (Stage.TEXT_ENCODER, Stage.UNET, Stage.UNET_SHALLOW, Stage.VAE_ENCODER, Stage.VAE_DECODER,
-              Stage.SAFETY_CHECKER)
-_SD_OPTIONAL = frozenset({Stage.UNET_SHALLOW, Stage.VAE_ENCODER, Stage.SAFETY_CHECKER})
+_SD_STAGES = (Stage.TEXT_ENCODER, Stage.CONTROLNET, Stage.UNET, Stage.UNET_SHALLOW, Stage.VAE_ENCODER,
+              Stage.VAE_DECODER, Stage.SAFETY_CHECKER)
+_SD_OPTIONAL = frozenset({Stage.UNET_SHALLOW, Stage.VAE_ENCODER, Stage.CONTROLNET, Stage.SAFETY_CHECKER})
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("sd1", "Stable Diffusion 1.x", _SD_STAGES, _SD_OPTIONAL),
     Family("sd2", "Stable Diffusion 2.x", _SD_STAGES, _SD_OPTIONAL),
+    # SDXL ControlNets (their added conditions) are not exported yet: no controlnet stage.
     # SDXL base: two text encoders (CLIP ViT-L and OpenCLIP bigG) side by side.
     Family("sdxl", "Stable Diffusion XL", (Stage.TEXT_ENCODER, Stage.TEXT_ENCODER_2, Stage.UNET, Stage.UNET_SHALLOW,
-                                           Stage.VAE_ENCODER, Stage.VAE_DECODER), _SD_OPTIONAL),
+                                           Stage.VAE_ENCODER, Stage.VAE_DECODER),
+           frozenset({Stage.UNET_SHALLOW, Stage.VAE_ENCODER})),
     # The SDXL refiner: the second text encoder only; image-to-image (the base's latents).
     Family("sdxl-refiner", "Stable Diffusion XL refiner",
            (Stage.TEXT_ENCODER_2, Stage.UNET, Stage.UNET_SHALLOW, Stage.VAE_ENCODER, Stage.VAE_DECODER),

@@ -229,6 +229,9 @@ class Manifest:
                 raise ArtifactError(f"{where}: model fact safety_image_size is {facts.safety_image_size} but the "
                                     f"stages {'include' if facts.safety_image_size == 0 else 'lack'} "
                                     f"{Stage.SAFETY_CHECKER.value}")
+            if bool(shape.controlnets) != (Stage.CONTROLNET in manifest.stages):
+                raise ArtifactError(f"{where}: shape controlnets is {shape.controlnets} but the stages "
+                                    f"{'lack' if shape.controlnets else 'include'} {Stage.CONTROLNET.value}")
         except ArtifactError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:

@@ -31,6 +31,9 @@ MAX_BATCH = 64
 # Most 77-token prompt chunks a U-Net context may hold: 16 x 75 = 1200 prompt tokens,
 # far past any prompt a person writes; cross-attention cost grows with it.
 MAX_PROMPT_CHUNKS = 16
+# Most ControlNets one artifact holds (diffusers' MultiControlNetModel sets no limit;
+# each one costs a U-Net encoder's compute per step).
+MAX_CONTROLNETS = 8
 
 
 class Stage(str, enum.Enum):
@@ -48,6 +51,9 @@ class Stage(str, enum.Enum):
     # The checkpoint's safety checker (diffusers' StableDiffusionSafetyChecker): CLIP's
     # vision model and the concept embeddings, run on the decoded images.
     SAFETY_CHECKER = "safety_checker"
+    # Every ControlNet of the artifact in one graph, their residuals summed as diffusers'
+    # MultiControlNetModel sums them (see controlnet_spec).
+    CONTROLNET = "controlnet"
 
     @property
     def onnx_file(self) -> str:
@@ -57,8 +63,9 @@ class Stage(str, enum.Enum):
     def data_file(self) -> str | None:
         """External-data file name, for the stages whose weights can pass protobuf's 2 GB
         limit: the U-Net always has one, so the >2 GB path is the normal path, and so
-        does SDXL's second text encoder (OpenCLIP bigG: 2.8 GB in fp32)."""
-        return f"{self.value}.onnx.data" if self in (Stage.UNET, Stage.TEXT_ENCODER_2) else None
+        does SDXL's second text encoder (OpenCLIP bigG: 2.8 GB in fp32) and the
+        ControlNet stage (1.4 GB per SD 1.5 ControlNet, two pass the limit)."""
+        return f"{self.value}.onnx.data" if self in (Stage.UNET, Stage.TEXT_ENCODER_2, Stage.CONTROLNET) else None
 
 
 class Precision(str, enum.Enum):
@@ -120,6 +127,11 @@ class ModelFacts:
     # The safety checker's CLIP vision image_size (= its feature extractor's crop size):
     # the side of the pixel values it takes. 0 = none (not in the checkpoint, or left out).
     safety_image_size: int = 0
+    # unet.block_out_channels and layers_per_block (one per down block): the shapes of the
+    # residuals a ControlNet adds to the U-Net (controlnet_residuals). () = an artifact
+    # exported before the fields (it has no ControlNet either).
+    unet_block_out_channels: tuple[int, ...] = ()
+    unet_layers_per_block: tuple[int, ...] = ()
 
     @property
     def context_size(self) -> int:
@@ -162,6 +174,9 @@ class ModelFacts:
     def __post_init__(self) -> None:
         if self.unet_in_channels == 0:
             object.__setattr__(self, "unet_in_channels", self.latent_channels)
+        for name in ("unet_block_out_channels", "unet_layers_per_block"):   # JSON gives lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
 
     @property
     def inpainting(self) -> bool:
@@ -184,7 +199,8 @@ class ModelFacts:
         names = {f.name for f in fields(cls)}
         optional = {"family", "unet_in_channels", "text_num_layers", "time_cond_proj_dim", "text_2_hidden_size",
                     "pooled_size", "text_2_num_layers", "force_zeros_for_empty_prompt", "aesthetic_score",
-                    "unet_block_channels", "unet_last_up_attention", "safety_image_size"}
+                    "unet_block_channels", "unet_last_up_attention", "safety_image_size", "unet_block_out_channels",
+                    "unet_layers_per_block"}
         missing = names - set(data) - optional
         if missing:
             raise InvalidInput(f"model facts lack {sorted(missing)}")
@@ -201,6 +217,14 @@ class ModelFacts:
                 least = 0   # the refiner has only the second text encoder
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise InvalidInput(f"model fact {f.name} must be a positive integer, got {value!r:.40}")
+        blocks, layers = self.unet_block_out_channels, self.unet_layers_per_block
+        for name, value in (("unet_block_out_channels", blocks), ("unet_layers_per_block", layers)):
+            if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                       for v in value):
+                raise InvalidInput(f"model fact {name} must be a list of positive integers, got {value!r:.60}")
+        if len(blocks) != len(layers):
+            raise InvalidInput(f"model facts unet_block_out_channels {list(blocks)} and unet_layers_per_block "
+                               f"{list(layers)} must have one entry per down block")
         scaling = self.vae_scaling_factor
         if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < float("inf"):
             raise InvalidInput(f"model fact vae_scaling_factor must be a positive finite number, got {scaling!r:.40}")
@@ -235,6 +259,9 @@ class ShapeConfig:
     # DeepCache: the U-Net also returns the deep feature its shallow graph reuses, and the
     # artifact has the shallow graph (Stage.UNET_SHALLOW).
     deepcache: bool = False
+    # ControlNets in the artifact's controlnet stage; with any, the U-Net also takes their
+    # summed residuals (controlnet_residuals). 0 = none, the plain U-Net.
+    controlnets: int = 0
 
     def validate(self, facts: ModelFacts) -> "ShapeConfig":
         m = facts.image_size_multiple
@@ -256,6 +283,22 @@ class ShapeConfig:
             raise InvalidInput(f"deepcache must be True or False, got {self.deepcache!r}")
         if self.deepcache and not facts.unet_block_channels:
             raise InvalidInput("deepcache needs the U-Net's block_out_channels (model fact unet_block_channels)")
+        n = self.controlnets
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_CONTROLNETS:
+            raise InvalidInput(f"controlnets must be an integer from 0 to {MAX_CONTROLNETS}, got {n!r}")
+        if n:
+            if not facts.unet_block_out_channels:
+                raise InvalidInput("ControlNets need the U-Net's block_out_channels and layers_per_block "
+                                   "(model facts unet_block_out_channels, unet_layers_per_block)")
+            if self.deepcache:
+                raise InvalidInput("DeepCache and ControlNet cannot be combined: the shallow U-Net would skip the "
+                                   "blocks the ControlNet residuals enter; export with one or the other")
+            if self.prompt_chunks > 1:
+                # ControlNetModel takes no encoder attention mask: it would attend to the
+                # zero padding of a context longer than the prompt.
+                raise InvalidInput(f"ControlNets take a 75-token prompt context (diffusers' ControlNetModel has no "
+                                   f"encoder attention mask): export with max prompt chunks 1, "
+                                   f"not {self.prompt_chunks}")
         return self
 
     @property
@@ -270,7 +313,12 @@ class ShapeConfig:
     def from_json(cls, data: Mapping[str, Any]) -> "ShapeConfig":
         return cls(height=int(data["height"]), width=int(data["width"]),
                    batch=int(data["batch"]), cfg=bool(data["cfg"]), prompt_chunks=int(data.get("prompt_chunks", 1)),
-                   deepcache=data.get("deepcache", False) is True)
+                   deepcache=data.get("deepcache", False) is True, controlnets=_count(data.get("controlnets", 0)))
+
+
+def _count(value: Any) -> int:
+    """A manifest's count as it is (a bool or float fails validate, not as a silent int())."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
 @dataclass(frozen=True)
@@ -344,6 +392,9 @@ TIMESTEP_COND = "timestep_cond"
 TEXT_EMBEDS = "text_embeds"   # SDXL: text_encoder_2's pooled projection, an added U-Net input
 TIME_IDS = "time_ids"         # SDXL: original size, crop top-left, target size, per batch item
 DEEPCACHE_FEATURE = "deepcache_feature"   # the full U-Net's deep feature, the shallow one's input
+CONTROLNET_COND = "controlnet_cond"       # one conditioning image per ControlNet, pixels in [0, 1]
+CONTROL_SCALES = "control_scales"         # per ControlNet, row and residual: its weight this step
+MID_BLOCK_RESIDUAL = "mid_block_res"      # the ControlNets' residual for the U-Net's mid block
 SDXL_TIME_IDS = 6
 CLIP_INPUT = "clip_input"           # the safety checker's CLIP pixel values
 SPECIAL_SCORES = "special_scores"   # cosine similarity to each special-care concept minus its threshold
@@ -352,6 +403,8 @@ CONCEPT_SCORES = "concept_scores"   # cosine similarity to each concept minus it
 SAFETY_CONCEPTS = 17
 SAFETY_SPECIAL_CONCEPTS = 3
 CLIP_CHANNELS = 3
+# A ControlNet's conditioning image is RGB (diffusers' control image processor converts to it).
+CONTROL_IMAGE_CHANNELS = 3
 
 # Images the VAE encoder takes per call. image-to-image and inpainting take one input
 # image for all batch items, as diffusers does with a single image: it encodes it
@@ -408,9 +461,60 @@ def unet_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
                          *mask,
                          *cond,
                          *added,
+                         # The ControlNets' summed residuals (controlnet_spec's outputs).
+                         *(controlnet_residuals(facts, shape) if shape.controlnets else ()),
                      ),
                      outputs=(TensorSpec(LATENT, (gb, facts.latent_channels, lh, lw), _F32),
                               *((deepcache_feature_spec(facts, shape),) if shape.deepcache else ())))
+
+
+def down_block_residual(i: int) -> str:
+    """The name of the ControlNets' i-th residual for the U-Net's down blocks."""
+    return f"down_block_res_{i}"   # is_controlnet_residual reads it back
+
+
+def is_controlnet_residual(name: str) -> bool:
+    return name == MID_BLOCK_RESIDUAL or (name.startswith("down_block_res_") and name[15:].isdigit())
+
+
+def controlnet_residuals(facts: ModelFacts, shape: ShapeConfig) -> tuple[TensorSpec, ...]:
+    """What a ControlNet adds to the U-Net: one residual per feature the U-Net's down
+    blocks keep for their skip connections, then one for the mid block's output, in
+    UNet2DConditionModel's order (`down_block_res_samples`): conv_in's output, then per
+    down block each resnet's output and, but for the last block, its downsampler's.
+    SD 1.5: 1 + 3 x (2 + 1) + 2 = 12 down residuals."""
+    gb, (lh, lw) = shape.guided_batch, _latent_hw(facts, shape)
+    blocks, layers = facts.unet_block_out_channels, facts.unet_layers_per_block
+    if not blocks:   # an artifact of an older sdrt: no ControlNet
+        return ()
+    found = [(blocks[0], 0)]   # (channels, times halved)
+    for i, (channels, n) in enumerate(zip(blocks, layers)):
+        found += [(channels, i)] * n
+        if i < len(blocks) - 1:
+            found.append((channels, i + 1))
+    down = tuple(TensorSpec(down_block_residual(j), (gb, c, lh >> k, lw >> k), _F32) for j, (c, k) in enumerate(found))
+    k = len(blocks) - 1
+    return (*down, TensorSpec(MID_BLOCK_RESIDUAL, (gb, blocks[-1], lh >> k, lw >> k), _F32))
+
+
+def controlnet_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
+    """All the artifact's ControlNets in one call, as diffusers' MultiControlNetModel runs
+    them: the U-Net's latents (4 channels, also for a 9-channel inpainting U-Net), timestep
+    and text; per ControlNet its conditioning image (pixels in [0, 1], as
+    StableDiffusionControlNetPipeline.prepare_image gives it, for every row) and a weight
+    per row and residual (`control_scales`: the conditioning scale, 0 outside the
+    ControlNet's guidance window, guess mode's ramp and its zero unconditional rows) ->
+    the weighted residuals summed over the ControlNets, the U-Net's extra inputs."""
+    n, gb, (lh, lw) = shape.controlnets, shape.guided_batch, _latent_hw(facts, shape)
+    residuals = controlnet_residuals(facts, shape)
+    return StageSpec(Stage.CONTROLNET,
+                     inputs=(TensorSpec(SAMPLE, (gb, facts.latent_channels, lh, lw), _F32),
+                             TensorSpec(TIMESTEP, (1,), _F32),
+                             TensorSpec(ENCODER_HIDDEN_STATES, (gb, facts.text_max_length, facts.context_size), _F32),
+                             TensorSpec(CONTROLNET_COND, (n, gb, CONTROL_IMAGE_CHANNELS, shape.height, shape.width),
+                                        _F32),
+                             TensorSpec(CONTROL_SCALES, (n, gb, len(residuals)), _F32)),
+                     outputs=residuals)
 
 
 def deepcache_feature_spec(facts: ModelFacts, shape: ShapeConfig) -> TensorSpec:
@@ -425,7 +529,7 @@ def unet_shallow_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
     """DeepCache's shallow U-Net: the U-Net's inputs plus the deep feature of the last
     full call -> the model output. It runs the time embedding, conv_in, the last up
     block's last resnet (and attention) and conv_out, about 1/20 of SD 1.5's U-Net."""
-    unet = unet_spec(facts, replace(shape, deepcache=False))
+    unet = unet_spec(facts, replace(shape, deepcache=False, controlnets=0))
     # Without the last up block's attention (SDXL) nothing reads the text or its mask.
     text = () if facts.unet_last_up_attention else (ENCODER_HIDDEN_STATES, ENCODER_ATTENTION_MASK)
     inputs = tuple(t for t in unet.inputs if t.name not in text)
@@ -472,6 +576,7 @@ STAGE_SPECS: dict[Stage, Callable[[ModelFacts, ShapeConfig], StageSpec]] = {
     Stage.VAE_ENCODER: vae_encoder_spec,
     Stage.VAE_DECODER: vae_decoder_spec,
     Stage.SAFETY_CHECKER: safety_checker_spec,
+    Stage.CONTROLNET: controlnet_spec,
 }
 
 

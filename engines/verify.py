@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .specs import (CLIP_SKIP, ENCODER_ATTENTION_MASK, TIME_IDS, TIMESTEP_COND, DType, ModelFacts,
-                    Precision, Stage, StageSpec)
+from .specs import (CLIP_SKIP, CONTROL_SCALES, CONTROLNET_COND, ENCODER_ATTENTION_MASK, TIME_IDS, TIMESTEP_COND, DType,
+                    ModelFacts, Precision, Stage, StageSpec)
 
 # fp32: graph and torch differ only by kernel order and fused ops.
 FP32_TOLERANCE = (1e-4, 1e-4)  # (atol, rtol of output scale)
@@ -93,8 +93,12 @@ def random_inputs(spec: StageSpec, facts: ModelFacts, seed: int = 0) -> dict[str
         elif t.dtype is DType.INT32:
             # Random token ids (CLIP attends causally; every position matters).
             out[t.name] = rng.integers(0, 49408, size=t.shape).astype(np.int32)
-        elif spec.stage in (Stage.UNET, Stage.UNET_SHALLOW) and t.name == "timestep":
+        elif spec.stage in (Stage.UNET, Stage.UNET_SHALLOW, Stage.CONTROLNET) and t.name == "timestep":
             out[t.name] = np.array([rng.uniform(1, 999)], dtype=np.float32)  # fractional, like Euler's
+        elif t.name == CONTROLNET_COND:
+            out[t.name] = rng.uniform(0, 1, size=t.shape).astype(np.float32)   # control images' pixels
+        elif t.name == CONTROL_SCALES:
+            out[t.name] = rng.uniform(0, 2, size=t.shape).astype(np.float32)   # conditioning scales
         elif spec.stage is Stage.VAE_ENCODER:
             out[t.name] = rng.uniform(-1, 1, size=t.shape).astype(np.float32)   # preprocessed pixels
         elif spec.stage is Stage.VAE_DECODER:

@@ -144,6 +144,8 @@ class Checkpoint:
             unet_last_up_attention="CrossAttn" in str(unet.get("up_block_types", ("CrossAttnUpBlock2D",))[-1]),
             safety_image_size=int(self.configs["safety_checker"].get("vision_config", {}).get("image_size", 224))
             if "safety_checker" in self.configs else 0,
+            unet_block_out_channels=tuple(int(c) for c in unet.get("block_out_channels", ())),
+            unet_layers_per_block=per_block(unet.get("layers_per_block", 2), len(unet.get("block_out_channels", ()))),
         )
 
     def tokenizer_files(self, name: str = "tokenizer") -> list[Path]:
@@ -153,6 +155,12 @@ class Checkpoint:
     @property
     def tokenizer_dirs(self) -> tuple[str, ...]:
         return TOKENIZER_DIRS[1:] if self.refiner else TOKENIZER_DIRS if self.sdxl else TOKENIZER_DIRS[:1]
+
+
+def per_block(value: Any, blocks: int) -> tuple[int, ...]:
+    """A diffusers config value given once for all down blocks or as one per block
+    (layers_per_block): one per block."""
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),) * blocks
 
 
 def open_checkpoint(folder: Path, allow_pickle: bool = False, safety_checker: bool = True) -> Checkpoint:

@@ -22,6 +22,9 @@ class ExportConfig:
     # DeepCache: also export the shallow U-Net, and a U-Net that returns the deep feature
     # the shallow one reuses (`cache_interval` at generation).
     deepcache: bool = False
+    # diffusers ControlNetModel folders: exported as the controlnet stage (all of them in
+    # one graph), and a U-Net that takes their residuals. Order = control images' order.
+    controlnets: tuple[Path, ...] = ()
     precision: Precision = Precision.FP32
     vae_precision: Precision | None = None   # None: same as `precision`; both VAE stages
     # Export the VAE encoder (image-to-image, inpainting, outpainting). On by default:

@@ -33,6 +33,7 @@ from sdrt.engines.weightmap import StageWeights, WeightMap
 from . import outdir
 from .checkpoint import FEATURE_EXTRACTOR_CONFIG, SCHEDULER_CONFIG, Checkpoint, open_checkpoint
 from .config import ExportConfig
+from .controlnet import ControlNetSource, check_paths, load_controlnets, open_controlnets
 from sdrt.engines.progress import Progress
 
 TOOLS = ("sdrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnx-graphsurgeon")
@@ -45,6 +46,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
                            safety_checker=config.safety_checker)
     facts = ckpt.facts()
     _check_feature_extractor(ckpt, facts)
+    controlnets = open_controlnets(check_paths(config.controlnets), ckpt, facts, config.allow_pickle)
     stages = _stages(facts, config)
     precisions = {s: config.stage_precision(s) for s in stages}
     upcast = _vae_upcast(ckpt, config, precisions)
@@ -53,7 +55,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
         height=native if config.height is None else config.height,
         width=native if config.width is None else config.width,
         batch=config.batch, cfg=_cfg(facts, config.cfg), prompt_chunks=config.prompt_chunks,
-        deepcache=config.deepcache,
+        deepcache=config.deepcache, controlnets=len(controlnets),
     ).validate(facts)
     if Precision.FP16 in precisions.values():
         _precision_module()  # fail before any work if fp16 cannot be done here
@@ -76,7 +78,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
     linked: dict[Stage, StageWeights] = {}   # which initializer holds which parameter
     for stage in stages:
         check = _export_stage(ckpt, facts, specs[stage], precisions[stage], out_dir, config.verify, progress, known,
-                              linked)
+                              linked, controlnets)
         if check is not None:
             checks.append(check)
             if not check.passed:
@@ -189,6 +191,8 @@ def _stages(facts: ModelFacts, config: ExportConfig) -> tuple[Stage, ...]:
         left_out.add(Stage.UNET_SHALLOW)
     if not facts.safety_image_size:   # none in the checkpoint, or --no-safety-checker
         left_out.add(Stage.SAFETY_CHECKER)
+    if not config.controlnets:
+        left_out.add(Stage.CONTROLNET)
     return tuple(s for s in family(facts.family).stages if s not in left_out)
 
 
@@ -243,7 +247,7 @@ def _precision_module() -> Any:
 
 def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Precision, out_dir: Path,
                   verify: bool, progress: Progress, known: dict[str, FileRecord],
-                  linked: dict[Stage, StageWeights]) -> Any:
+                  linked: dict[Stage, StageWeights], controlnets: tuple[ControlNetSource, ...] = ()) -> Any:
     from . import graphs
     from . import weightmap as link
     from .checkpoint import load_module
@@ -253,7 +257,7 @@ def _export_stage(ckpt: Checkpoint, facts: Any, spec: StageSpec, precision: Prec
     name = stage.value
     with files.temp_folder(out_dir, prefix=f"{files.TEMP_PREFIX}{name}-") as work:
         with progress.step(f"{name}: loading weights"):
-            module = load_module(ckpt, stage)
+            module = load_controlnets(controlnets) if stage is Stage.CONTROLNET else load_module(ckpt, stage)
             graph = graphs.wrap(stage, module, spec, facts)
         params = None
         if link.link_stage(stage):

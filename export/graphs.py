@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import torch
 
-from sdrt.engines.specs import (DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND,
-                                ModelFacts, Stage, StageSpec)
+from sdrt.engines.specs import (DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS,
+                                TIMESTEP_COND, ModelFacts, Stage, StageSpec, is_controlnet_residual)
 
 OPSET = 17
 # Tensors up to this size stay inside the .onnx file even when weights go to the data
@@ -92,6 +92,8 @@ class UNetGraph(torch.nn.Module):
         super().__init__()
         self.unet = unet
         self.optional = tuple(t.name for t in spec.inputs[3:])
+        # ControlNet residuals (controlnet_residuals): the down blocks' in order, then the mid block's.
+        self.residuals = tuple(t.name for t in spec.inputs if is_controlnet_residual(t.name))
         self.feature: list[torch.Tensor] = []
         if any(t.name == DEEPCACHE_FEATURE for t in spec.outputs):
             channels = facts.unet_block_channels
@@ -106,6 +108,10 @@ class UNetGraph(torch.nn.Module):
                 *optional: torch.Tensor) -> Any:
         kwargs = dict(zip(self.optional, optional))
         added = {name: kwargs.pop(name) for name in self.ADDED if name in kwargs}
+        residuals = [kwargs.pop(name) for name in self.residuals]
+        if residuals:   # diffusers' down_block_additional_residuals, mid_block_additional_residual
+            kwargs.update(down_block_additional_residuals=tuple(residuals[:-1]),
+                          mid_block_additional_residual=residuals[-1])
         out = self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                         added_cond_kwargs=added or None, **kwargs, return_dict=False)[0]
         return (out, self.feature.pop()) if self.feature else out
@@ -216,10 +222,40 @@ class SafetyCheckerGraph(torch.nn.Module):
         return special, concept
 
 
+class ControlNetGraph(torch.nn.Module):
+    """The artifact's ControlNets (a ModuleList of diffusers ControlNetModels) as
+    diffusers' MultiControlNetModel runs them: each on the same latents, timestep and
+    text with its own image, each residual times its weight, summed over the
+    ControlNets in their order. The weights (`control_scales`, one per ControlNet, row
+    and residual) are where the runtime puts the conditioning scale, the guidance
+    window (0 outside it) and guess mode (a ramp over the residuals, 0 for the
+    unconditional rows); the ControlNet runs at conditioning_scale 1, which multiplies
+    by 1.0, and float32 products with the same factors are the same, so scaling here
+    gives diffusers' numbers.
+    """
+
+    def __init__(self, controlnets: torch.nn.ModuleList, spec: StageSpec, facts: ModelFacts):
+        super().__init__()
+        self.controlnets = controlnets
+        self.count = len(controlnets)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                controlnet_cond: torch.Tensor, control_scales: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        total: list[torch.Tensor] = []
+        for k, net in enumerate(self.controlnets):
+            down, mid = net(sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                            controlnet_cond=controlnet_cond[k], conditioning_scale=1.0, return_dict=False)
+            scales = control_scales[k]
+            weighted = [r * scales[:, j].reshape(-1, 1, 1, 1) for j, r in enumerate((*down, mid))]
+            total = weighted if not total else [a + b for a, b in zip(total, weighted)]
+        return tuple(total)
+
+
 # Stage kind -> its export wrapper (the graph side of specs.STAGE_SPECS).
 WRAPPERS = {Stage.TEXT_ENCODER: TextEncoderGraph, Stage.TEXT_ENCODER_2: TextEncoderGraph, Stage.UNET: UNetGraph,
             Stage.UNET_SHALLOW: UNetShallowGraph, Stage.VAE_ENCODER: VaeEncoderGraph,
-            Stage.VAE_DECODER: VaeDecoderGraph, Stage.SAFETY_CHECKER: SafetyCheckerGraph}
+            Stage.VAE_DECODER: VaeDecoderGraph, Stage.SAFETY_CHECKER: SafetyCheckerGraph,
+            Stage.CONTROLNET: ControlNetGraph}
 
 
 def wrap(stage: Stage, module: torch.nn.Module, spec: StageSpec, facts: ModelFacts) -> torch.nn.Module:

@@ -30,6 +30,9 @@ from sdrt.engines.progress import Progress
 
 VARIANTS = ("sd15", "sd2", "sd15-inpaint", "lcm", "sdxl", "sdxl-refiner", "sdxl-inpaint", "sd15-safety",
             "sd15-full", "sd21-full", "sdxl-full")
+# `sdrt tiny-model --variant controlnet`: a ControlNetModel folder for the sd15 variant
+# (make_tiny_controlnet), not a pipeline checkpoint.
+CONTROLNET_VARIANTS = ("controlnet",)
 MAX_SEED = 2**32 - 1
 
 _DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
@@ -302,6 +305,8 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
     The folder appears complete or not at all: it is written beside `out_dir` under a
     temporary name and renamed into place.
     """
+    if variant in CONTROLNET_VARIANTS:
+        return make_tiny_controlnet(out_dir, seed=seed, force=force)
     spec = _variant(variant)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
         # torch.manual_seed(seed + 2) must not overflow; a bare RuntimeError named no value.
@@ -374,4 +379,56 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
         if out_dir.exists():  # force: replace an earlier checkpoint (checked above)
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+    return out_dir
+
+
+def make_tiny_controlnet(out_dir: str | os.PathLike[str], base_variant: str = "sd15", seed: int = 0,
+                         force: bool = False) -> Path:
+    """Write a random-weight diffusers ControlNetModel folder (config.json and
+    diffusion_pytorch_model.safetensors) that fits `base_variant`'s U-Net, and return its path.
+
+    It is `ControlNetModel.from_unet` of that U-Net's architecture, as ControlNets are
+    trained, with every weight drawn from `seed` (different seeds give different
+    ControlNets for the same model). Training starts the zero convolutions (the outputs
+    of the conditioning embedding and of each residual) at zero, which would make a
+    ControlNet that adds nothing; here they are random too, so its residuals are of the
+    order of the U-Net's own features and change the image.
+    """
+    spec = _variant(base_variant)
+    if spec.text_2 is not None or spec.unet["in_channels"] != 4:
+        raise InvalidInput(f"tiny ControlNets are made for sd15, sd2 and lcm, not {base_variant!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r:.40}")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not force:
+            raise AlreadyExists(f"{out_dir} already exists; choose another folder or pass --force")
+        if not (out_dir / "config.json").is_file():
+            raise AlreadyExists(f"{out_dir} exists and is not a ControlNet folder; refusing to replace it")
+    quiet_libraries()
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    # The conditioning embedding halves the image once per channel entry but the first:
+    # as often as the VAE does, so its output lands on the latent grid.
+    levels = len(spec.vae["block_out_channels"])
+    embedding = tuple(8 * 2 ** min(i, 1) for i in range(levels))
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec.unet)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=embedding,
+                                           load_weights_from_unet=False)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        zero = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block,
+                *controlnet.controlnet_down_blocks]
+        for module in zero:
+            fan_in = module.weight[0].numel()
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) / fan_in ** 0.5)
+            module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
+    with temp_folder(out_dir.parent) as tmp:
+        controlnet.save_pretrained(tmp / "controlnet", safe_serialization=True)
+        fsync_tree(tmp / "controlnet")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp / "controlnet", out_dir)
     return out_dir

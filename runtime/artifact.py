@@ -23,7 +23,7 @@ from sdrt.engines.files import read_json_object
 from sdrt.engines.manifest import Manifest, load_manifest
 from sdrt.engines.specs import LATENT, Stage
 
-from . import inputs
+from . import controlnet, inputs
 from .loras import parse_loras
 from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
 from .prompts import parse_prompt_attention
@@ -59,6 +59,8 @@ class Request:
     image_latents: np.ndarray | None = None
     # Run the artifact's safety checker (when it has one); False only when asked for.
     safety_checker: bool = True
+    # ControlNet: float32 (ControlNets, 1, 3, H, W) control images, pixels in [0, 1]
+    control_images: np.ndarray | None = None
 
 
 class Artifact:
@@ -173,7 +175,9 @@ class Artifact:
                 denoising_end: Any = None, aesthetic_score: Any = 6.0,
                 negative_aesthetic_score: Any = 2.5, cache_interval: Any = 1, cache_uniform: Any = True,
                 cache_center: Any = None, cache_pow: Any = None, safety_checker: Any = True,
-                loras: Any = None) -> Request:
+                loras: Any = None, control_image: Any = None,
+                controlnet_conditioning_scale: Any = None, control_guidance_start: Any = None,
+                control_guidance_end: Any = None, guess_mode: Any = False) -> Request:
         """Validate one generation's settings and inputs (see `Pipeline.__call__`).
         LoRA files are named and scaled here; their contents are checked against the
         engines' weights by the Pipeline (runtime/loras.py), before any engine runs."""
@@ -181,6 +185,8 @@ class Artifact:
             raise InvalidType(f"safety_checker must be True or False, got {type(safety_checker).__name__}")
         chosen_loras = parse_loras(loras)
         task = self._task(image, mask_image, outpaint)
+        control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                control_guidance_end, guess_mode, task)
         if scheduler is None:
             default = checkpoint_default(self.scheduler_config)
             if default.notice:
@@ -240,7 +246,10 @@ class Artifact:
             denoising_end_calls(sampler, self.scheduler_config, config.denoising_end)
         config.deepcache.full_calls(len(sampler.timesteps), sampler.order)   # a schedule that cannot be, refused now
         # What runs is recorded: "dpmpp_2m" with use_karras_sigmas=True is "dpmpp_2m_karras".
-        config = dataclasses.replace(config, scheduler=resolved_name(config.scheduler, self.scheduler_config, options))
+        config = dataclasses.replace(config, scheduler=resolved_name(config.scheduler, self.scheduler_config, options),
+                                     controlnet=control)
+        images = None if control is None else controlnet.control_images(control_image, control.count, self.height,
+                                                                         self.width)
         h, w = self.height, self.width
         img = mask = None
         if task is Task.OUTPAINT:
@@ -249,7 +258,7 @@ class Artifact:
             img, mask = inputs.preprocess_image(canvas, h, w), inputs.preprocess_mask(canvas_mask, h, w)
         elif task is Task.IMAGE_TO_IMAGE and self._is_latents(image):
             return Request(config, sampler, latents=None, image_latents=self._check_latents(image),
-                           safety_checker=safety_checker)
+                           safety_checker=safety_checker, control_images=images)
         elif task.takes_image:
             # Files are decoded once here; arrays go as they are (float arrays take
             # diffusers' NumPy path in `inputs`).
@@ -259,7 +268,24 @@ class Artifact:
                 size = (source.shape[1], source.shape[0]) if isinstance(source, np.ndarray) else source.size
                 mask_source = mask_image if isinstance(mask_image, np.ndarray) else inputs.load_mask(mask_image)
                 mask = inputs.preprocess_mask(mask_source, h, w, image_size=size)
-        return Request(config, sampler, img, mask, self._check_latents(latents), safety_checker=safety_checker)
+        return Request(config, sampler, img, mask, self._check_latents(latents), safety_checker=safety_checker,
+                       control_images=images)
+
+    def _control(self, image: Any, scale: Any, start: Any, end: Any, guess_mode: Any, task: Task) -> Any:
+        """The call's ControlNet settings (None without a control image), checked against
+        the artifact's ControlNets; the images are decoded later, with the other inputs."""
+        count = self.manifest.shape.controlnets
+        if image is None:
+            given = [name for name, v in (("controlnet_conditioning_scale", scale), ("control_guidance_start", start),
+                                          ("control_guidance_end", end)) if v is not None]
+            given += ["guess_mode"] if guess_mode is not False else []
+            if given:
+                raise InvalidInput(f"{', '.join(given)} apply to ControlNets: pass control_image too")
+            return None
+        if not count:
+            raise InvalidInput(f"control_image needs an artifact exported with ControlNets; {self.folder} has none: "
+                               f"export it with --controlnet CONTROLNET_FOLDER")
+        return controlnet.ControlSettings.create(count, scale, start, end, guess_mode, task.value)
 
     def sampler(self, name: str, steps: int, strength: float | None = None,
                 options: Mapping[str, Any] | None = None, denoising_start: float | None = None) -> Sampler:

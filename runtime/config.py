@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from sdrt.engines.errors import InvalidInput, InvalidType
 
 from . import schedulers
+from .controlnet import ControlSettings
 from .deepcache import CacheSchedule
 
 DEFAULT_STEPS = 25          # the issue's example; diffusers' own default is 50
@@ -100,6 +101,10 @@ class GenerationConfig:
     deepcache: CacheSchedule = CacheSchedule()
     # LoRAs applied for this call (runtime/loras.py), in the order given
     loras: tuple[Any, ...] = ()
+    # ControlNet: the conditioning scale, guidance window and guess mode of each of the
+    # artifact's ControlNets; None = no control image (a ControlNet artifact then runs its
+    # U-Net with zero residuals: the base model).
+    controlnet: ControlSettings | None = None
 
     @property
     def prompt(self) -> str:

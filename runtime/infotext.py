@@ -31,6 +31,7 @@ from typing import Any
 from sdrt.engines.errors import InvalidInput
 
 from .config import GenerationConfig, Task
+from .controlnet import ControlSettings
 from .deepcache import CacheSchedule
 from .schedulers import a1111_name, canonical_name
 
@@ -109,6 +110,7 @@ def parameters_text(config: GenerationConfig, width: int, height: int, model: st
                              if config.scheduler_options else None,
         "Emphasis": None if config.prompt_weighting else NO_EMPHASIS,
         "DeepCache": deepcache_text(config.deepcache),
+        **controlnet_fields(config.controlnet),
         **(extra or {}),
         "Version": f"sdrt {sdrt_version()}",
     }
@@ -116,6 +118,19 @@ def parameters_text(config: GenerationConfig, width: int, height: int, model: st
     negative = config.negative_prompts[index]
     negative_line = f"\n{NEGATIVE} {negative}" if negative else ""
     return f"{config.prompts[index]}{negative_line}\n{line}".strip()   # .strip() as create_infotext
+
+
+def controlnet_fields(control: ControlSettings | None) -> dict[str, str]:
+    """AUTOMATIC1111's ControlNet extension's entries, one per ControlNet ("ControlNet 0":
+    "Module: none, Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1",
+    its words for an image used as given and stretched to the size), plus diffusers'
+    guess mode, which the extension has no exact word for; none without a control image."""
+    if control is None:
+        return {}
+    return {f"ControlNet {k}": f"Module: none, Weight: {_number(w)}, Resize Mode: Just Resize, "
+                               f"Guidance Start: {_number(s)}, Guidance End: {_number(e)}"
+                               + (", Guess Mode: True" if control.guess_mode else "")
+            for k, (w, s, e) in enumerate(zip(control.scales, control.starts, control.ends))}
 
 
 def deepcache_text(schedule: CacheSchedule) -> str | None:
@@ -223,6 +238,9 @@ def settings(text: str | Infotext, skip: Collection[str] = ()) -> Settings:
     if emphasis not in ("Original", NO_EMPHASIS) and "prompt_weighting" not in skip:
         notes.append(f"Emphasis: {emphasis} is not followed: sdrt weights prompts as AUTOMATIC1111's "
                      f"default emphasis ('Original') does")
+    if any(k.startswith("ControlNet ") for k in f) and "control_image" not in skip:
+        notes.append("the ControlNet settings are not read back: pass the control images (--control-image) and "
+                     "their settings yourself")
     hires = [k for k in f if k.startswith(HIRES)]
     if hires:
         notes.append(f"the hires fix ({', '.join(f'{k}: {f[k]}' for k in hires[:2])}) is not reproduced: sdrt "

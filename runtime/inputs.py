@@ -267,18 +267,20 @@ def _resize(im: Image.Image, height: int, width: int) -> Image.Image:
         return im.resize((width, height), resample=_RESAMPLE)
 
 
-def preprocess_image(img, height: int, width: int) -> np.ndarray:
+def preprocess_image(img, height: int, width: int, normalize: bool = True, what: str = "image") -> np.ndarray:
     """(1, 3, height, width) float32 in [-1, 1]: VaeImageProcessor(vae_scale_factor=8)
     .preprocess(load_image(img), height=height, width=width), so RGB PIL images and
     uint8 arrays give exactly what diffusers gives; float arrays take diffusers' NumPy
     path (module doc). The size is used as given: the caller passes the artifact's
-    static size (diffusers would also round it down to the VAE's multiple)."""
+    static size (diffusers would also round it down to the VAE's multiple).
+    normalize=False: pixels in [0, 1], as the ControlNet pipelines' control image
+    processor (do_normalize=False) gives them."""
     height, width = _check_size(height, width)
     if isinstance(img, np.ndarray) and img.dtype.kind == "f":
-        x = _resize_nearest(_float_channels(img, "image", grey=False), height, width)
-        return (2.0 * x - 1.0)[None].astype(np.float32)
-    x = np.asarray(_resize(load_image(img), height, width)).astype(np.float32) / 255.0  # pil_to_numpy
-    return np.ascontiguousarray((2.0 * x - 1.0).transpose(2, 0, 1)[None])          # normalize
+        x = _resize_nearest(_float_channels(img, what, grey=False), height, width)
+        return (2.0 * x - 1.0 if normalize else x)[None].astype(np.float32)
+    x = np.asarray(_resize(load_image(img, what), height, width)).astype(np.float32) / 255.0  # pil_to_numpy
+    return np.ascontiguousarray((2.0 * x - 1.0 if normalize else x).transpose(2, 0, 1)[None])   # normalize
 
 
 def preprocess_mask(mask, height: int, width: int, image_size: tuple[int, int] | None = None

@@ -40,12 +40,12 @@ from PIL import Image
 from sdrt.engines import registry
 from sdrt.engines.base import Engine
 from sdrt.engines.errors import InvalidInput, InvalidType, NumericsError
-from sdrt.engines.specs import (CLIP_SKIP, DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, IMAGES,
-                                INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS,
+from sdrt.engines.specs import (CLIP_SKIP, CONTROL_SCALES, CONTROLNET_COND, DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK,
+                                ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS,
                                 TIME_IDS, TIMESTEP, TIMESTEP_COND, Stage)
 from sdrt.engines.specs import CLIP_INPUT, CONCEPT_SCORES, SPECIAL_SCORES   # the safety checker's
 
-from . import inputs, prompts, safety
+from . import controlnet, inputs, prompts, safety
 from .artifact import Artifact, Request
 from .config import GenerationConfig, Generator, Task
 from .images import PARAMETERS_KEY, to_pil
@@ -62,7 +62,7 @@ class Timings:
 
     text_encoder: float
     steps: tuple[float, ...]   # wall time of each denoising step, U-Net call and sampler math
-    unet: tuple[float, ...]    # engine time of each U-Net call
+    unet: tuple[float, ...]    # engine time of each U-Net call (with ControlNets: plus the controlnet stage's)
     vae_decoder: float
     total: float
     vae_encoder: float = 0.0   # image tasks: encoding the input (and masked) image
@@ -236,7 +236,11 @@ class Pipeline:
                  denoising_end: float | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, cache_interval: int = 1, cache_uniform: bool = True,
                  cache_center: int | None = None, cache_pow: float | None = None,
-                 safety_checker: bool = True, loras: Any = None) -> GenerationResult:
+                 safety_checker: bool = True, loras: Any = None, control_image: Any = None,
+                 controlnet_conditioning_scale: float | list[float] | None = None,
+                 control_guidance_start: float | list[float] | None = None,
+                 control_guidance_end: float | list[float] | None = None,
+                 guess_mode: bool = False) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
@@ -290,6 +294,15 @@ class Pipeline:
         once adding up; switching, or going back to none, re-reads and re-exports nothing,
         and a call without LoRAs runs the exported weights bit for bit (runtime/loras.py).
         On onnxruntime, and TensorRT engines built with --refittable.
+        control_image: ControlNet (an artifact exported with --controlnet), as diffusers'
+        StableDiffusionControlNet(Img2Img/Inpaint)Pipeline: the conditioning image (a
+        path, PIL image or array, used as given: resized to the artifact's size, no
+        preprocessor), or a list of one per ControlNet in their export order;
+        controlnet_conditioning_scale (default as diffusers: 1.0, with image= 0.8, with
+        mask_image= or outpaint= 0.5), control_guidance_start (0.0) and
+        control_guidance_end (1.0): one number or a list of one per ControlNet; guess_mode:
+        the ControlNets see the conditional half only (see runtime/controlnet.py). Without
+        control_image a ControlNet artifact runs its U-Net with zero residuals (the base model).
         on_step(i, n): called after each denoising step (progress reporting).
         """
         request = self.artifact.request(prompt, negative_prompt, steps, guidance, scheduler, seed, latents,
@@ -297,7 +310,11 @@ class Pipeline:
                                         prompt_weighting, clip_skip, prompt_2, negative_prompt_2, original_size,
                                         crops_coords_top_left, target_size, denoising_start, denoising_end,
                                         aesthetic_score, negative_aesthetic_score, cache_interval, cache_uniform,
-                                        cache_center, cache_pow, safety_checker=safety_checker, loras=loras)
+                                        cache_center, cache_pow, safety_checker=safety_checker, loras=loras,
+                                        control_image=control_image,
+                                        controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                        control_guidance_start=control_guidance_start,
+                                        control_guidance_end=control_guidance_end, guess_mode=guess_mode)
         return self.run(request, on_step)
 
     def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -316,7 +333,8 @@ class Pipeline:
         self.loras.apply(config.loras)
         conditioning, text_time = self.encode_prompt(config)
         latents, vae_encoder_time = self.prepare_latents(request, rng)
-        x, step_times, unet_times = self.denoise(config, sampler, latents, conditioning, rng, on_step)
+        x, step_times, unet_times = self.denoise(config, sampler, latents, conditioning, rng, on_step,
+                                                 request.control_images)
         if config.denoising_end is not None:   # handed over to a refiner as latents, not decoded
             timings = Timings(text_time, tuple(step_times), tuple(unet_times), 0.0, time.perf_counter() - start,
                               vae_encoder_time)
@@ -503,7 +521,8 @@ class Pipeline:
         return _Latents(x, original=original, noise=noise, mask=_f32(np.repeat(mask, shape[0], axis=0))), encoder_time
 
     def denoise(self, config: GenerationConfig, sampler: Sampler, latents: _Latents, conditioning: Conditioning,
-                rng: Any, on_step: Callable[[int, int], None] | None) -> tuple[np.ndarray, list[float], list[float]]:
+                rng: Any, on_step: Callable[[int, int], None] | None,
+                control_images: np.ndarray | None = None) -> tuple[np.ndarray, list[float], list[float]]:
         cfg_graph = self.manifest.shape.cfg            # the engines run the guided batch
         use_cfg = cfg_graph and config.guidance > 1.0  # diffusers: do_classifier_free_guidance
         b = self.batch
@@ -524,17 +543,23 @@ class Pipeline:
         if self.manifest.facts.guidance_embedding:   # LCM: the scale enters the U-Net, no CFG
             context[TIMESTEP_COND] = guidance_embedding(config.guidance, self.manifest.facts.time_cond_proj_dim,
                                                         self.manifest.shape.guided_batch)
+        control = self._control_inputs(config, control_images, len(timesteps), use_cfg, context)
         for i in range(n):
             t0 = time.perf_counter()
             model_in = np.asarray(sampler.scale_model_input(x, i), dtype=np.float32)
             sample = np.concatenate([model_in, model_in]) if cfg_graph else model_in
+            # ControlNet: its residuals for this call (the 4-channel latents, before an
+            # inpainting U-Net's mask and masked image are appended, as diffusers runs it).
+            c0 = time.perf_counter()
+            residuals = control(i, sample, timesteps[i]) if control is not None else {}
+            control_time = self._engine_time(Stage.CONTROLNET, c0) if residuals and control_images is not None else 0.0
             if latents.unet_extra is not None:   # 9-channel U-Net: [latents, mask, masked-image latents]
                 sample = np.concatenate([sample, latents.unet_extra], axis=1)
             u0 = time.perf_counter()
             if full[i]:
-                result = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: timesteps[i], **context})
+                result = self._run(Stage.UNET, {SAMPLE: sample, TIMESTEP: timesteps[i], **context, **residuals})
                 raw, feature = result[LATENT], result.get(DEEPCACHE_FEATURE)
-                unet_times.append(self._engine_time(Stage.UNET, u0))
+                unet_times.append(self._engine_time(Stage.UNET, u0) + control_time)
             else:
                 inputs = {SAMPLE: sample, TIMESTEP: timesteps[i], DEEPCACHE_FEATURE: feature, **context}
                 raw = self._run(Stage.UNET_SHALLOW, {k: v for k, v in inputs.items() if k in shallow})[LATENT]
@@ -561,6 +586,33 @@ class Pipeline:
             if on_step is not None:
                 on_step(i + 1, n)
         return x, step_times, unet_times
+
+    def _control_inputs(self, config: GenerationConfig, images: np.ndarray | None, calls: int, use_cfg: bool,
+                        context: Mapping[str, np.ndarray]) -> Callable[[int, np.ndarray, np.ndarray], dict] | None:
+        """For an artifact with ControlNets: call i's U-Net residuals, from the controlnet
+        stage (the same latents, timestep and text as the U-Net, each ControlNet's image
+        for every row, and this call's weights from controlnet.scale_table); without a
+        control image, zeros. None for an artifact without ControlNets."""
+        shape = self.manifest.shape
+        if not shape.controlnets:
+            return None
+        specs = self.manifest.specs
+        if images is None or config.controlnet is None:
+            zeros = {t.name: np.zeros(t.shape, np.float32) for t in specs[Stage.CONTROLNET].outputs}
+            return lambda i, sample, t: zeros
+        rows = shape.guided_batch
+        cond = np.ascontiguousarray(np.repeat(images, rows, axis=1), dtype=np.float32)   # (nets, rows, 3, H, W)
+        table = controlnet.scale_table(config.controlnet, calls, self.batch, shape.cfg, use_cfg,
+                                       len(specs[Stage.CONTROLNET].outputs))
+        text = context[ENCODER_HIDDEN_STATES]
+
+        def residuals(i: int, sample: np.ndarray, t: np.ndarray) -> dict[str, np.ndarray]:
+            out = self._run(Stage.CONTROLNET, {SAMPLE: sample, TIMESTEP: t, ENCODER_HIDDEN_STATES: text,
+                                               CONTROLNET_COND: cond, CONTROL_SCALES: table[i]})
+            for name, value in out.items():
+                _check_finite(value, f"the ControlNet ({name}) at call {i + 1} of {calls}")
+            return out
+        return residuals
 
     def decode(self, x: np.ndarray) -> tuple[np.ndarray, float]:
         t0 = time.perf_counter()

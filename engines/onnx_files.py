@@ -315,7 +315,8 @@ def _read_tensor(buf: memoryview, start: int, end: int, wanted: set[str], extern
         ref = external[name]
         with open(folder / ref.location, "rb") as f:
             f.seek(ref.offset)
-            data = f.read(count * np_type.itemsize)
+            data = bytearray(count * np_type.itemsize)   # writable: callers may update it in place
+            data = data[:f.readinto(data)]
         array = np.frombuffer(data, dtype=np_type)
     elif raw is not None:
         array = np.frombuffer(buf[raw[0]:raw[1]], dtype=np_type).copy()

@@ -19,7 +19,6 @@ half-written cache entry; a read-only artifact folder simply runs uncached.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -104,40 +103,43 @@ def unavailable() -> str | None:
 class OrtEngine(Engine):
     """One stage as an ONNX Runtime session. Inputs are checked by `Engine.__call__`.
 
-    Changed weights (a LoRA) run on a second session of the same graph in which the
+    Changed weights (a LoRA) run on another session of the same graph in which the
     stage's recorded parameters (engines/weightmap.py) are "overridable initializers":
     also listed as graph inputs, so each call can feed new values, and the stored ones
-    are used where none is fed. ONNX Runtime cannot pre-pack or fold such weights, so
-    the exported weights keep running on the first, fully optimized session, and going
-    back to them is exact by construction. The second session is made on first use; it
-    maps the same weight file, so it costs little memory and (measured on the full-size
-    SD 1.5 U-Net) well under a second.
+    are used where none is fed (`_Overridable`: two fixed sets of such weights). ONNX
+    Runtime cannot pre-pack or re-lay-out such weights, so the exported weights keep
+    running on the first, fully optimized session, and going back to them is exact by
+    construction. The other session is made on first use and maps the same weight file
+    (benchmarks/lora_switch.py measures what it costs).
     """
 
     backend_title = "ONNX Runtime"
 
     def __init__(self, spec: StageSpec, session: "ort.InferenceSession", load_seconds: float = 0.0,
-                 cached: bool = False, open_overridable: Callable[[], "ort.InferenceSession"] | None = None):
+                 cached: bool = False, overridable: "_Overridable | None" = None):
         super().__init__(spec)
         self.session = session
         self.load_seconds = load_seconds
         self.cached = cached          # True when the optimized graph came from the cache
         self._output_names = [t.name for t in spec.outputs]
         self._last: float | None = None
-        self._open_overridable = open_overridable
-        self._overridable: "ort.InferenceSession | None" = None
+        self._overridable = overridable
+        self._sessions: dict[int, "ort.InferenceSession"] = {}   # tier -> session
+        self._active: "ort.InferenceSession | None" = None
         self._weights: dict[str, np.ndarray] = {}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         if not weights:
-            self._weights = {}
+            self._weights, self._active = {}, None
             return
         if self._overridable is None:
-            if self._open_overridable is None:
-                raise BackendUnavailable(f"{self.spec.stage.value}: this stage's weights cannot be changed")
-            self._overridable = self._open_overridable()
+            raise BackendUnavailable(f"{self.spec.stage.value}: this stage's weights cannot be changed")
+        tier = self._overridable.tier(weights)
+        if tier not in self._sessions:
+            self._sessions[tier] = self._overridable.open(tier)
+        session = self._sessions[tier]
         expected = {i.name: (tuple(i.shape), _ORT_TYPES.get(i.type, i.type))
-                    for i in self._overridable.get_overridable_initializers()}
+                    for i in session.get_overridable_initializers()}
         for name, value in weights.items():
             want = expected.get(name)
             if want is None:
@@ -146,14 +148,14 @@ class OrtEngine(Engine):
                 got = (getattr(value, "shape", None), str(getattr(value, "dtype", type(value).__name__)))
                 raise InvalidInput(f"{self.spec.stage.value}: weight {name!r} must be {want[1]} {want[0]}, got "
                                    f"{got[1]} {got[0]}")
-        self._weights = dict(weights)
+        self._weights, self._active = dict(weights), session
 
     def _run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.session is None:
             raise InvalidInput(f"{self.spec.stage.value} engine is closed")
         session, feeds = self.session, dict(inputs)
         if self._weights:
-            session = self._overridable
+            session = self._active
             feeds.update(self._weights)
         start = time.perf_counter()
         outputs = session.run(self._output_names, feeds)
@@ -171,8 +173,7 @@ class OrtEngine(Engine):
 
     def close(self) -> None:
         self.session = None
-        self._overridable = None
-        self._weights = {}
+        self._sessions, self._active, self._weights = {}, None, {}
 
 
 def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
@@ -242,30 +243,52 @@ def open_engines(folder: str | os.PathLike[str], manifest: Any, options: Options
         _check_session(session, specs[stage], folder / stage.onnx_file)
         overridable = None
         if stage in weightmap.COMPONENTS:
-            overridable = functools.partial(_overridable_session, folder, stage, names, options.threads,
-                                            options.spinning)
+            overridable = _Overridable(folder, stage, names, options.threads, options.spinning)
         engines[stage] = OrtEngine(specs[stage], session, time.perf_counter() - start, cached, overridable)
     return engines
 
 
-def _overridable_session(folder: Path, stage: Stage, providers: list[str], threads: int | None,
-                         spinning: bool) -> "ort.InferenceSession":
-    """The stage's graph with its recorded parameters overridable (see OrtEngine)."""
-    recorded = weightmap.read(folder)
-    if recorded is None or stage not in recorded.stages:
-        raise ArtifactError(f"{folder} has no record of which graph weight holds which model parameter "
-                            f"({weightmap.WEIGHT_MAP}: exported by an older sdrt); export the model again to "
-                            f"change weights at run time")
-    names = sorted({t.initializer for t in recorded.stages[stage].params.values()})
-    model = with_overridable(folder / stage.onnx_file, names)
-    opts = session_options(threads, optimize=True, spinning=spinning)
-    # The graph comes as bytes: its external weights are found in the artifact folder.
-    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
-    try:
-        return ort.InferenceSession(model, sess_options=opts, providers=providers)
-    except Exception as e:  # ORT's own exception types
-        raise ArtifactError(f"{folder / stage.onnx_file}: ONNX Runtime cannot load it with overridable weights "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+class _Overridable:
+    """The sessions of one stage whose recorded parameters can be fed per call.
+
+    Two tiers, each a fixed set of weights, so the same LoRAs always run on the same
+    session (the same kernels, the same bits): 0, the matrix weights (Linear layers and
+    1x1 convolutions: what LoRAs train); 1, every recorded parameter (LoCon's 3x3
+    convolutions too). A weight ONNX Runtime may be fed is one it cannot pre-pack
+    or re-lay-out (its NCHWc convolutions), so tier 0 keeps the resnets' convolutions
+    at full speed for the common LoRAs."""
+
+    def __init__(self, folder: Path, stage: Stage, providers: list[str], threads: int | None, spinning: bool):
+        self.folder, self.stage, self.providers, self.threads, self.spinning = folder, stage, providers, threads, spinning
+        self._tiers: list[frozenset[str]] | None = None
+
+    def tiers(self) -> list[frozenset[str]]:
+        if self._tiers is None:
+            recorded = weightmap.read(self.folder)
+            if recorded is None or self.stage not in recorded.stages:
+                raise ArtifactError(f"{self.folder} has no record of which graph weight holds which model parameter "
+                                    f"({weightmap.WEIGHT_MAP}: exported by an older sdrt); export the model again to "
+                                    f"change weights at run time")
+            targets = recorded.stages[self.stage].params.values()
+            matrix = frozenset(t.initializer for t in targets
+                               if len(t.shape) == 2 or (len(t.shape) == 4 and t.shape[2:] == (1, 1)))
+            self._tiers = [matrix, frozenset(t.initializer for t in targets)]
+        return self._tiers
+
+    def tier(self, weights: Mapping[str, Any]) -> int:
+        tiers = self.tiers()
+        return next((i for i, names in enumerate(tiers) if names.issuperset(weights)), len(tiers) - 1)
+
+    def open(self, tier: int) -> "ort.InferenceSession":
+        model = with_overridable(self.folder / self.stage.onnx_file, sorted(self.tiers()[tier]))
+        opts = session_options(self.threads, optimize=True, spinning=self.spinning)
+        # The graph comes as bytes: its external weights are found in the artifact folder.
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
+        try:
+            return ort.InferenceSession(model, sess_options=opts, providers=self.providers)
+        except Exception as e:  # ORT's own exception types
+            raise ArtifactError(f"{self.folder / self.stage.onnx_file}: ONNX Runtime cannot load it with overridable "
+                                f"weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _open_session(folder: Path, stage: Stage, manifest: Any, providers: list[str], threads: int | None,

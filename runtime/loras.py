@@ -153,43 +153,59 @@ def merged_weights(folder: Path, weight_map: weightmap.WeightMap, loras: list[tu
                    stages: list[Stage]) -> dict[Stage, dict[str, np.ndarray]]:
     """{stage: {initializer: exported value + sum of scale * delta}}, in the graph's
     layout and dtype, for every initializer the LoRAs (runtime/lora.py records, each
-    with its scale) change among `stages` of the artifact at `folder`."""
-    deltas: dict[tuple[str, str], np.ndarray] = {}
+    with its scale) change among `stages` of the artifact at `folder`.
+
+    Each update is one rank-r product accumulated into a float32 copy of the exported
+    weight: the scales multiply the small `up` factor, and a transposed weight (a
+    MatMul's) gets down^T @ up^T, which is contiguous in its layout. On the full-size
+    SD 1.5 U-Net this is several times faster than forming each delta and adding its
+    transpose (strided) to a converted copy, and it differs from peft's
+    `(up @ down) * scaling` by float rounding only."""
+    layers: dict[tuple[str, str], list[tuple[Any, float]]] = {}
     for lora, scale in loras:
         for layer in lora.layers:
-            key = (layer.component, layer.param)
-            change = np.float32(scale) * layer.delta()
-            deltas[key] = change if key not in deltas else deltas[key] + change
+            layers.setdefault((layer.component, layer.param), []).append((layer, scale))
     out: dict[Stage, dict[str, np.ndarray]] = {}
     for stage in stages:
         weights = weight_map.stages.get(stage)
         if weights is None:
             continue
-        changed = {p: d for (c, p), d in deltas.items() if c == weights.component and p in weights.params}
+        changed = {p: found for (c, p), found in layers.items() if c == weights.component and p in weights.params}
         if not changed:
             continue
         _check_shared(stage, weights, changed)
         exported = read_initializers(Path(folder) / stage.onnx_file,
                                      {weights.params[p].initializer for p in changed})
         stage_out = {}
-        for param, delta in changed.items():
+        for param, contributions in changed.items():
             target = weights.params[param]
             base = exported[target.initializer]
-            change = delta.T if target.transposed else delta
-            stage_out[target.initializer] = (base.astype(np.float32) + change).astype(base.dtype)
+            acc = base if base.dtype == np.float32 else base.astype(np.float32)
+            if not acc.flags.writeable:
+                acc = acc.copy()
+            flat = acc.reshape(acc.shape[0], -1)
+            for layer, scale in contributions:
+                rank = layer.down.shape[0]
+                up = layer.up.reshape(layer.up.shape[0], rank) * np.float32(scale * layer.scale)
+                down = layer.down.reshape(rank, -1)
+                if target.transposed:
+                    flat += down.T @ up.T
+                else:
+                    flat += up @ down
+            stage_out[target.initializer] = acc if base.dtype == np.float32 else acc.astype(base.dtype)
         out[stage] = stage_out
     return out
 
 
-def _check_shared(stage: Stage, weights: weightmap.StageWeights, changed: Mapping[str, np.ndarray]) -> None:
-    """Parameters with equal values share one initializer (see export/weightmap.py): a
-    LoRA may change them only alike."""
+def _check_shared(stage: Stage, weights: weightmap.StageWeights, changed: Mapping[str, Any]) -> None:
+    """Parameters with equal values share one initializer after the exporter's
+    deduplication (see export/weightmap.py): a LoRA cannot change one of them alone."""
     by_initializer: dict[str, list[str]] = {}
     for param, target in weights.params.items():
         by_initializer.setdefault(target.initializer, []).append(param)
     for param in changed:
-        for other in by_initializer[weights.params[param].initializer]:
-            if other != param and not (other in changed and np.array_equal(changed[other], changed[param])):
-                raise InvalidInput(f"the LoRA changes {param} but not {other}, which the {stage.value} graph holds in "
-                                   f"the same weight (their exported values are equal); it cannot be applied at run "
-                                   f"time: merge it with `sdrt export --lora`")
+        others = [o for o in by_initializer[weights.params[param].initializer] if o != param]
+        if others:
+            raise InvalidInput(f"the LoRA changes {param}, which the {stage.value} graph holds in one weight with "
+                               f"{others[0]} (their exported values are equal), so it cannot be applied to this "
+                               f"export")

@@ -31,6 +31,7 @@ COMMANDS = {
     "info": "sdrt.cli.info",
     "demo": "sdrt.cli.demo",
     "tiny-model": "sdrt.cli.tiny_model",
+    "tiny-lora": "sdrt.cli.tiny_lora",
     "export": "sdrt.cli.export",
     "build": "sdrt.cli.build",
     "bench": "sdrt.cli.bench",

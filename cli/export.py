@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdrt.engines.specs import Precision
+from sdrt.engines.specs import DEFAULT_EMBEDDING_SLOTS, Precision
 
 from .errors import writing_into
 
@@ -37,6 +37,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="also export DeepCache's shallow U-Net (about 1%% of the U-Net's weights), so "
                              "`generate --deepcache N` can run the full U-Net only every N steps; the full U-Net "
                              "then also returns the feature the shallow one reuses")
+    export.add_argument("--embedding-slots", type=int, default=DEFAULT_EMBEDDING_SLOTS, metavar="N",
+                        help=f"textual inversion: how many embedding vectors one generation may use in all "
+                             f"(default {DEFAULT_EMBEDDING_SLOTS}; a multi-vector embedding takes one per vector); "
+                             f"0 exports text encoders that take no embeddings")
     export.add_argument("--precision", default="fp32", choices=[p.value for p in Precision],
                         help="precision of the graphs (default: fp32); inputs and outputs stay float32")
     export.add_argument("--vae-precision", choices=[p.value for p in Precision],
@@ -65,6 +69,7 @@ def run_export(args: argparse.Namespace) -> int:
     config = ExportConfig(
         model_dir=args.model_dir, out_dir=args.out_dir, height=args.height, width=args.width,
         batch=args.batch, cfg=args.cfg, prompt_chunks=args.prompt_chunks, deepcache=args.deepcache,
+        embedding_slots=args.embedding_slots,
         precision=Precision(args.precision),
         vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
         vae_encoder=args.vae_encoder, verify=args.verify, force=args.force, allow_pickle=args.allow_pickle,

@@ -132,6 +132,8 @@ class Checkpoint:
             aesthetic_score=bool(self.aesthetics),
             unet_block_channels=int(unet.get("block_out_channels", (320,))[0]),
             unet_last_up_attention="CrossAttn" in str(unet.get("up_block_types", ("CrossAttnUpBlock2D",))[-1]),
+            # CLIPTextConfig's default vocab_size is CLIP's 49408
+            text_vocab_size=max(int(c.get("vocab_size", 49408)) for c in (text, text_2) if c),
         )
 
     def tokenizer_files(self, name: str = "tokenizer") -> list[Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrt.engines.specs import Precision, Stage
+from sdrt.engines.specs import DEFAULT_EMBEDDING_SLOTS, Precision, Stage
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,9 @@ class ExportConfig:
     # DeepCache: also export the shallow U-Net, and a U-Net that returns the deep feature
     # the shallow one reuses (`cache_interval` at generation).
     deepcache: bool = False
+    # Textual inversion: vectors of embeddings one call may use in all (the text
+    # encoders' `token_embeddings` rows); 0 = an artifact that takes none.
+    embedding_slots: int = DEFAULT_EMBEDDING_SLOTS
     precision: Precision = Precision.FP32
     vae_precision: Precision | None = None   # None: same as `precision`; both VAE stages
     # Export the VAE encoder (image-to-image, inpainting, outpainting). On by default:

@@ -25,6 +25,9 @@ from sdrt.engines.specs import LATENT, Stage
 
 from . import inputs
 from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
+from .embeddings import EmbeddingSet, parse_request
+from .embeddings import fit as fit_embeddings
+from .embeddings import load as load_embedding
 from .prompts import parse_prompt_attention
 from .schedulers import (Sampler, SchedulerFallback, checkpoint_default, denoising_end_calls, make_sampler,
                          resolved_name)
@@ -55,6 +58,7 @@ class Request:
     # image-to-image from latents (an SDXL base's hand-off to its refiner): used as the
     # image's latents, no VAE encoder call
     image_latents: np.ndarray | None = None
+    embeddings: EmbeddingSet | None = None   # textual inversion: this call's embeddings, fitted to the artifact
 
 
 class Artifact:
@@ -163,9 +167,11 @@ class Artifact:
                 crops_coords_top_left: Any = None, target_size: Any = None, denoising_start: Any = None,
                 denoising_end: Any = None, aesthetic_score: Any = 6.0,
                 negative_aesthetic_score: Any = 2.5, cache_interval: Any = 1, cache_uniform: Any = True,
-                cache_center: Any = None, cache_pow: Any = None) -> Request:
+                cache_center: Any = None, cache_pow: Any = None, embeddings: Any = None,
+                allow_pickle: bool = False) -> Request:
         """Validate one generation's settings and inputs (see `Pipeline.__call__`)."""
         task = self._task(image, mask_image, outpaint)
+        fitted = self.embeddings(embeddings, allow_pickle)
         if scheduler is None:
             default = checkpoint_default(self.scheduler_config)
             if default.notice:
@@ -231,7 +237,7 @@ class Artifact:
             canvas, canvas_mask = inputs.outpaint_canvas(inputs.load_image(image), margins, height=h, width=w)
             img, mask = inputs.preprocess_image(canvas, h, w), inputs.preprocess_mask(canvas_mask, h, w)
         elif task is Task.IMAGE_TO_IMAGE and self._is_latents(image):
-            return Request(config, sampler, latents=None, image_latents=self._check_latents(image))
+            return Request(config, sampler, latents=None, image_latents=self._check_latents(image), embeddings=fitted)
         elif task.takes_image:
             # Files are decoded once here; arrays go as they are (float arrays take
             # diffusers' NumPy path in `inputs`).
@@ -241,7 +247,19 @@ class Artifact:
                 size = (source.shape[1], source.shape[0]) if isinstance(source, np.ndarray) else source.size
                 mask_source = mask_image if isinstance(mask_image, np.ndarray) else inputs.load_mask(mask_image)
                 mask = inputs.preprocess_mask(mask_source, h, w, image_size=size)
-        return Request(config, sampler, img, mask, self._check_latents(latents))
+        return Request(config, sampler, img, mask, self._check_latents(latents), embeddings=fitted)
+
+    def embeddings(self, embeddings: Any, allow_pickle: bool = False) -> EmbeddingSet | None:
+        """Read a call's textual-inversion embeddings (paths, or (path, token) pairs) and
+        fit them to this artifact (runtime/embeddings.py); None without any."""
+        pairs = parse_request(embeddings)
+        if not pairs:
+            return None
+        if not isinstance(allow_pickle, bool):
+            raise InvalidType(f"allow_pickle must be True or False, got {allow_pickle!r}")
+        loaded = [load_embedding(path, token, allow_pickle) for path, token in pairs]
+        tokenizers = {Stage.TEXT_ENCODER: self.tokenizer, Stage.TEXT_ENCODER_2: self.tokenizer_2 or self.tokenizer}
+        return fit_embeddings(loaded, self.manifest, tokenizers, self.folder)
 
     def sampler(self, name: str, steps: int, strength: float | None = None,
                 options: Mapping[str, Any] | None = None, denoising_start: float | None = None) -> Sampler:

@@ -42,11 +42,12 @@ from sdrt.engines.base import Engine
 from sdrt.engines.errors import InvalidInput, InvalidType, NumericsError
 from sdrt.engines.specs import (CLIP_SKIP, DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, IMAGES,
                                 INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS,
-                                TIME_IDS, TIMESTEP, TIMESTEP_COND, Stage)
+                                TIME_IDS, TIMESTEP, TIMESTEP_COND, TOKEN_EMBEDDINGS, Stage)
 
 from . import inputs, prompts
 from .artifact import Artifact, Request
 from .config import GenerationConfig, Generator, Task
+from .embeddings import EmbeddingSet
 from .images import PARAMETERS_KEY, to_pil
 from .infotext import parameters_text
 from .schedulers import SCHEDULERS, Sampler, denoising_end_calls
@@ -226,7 +227,8 @@ class Pipeline:
                  target_size: tuple[int, int] | None = None, denoising_start: float | None = None,
                  denoising_end: float | None = None, aesthetic_score: float = 6.0,
                  negative_aesthetic_score: float = 2.5, cache_interval: int = 1, cache_uniform: bool = True,
-                 cache_center: int | None = None, cache_pow: float | None = None) -> GenerationResult:
+                 cache_center: int | None = None, cache_pow: float | None = None,
+                 embeddings: list[Any] | None = None, allow_pickle: bool = False) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
@@ -270,6 +272,15 @@ class Pipeline:
         cache_uniform=False: the reference's non-uniform schedule, ceil(steps / interval)
         full steps packed around step cache_center (default 30% of the steps) by a power
         law of exponent cache_pow (default 1.4). See runtime/deepcache.py.
+        embeddings: textual inversion, a list of embedding files (AUTOMATIC1111's or
+        diffusers' .safetensors; SDXL's clip_l + clip_g), each a path or a (path, token)
+        pair. A file's trigger is its name without the extension (AUTOMATIC1111's files,
+        as the web UI names them) or its stored token (diffusers'); a token given here
+        replaces it. The trigger in a prompt or negative prompt stands for the
+        embedding's vectors, as after diffusers' load_textual_inversion. Needs an
+        artifact exported with embedding slots (sdrt export --embedding-slots, 32 by
+        default). .pt/.bin files are pickles, read (with torch) only with
+        allow_pickle=True, as their loading runs code from the file.
         on_step(i, n): called after each denoising step (progress reporting).
         """
         request = self.artifact.request(prompt, negative_prompt, steps, guidance, scheduler, seed, latents,
@@ -277,7 +288,7 @@ class Pipeline:
                                         prompt_weighting, clip_skip, prompt_2, negative_prompt_2, original_size,
                                         crops_coords_top_left, target_size, denoising_start, denoising_end,
                                         aesthetic_score, negative_aesthetic_score, cache_interval, cache_uniform,
-                                        cache_center, cache_pow)
+                                        cache_center, cache_pow, embeddings=embeddings, allow_pickle=allow_pickle)
         return self.run(request, on_step)
 
     def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -292,7 +303,7 @@ class Pipeline:
         start = time.perf_counter()
         config, sampler = request.config, request.sampler
         rng = _random_source(config) if rng is None else rng
-        conditioning, text_time = self.encode_prompt(config)
+        conditioning, text_time = self.encode_prompt(config, request.embeddings)
         latents, vae_encoder_time = self.prepare_latents(request, rng)
         x, step_times, unet_times = self.denoise(config, sampler, latents, conditioning, rng, on_step)
         if config.denoising_end is not None:   # handed over to a refiner as latents, not decoded
@@ -341,7 +352,8 @@ class Pipeline:
 
     # -- the seams, in diffusers' order -----------------------------------------------------
 
-    def encode_prompt(self, config: GenerationConfig) -> tuple[Conditioning, float]:
+    def encode_prompt(self, config: GenerationConfig,
+                      embeddings: EmbeddingSet | None = None) -> tuple[Conditioning, float]:
         """The U-Net's context, negatives first like diffusers' torch.cat([negative, prompt]).
 
         Prompts are read in AUTOMATIC1111's syntax (unless config.prompt_weighting is
@@ -356,17 +368,24 @@ class Pipeline:
         the prompt); the two encoders' hidden states are joined along the width; the
         pooled embedding comes from the second encoder's first chunk; with
         force_zeros_for_empty_prompt an absent negative prompt (None, not "") is all zeros.
+
+        Textual inversion (`embeddings`): each encoder's tokenizer reads the triggers as
+        the embeddings' ids, and the encoder takes their vectors as `token_embeddings`
+        (zeros when the call has none).
         """
         facts, shape = self.manifest.facts, self.manifest.shape
         negatives = config.negative_prompts if shape.cfg else ()   # the engines run the guided batch
         encoders = self._encoders(config)
         limit = shape.prompt_chunks
-        chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit)
-                   for _, tok, texts in encoders]
+        triggers = {stage: embeddings.triggers.get(stage) if embeddings else None for stage, _, _ in encoders}
+        chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit,
+                                         triggers=triggers[stage])
+                   for stage, tok, texts in encoders]
         count = max(c.chunks for c in chunked)
         if any(c.chunks < count for c in chunked):   # the encoders' contexts must line up
-            chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit, count=count)
-                       for _, tok, texts in encoders]
+            chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit, count=count,
+                                             triggers=triggers[stage])
+                       for stage, tok, texts in encoders]
         truncated = {t.prompt: t for c in chunked for t in c.truncated}
         if truncated:
             warnings.warn(prompts.truncation_message(self.tokenizer, list(truncated.values()), limit),
@@ -377,7 +396,12 @@ class Pipeline:
         text_time = 0.0
         widths, pooled = [], None
         for (stage, tok, _), chunks in zip(encoders, chunked):
-            extra = {CLIP_SKIP: skips} if CLIP_SKIP in {t.name for t in self.manifest.specs[stage].inputs} else {}
+            spec = self.manifest.specs[stage]
+            names = {t.name for t in spec.inputs}
+            extra = {CLIP_SKIP: skips} if CLIP_SKIP in names else {}
+            if TOKEN_EMBEDDINGS in names:
+                extra[TOKEN_EMBEDDINGS] = (embeddings.inputs[stage] if embeddings else
+                                           np.zeros(spec.input(TOKEN_EMBEDDINGS).shape, np.float32))
             outputs = []
             for j, ids in enumerate(chunks.ids):
                 t0 = time.perf_counter()

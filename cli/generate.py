@@ -34,7 +34,8 @@ DEFAULTS: dict[str, Any] = dict(negative_prompt=None, steps=None, guidance=None,
                                 seed=None, generator=Generator.TORCH.value, image=None, mask_image=None, strength=None,
                                 outpaint=None, scheduler_options=None, prompt_weighting=True, clip_skip=None,
                                 prompt_2=None, negative_prompt_2=None, original_size=None,
-                                crops_coords_top_left=None, target_size=None, cache_interval=1)
+                                crops_coords_top_left=None, target_size=None, cache_interval=1, embeddings=None,
+                                allow_pickle=False)
 # Pipeline.__call__ argument <- argparse destination, for the flags a PNG's settings yield to.
 _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps", guidance="guidance",
               scheduler="scheduler", seed="seed", generator="generator", image="image", mask_image="mask",
@@ -42,7 +43,7 @@ _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps",
               prompt_2="prompt_2", negative_prompt_2="negative_prompt_2", original_size="original_size",
               crops_coords_top_left="crops_coords_top_left", target_size="target_size",
               cache_interval="deepcache", cache_uniform="deepcache_uniform", cache_center="deepcache_center",
-              cache_pow="deepcache_pow")
+              cache_pow="deepcache_pow", embeddings="embeddings", allow_pickle="allow_pickle")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -117,6 +118,14 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
                     help="non-uniform: the step the full steps crowd around (default 30%% of the steps)")
     dc.add_argument("--deepcache-pow", type=float, default=None, metavar="P",
                     help="non-uniform: the power law's exponent, > 1 (default 1.4)")
+    p.add_argument("--embedding", dest="embeddings", action="append", default=None, type=_embedding_arg,
+                   metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors, AUTOMATIC1111's or diffusers'); repeatable. "
+                        "Its trigger in the prompt or negative prompt is the file's name without the extension "
+                        "(AUTOMATIC1111's files) or its stored token (diffusers'), or TOKEN")
+    p.add_argument("--allow-pickle-code-execution", dest="allow_pickle", action="store_const", const=True,
+                   default=None, help="allow .pt/.bin embeddings, pickles whose loading can execute code from the "
+                                      "file (needs torch); only for files from a source you trust")
     p.add_argument("--no-weighting", dest="prompt_weighting", action="store_const", const=False, default=None,
                    help="take the prompt literally: no AUTOMATIC1111 attention syntax ('(word:1.2)', "
                         "'[word]', BREAK), which is read by default")
@@ -142,6 +151,16 @@ def _pixel_pair(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected two integers such as 1024,1024; got {text!r}") from None
     return a, b
+
+
+def _embedding_arg(text: str) -> Path | tuple[Path, str]:
+    """FILE, or FILE:TOKEN (a path that exists is taken whole, colons and all)."""
+    path, sep, token = text.rpartition(":")
+    if not sep or Path(text).exists() or not path or "/" in token or "\\" in token:
+        return Path(text)
+    if not token.strip():
+        raise argparse.ArgumentTypeError(f"expected FILE or FILE:TOKEN, got {text!r}")
+    return Path(path), token
 
 
 def _scheduler_option(text: str) -> tuple[str, Any]:

@@ -280,3 +280,35 @@ def test_tiny_model_cli_writes_embeddings_in_both_formats(tmp_path, capsys):
     a, d = emb.load(a1111), emb.load(diff)
     assert (a.trigger, a.vectors[emb.SINGLE].shape) == ("my-style", (3, 32))
     assert (d.trigger, d.vectors[emb.SINGLE].shape) == ("<d>", (2, 32))
+
+
+@pytest.mark.slow
+def test_sdxl_embedding_matches_diffusers_with_clip_l_and_clip_g(tmp_path_factory, export_into):
+    """SDXL: clip_l's vectors go to the first text encoder, clip_g's to the second, as
+    diffusers' documented SDXL recipe loads them (one load_textual_inversion per
+    encoder and tokenizer, the token given)."""
+    import diffusers
+    import torch
+    from safetensors.torch import load_file
+
+    from sdrt.export.tiny import make_tiny_model
+    model = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", variant="sdxl")
+    path = make_tiny_embedding(tmp_path_factory.mktemp("embeddings") / "xl-style.safetensors", variant="sdxl",
+                               vectors=2, seed=5)
+    pipe = Pipeline.load(export_into(model, tmp_path_factory.mktemp("artifacts") / "sdxl", vae_encoder=False))
+    oracle = diffusers.StableDiffusionXLPipeline.from_pretrained(model, add_watermarker=False)
+    oracle.set_progress_bar_config(disable=True)
+    state = load_file(str(path))
+    oracle.load_textual_inversion(state["clip_l"], token="xl-style", text_encoder=oracle.text_encoder,
+                                  tokenizer=oracle.tokenizer)
+    oracle.load_textual_inversion(state["clip_g"], token="xl-style", text_encoder=oracle.text_encoder_2,
+                                  tokenizer=oracle.tokenizer_2)
+    for prompt, negative in (("a xl-style fox", "blurry"), ("a fox", "xl-style")):
+        ours = pipe(prompt, negative_prompt=negative, steps=STEPS, guidance=5.0, seed=3, embeddings=[path]).pixels
+        with torch.no_grad():
+            want = oracle(prompt, negative_prompt=negative, num_inference_steps=STEPS, guidance_scale=5.0,
+                          generator=torch.Generator("cpu").manual_seed(3), output_type="np",
+                          height=pipe.height, width=pipe.width).images
+        assert _max_diff(ours, want) <= TOL
+        plain = pipe(prompt, negative_prompt=negative, steps=STEPS, guidance=5.0, seed=3).pixels
+        assert _max_diff(ours, plain) > 1e-3

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from sdrt.engines.errors import BackendUnavailable, InvalidInput, InvalidType, MissingFile
+from sdrt.engines.files import sha256_file
 from sdrt.engines.specs import TOKEN_EMBEDDINGS, Stage
 
 from . import safetensors_file
@@ -54,6 +55,7 @@ class Embedding:
     trigger: str
     vectors: Mapping[str, np.ndarray]
     path: Path
+    sha256: str = ""   # of the file: AUTOMATIC1111 records its first 12 digits ("TI hashes")
 
     @property
     def count(self) -> int:
@@ -67,8 +69,9 @@ def load(path: str | os.PathLike[str], token: str | None = None, allow_pickle: b
         raise InvalidType(f"an embedding must be a path or a (path, token) pair, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
-        raise MissingFile(f"embedding {path} does not exist" if not path.exists() else f"embedding {path} is not a file")
-    if path.suffix.lower() in PICKLE_SUFFIXES or (path.stat().st_size >= 4 and safetensors_file.looks_like_pickle(path)):
+        raise MissingFile(f"embedding {path} {'is not a file' if path.exists() else 'does not exist'}")
+    pickled = path.stat().st_size >= 4 and safetensors_file.looks_like_pickle(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES or pickled:
         if not allow_pickle:
             raise InvalidInput(f"embedding {path} is a pickle (torch.save) file, which runs code when loaded; "
                                f"{PICKLE_REMEDY}")
@@ -83,7 +86,7 @@ def load(path: str | os.PathLike[str], token: str | None = None, allow_pickle: b
         trigger = token
     if not trigger.strip():
         raise InvalidInput(f"embedding {path}: its trigger {trigger!r} is empty; pass a token")
-    return Embedding(trigger, vectors, path)
+    return Embedding(trigger, vectors, path, sha256_file(path))
 
 
 def _parse(path: Path, tensors: Mapping[str, Any], a1111: bool) -> tuple[str, dict[str, np.ndarray]]:
@@ -194,9 +197,12 @@ class EmbeddingSet:
     inputs: Mapping[Stage, np.ndarray]    # Stage -> (slots, width) float32
     triggers: Mapping[Stage, Triggers]      # Stage -> Triggers
 
-    @property
-    def triggers_text(self) -> str:
-        return ", ".join(e.trigger for e in self.embeddings)
+    def hashes_text(self, tokenizer: Tokenizer, texts: Iterable[str]) -> str | None:
+        """AUTOMATIC1111's "TI hashes" of the embeddings that `texts` use: "name: first
+        12 digits of the file's SHA-256, ..." (None when no trigger occurs)."""
+        norm = " ".join(_normalized(tokenizer, t) for t in texts)
+        used = [f"{e.trigger}: {e.sha256[:12]}" for e in self.embeddings if _normalized(tokenizer, e.trigger) in norm]
+        return ", ".join(used) or None
 
 
 def parse_request(embeddings: Any) -> list[tuple[Any, str | None]]:

@@ -223,6 +223,9 @@ def settings(text: str | Infotext, skip: Collection[str] = ()) -> Settings:
     if emphasis not in ("Original", NO_EMPHASIS) and "prompt_weighting" not in skip:
         notes.append(f"Emphasis: {emphasis} is not followed: sdrt weights prompts as AUTOMATIC1111's "
                      f"default emphasis ('Original') does")
+    if "TI hashes" in f and "embeddings" not in skip:
+        notes.append(f"the image used textual-inversion embeddings ({f['TI hashes'][:80]}): pass them with "
+                     f"--embedding FILE to reproduce it")
     hires = [k for k in f if k.startswith(HIRES)]
     if hires:
         notes.append(f"the hires fix ({', '.join(f'{k}: {f[k]}' for k in hires[:2])}) is not reproduced: sdrt "

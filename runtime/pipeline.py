@@ -316,9 +316,10 @@ class Pipeline:
         images = to_pil(pixels)
         given = request.latents is not None   # the seed did not draw these latents: it is not recorded
         m = self.manifest
+        extra = _embeddings_text(request.embeddings, self.tokenizer, config)
         for i, image in enumerate(images):
             image.info[PARAMETERS_KEY] = parameters_text(config, self.width, self.height, m.model_name, m.model_hash,
-                                                         index=i, seed=not given)
+                                                         index=i, seed=not given, extra=extra)
         return GenerationResult(images, pixels, timings, config.seed, config, given, images[0].info[PARAMETERS_KEY],
                                 x)
 
@@ -341,7 +342,8 @@ class Pipeline:
             result = refiner._generate(second, on_step, rng=base.rng)
         # The PNG text is the base's settings plus the refiner, as AUTOMATIC1111 writes it.
         r = refiner.manifest
-        extra = {"Refiner": f"{r.model_name} [{r.model_hash}]" if r.model_hash else r.model_name,
+        extra = {**_embeddings_text(first.embeddings, self.tokenizer, first.config),
+                 "Refiner": f"{r.model_name} [{r.model_hash}]" if r.model_hash else r.model_name,
                  "Refiner switch at": f"{float(high_noise_frac):g}"}
         m = self.manifest
         for i, image in enumerate(result.images):
@@ -640,6 +642,15 @@ def guidance_embedding(guidance: float, dim: int, batch: int) -> np.ndarray:
     if dim % 2:
         emb = np.concatenate([emb, np.zeros(1, f32)])
     return np.ascontiguousarray(np.broadcast_to(emb.astype(f32), (batch, dim)))
+
+
+def _embeddings_text(embeddings: EmbeddingSet | None, tokenizer: Any, config: GenerationConfig) -> dict[str, str]:
+    """AUTOMATIC1111's "TI hashes" PNG field for the embeddings a call's prompts use."""
+    if embeddings is None:
+        return {}
+    texts = config.prompts + config.negative_prompts + config.second_prompts + config.second_negative_prompts
+    used = embeddings.hashes_text(tokenizer, texts)
+    return {"TI hashes": used} if used else {}
 
 
 def _random_source(config: GenerationConfig) -> Any:

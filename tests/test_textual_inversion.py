@@ -312,3 +312,18 @@ def test_sdxl_embedding_matches_diffusers_with_clip_l_and_clip_g(tmp_path_factor
         assert _max_diff(ours, want) <= TOL
         plain = pipe(prompt, negative_prompt=negative, steps=STEPS, guidance=5.0, seed=3).pixels
         assert _max_diff(ours, plain) > 1e-3
+
+
+def test_png_records_the_embeddings_used_as_automatic1111_does(pipe, files):
+    """"TI hashes: name: first 12 digits of the file's SHA-256", the used ones only; a
+    regeneration from the PNG says the embeddings must be passed again."""
+    import hashlib
+
+    from sdrt.runtime.infotext import parse, settings
+    result = pipe("a tiny-three fox", negative_prompt="<fox-x>", steps=1, seed=1,
+                  embeddings=[files["a1111-3"], files["diffusers-2"], files["a1111-1"]])
+    digest = {n: hashlib.sha256(files[n].read_bytes()).hexdigest()[:12] for n in files}
+    assert parse(result.parameters).fields["TI hashes"] == (f"tiny-three: {digest['a1111-3']}, "
+                                                         f"<fox-x>: {digest['diffusers-2']}")
+    assert any("--embedding" in n for n in settings(result.parameters).notes)
+    assert "TI hashes" not in pipe("a tiny-three fox", steps=1, seed=1).parameters

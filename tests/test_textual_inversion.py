@@ -327,3 +327,50 @@ def test_png_records_the_embeddings_used_as_automatic1111_does(pipe, files):
                                                          f"<fox-x>: {digest['diffusers-2']}")
     assert any("--embedding" in n for n in settings(result.parameters).notes)
     assert "TI hashes" not in pipe("a tiny-three fox", steps=1, seed=1).parameters
+
+
+def test_legacy_clip_pooling_takes_the_embedding_position_as_diffusers_does(tmp_path):
+    """A CLIP config of eos_token_id 2 (SDXL's published text_encoder_2) pools at the
+    largest token id. After diffusers' load_textual_inversion that is an embedding's
+    id (they follow the vocabulary), so its pooled `text_embeds` come from the
+    embedding's position; the exported graph, fed the same ids, does the same."""
+    import copy
+
+    import onnxruntime as ort
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from sdrt.engines.specs import ModelFacts, Stage, text_encoder_2_spec
+    from sdrt.export import graphs
+    from sdrt.export.tiny import _variant
+
+    torch.manual_seed(0)
+    model = CLIPTextModelWithProjection(CLIPTextConfig(**_variant("sdxl").text_2, eos_token_id=2)).eval()
+    vocab, width = model.config.vocab_size, model.config.hidden_size
+    facts = ModelFacts(latent_channels=4, vae_scale_factor=8, vae_scaling_factor=0.13025, image_channels=3,
+                       text_max_length=77, text_hidden_size=32, unet_sample_size=16, unet_size_multiple=4,
+                       prediction_type="epsilon", family="sdxl", text_num_layers=3, text_2_hidden_size=width,
+                       pooled_size=model.config.projection_dim, text_2_num_layers=4, text_vocab_size=vocab)
+    spec = text_encoder_2_spec(facts, ShapeConfig(128, 128, embedding_slots=4))
+    vectors = (0.02 * torch.randn(2, width)).float()
+    ids = np.full((2, 77), 0, np.int32)   # "!" padding, as tokenizer_2's
+    ids[:, :6] = [49406, 320, vocab, vocab + 1, 343, 49407]
+    ids[0, 2:4] = [1929, 1930]            # the unconditional row: no embedding
+    slots = np.zeros((4, width), np.float32)
+    slots[:2] = vectors.numpy()
+    inputs = {"input_ids": ids, "clip_skip": np.zeros(2, np.int32), "token_embeddings": slots}
+
+    oracle = copy.deepcopy(model)    # load_textual_inversion's steps 7.3-7.4
+    oracle.resize_token_embeddings(vocab + 2)
+    oracle.get_input_embeddings().weight.data[vocab:] = vectors
+    with torch.no_grad():
+        out = oracle(torch.from_numpy(ids).long())
+        want = out.text_embeds.numpy()
+        at_eos = oracle.text_projection(out.last_hidden_state[1, 5]).numpy()
+    assert np.abs(want[1] - at_eos).max() > 1e-3   # where it pools matters
+    graph = graphs.wrap(Stage.TEXT_ENCODER_2, model, spec, facts)
+    graphs.export_raw(graph, spec, inputs, tmp_path / "te2.onnx")
+    session = ort.InferenceSession(str(tmp_path / "te2.onnx"), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, inputs)))["text_embeds"]
+    assert np.abs(got - want).max() <= 1e-5
+    assert ids[1].argmax() == 3 and ids[0].argmax() == 5   # pooled at the last vector, and at EOS

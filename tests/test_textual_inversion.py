@@ -282,27 +282,38 @@ def test_tiny_model_cli_writes_embeddings_in_both_formats(tmp_path, capsys):
     assert (d.trigger, d.vectors[emb.SINGLE].shape) == ("<d>", (2, 32))
 
 
-@pytest.mark.slow
-def test_sdxl_embedding_matches_diffusers_with_clip_l_and_clip_g(tmp_path_factory, export_into):
-    """SDXL: clip_l's vectors go to the first text encoder, clip_g's to the second, as
-    diffusers' documented SDXL recipe loads them (one load_textual_inversion per
-    encoder and tokenizer, the token given)."""
-    import diffusers
-    import torch
-    from safetensors.torch import load_file
-
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory, export_into):
+    """(base model, refiner model, base Pipeline, refiner Pipeline, embedding file): the
+    slow SDXL tests' tiny SDXL pair and a 2-vector clip_l + clip_g embedding."""
     from sdrt.export.tiny import make_tiny_model
-    model = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", variant="sdxl")
+    root, out = tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("artifacts")
+    base = make_tiny_model(root / "sdxl", variant="sdxl")
+    refiner = make_tiny_model(root / "refiner", variant="sdxl-refiner")
     path = make_tiny_embedding(tmp_path_factory.mktemp("embeddings") / "xl-style.safetensors", variant="sdxl",
                                vectors=2, seed=5)
-    pipe = Pipeline.load(export_into(model, tmp_path_factory.mktemp("artifacts") / "sdxl", vae_encoder=False))
+    return (base, refiner, Pipeline.load(export_into(base, out / "base", vae_encoder=False)),
+            Pipeline.load(export_into(refiner, out / "refiner")), path)
+
+
+def _load_sdxl_embedding(pipe, path, encoders):
+    """diffusers' documented SDXL recipe: one load_textual_inversion per text encoder
+    and tokenizer, clip_l's vectors to the first, clip_g's to the second, the token given."""
+    from safetensors.torch import load_file
+    state = load_file(str(path))
+    for key, (encoder, tokenizer) in encoders.items():
+        pipe.load_textual_inversion(state[key], token="xl-style", text_encoder=encoder, tokenizer=tokenizer)
+
+
+@pytest.mark.slow
+def test_sdxl_embedding_matches_diffusers_with_clip_l_and_clip_g(sdxl):
+    import diffusers
+    import torch
+    model, _, pipe, _, path = sdxl
     oracle = diffusers.StableDiffusionXLPipeline.from_pretrained(model, add_watermarker=False)
     oracle.set_progress_bar_config(disable=True)
-    state = load_file(str(path))
-    oracle.load_textual_inversion(state["clip_l"], token="xl-style", text_encoder=oracle.text_encoder,
-                                  tokenizer=oracle.tokenizer)
-    oracle.load_textual_inversion(state["clip_g"], token="xl-style", text_encoder=oracle.text_encoder_2,
-                                  tokenizer=oracle.tokenizer_2)
+    _load_sdxl_embedding(oracle, path, {"clip_l": (oracle.text_encoder, oracle.tokenizer),
+                                        "clip_g": (oracle.text_encoder_2, oracle.tokenizer_2)})
     for prompt, negative in (("a xl-style fox", "blurry"), ("a fox", "xl-style")):
         ours = pipe(prompt, negative_prompt=negative, steps=STEPS, guidance=5.0, seed=3, embeddings=[path]).pixels
         with torch.no_grad():
@@ -312,6 +323,30 @@ def test_sdxl_embedding_matches_diffusers_with_clip_l_and_clip_g(tmp_path_factor
         assert _max_diff(ours, want) <= TOL
         plain = pipe(prompt, negative_prompt=negative, steps=STEPS, guidance=5.0, seed=3).pixels
         assert _max_diff(ours, plain) > 1e-3
+
+
+@pytest.mark.slow
+def test_sdxl_refiner_hand_off_reads_the_embedding_with_its_one_encoder(sdxl):
+    """The refiner has text_encoder_2 alone: it takes clip_g's vectors."""
+    import diffusers
+    import torch
+    base_model, refiner_model, base, refiner, path = sdxl
+    first = diffusers.StableDiffusionXLPipeline.from_pretrained(base_model, add_watermarker=False)
+    second = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner_model)
+    for p in (first, second):
+        p.set_progress_bar_config(disable=True)
+    _load_sdxl_embedding(first, path, {"clip_l": (first.text_encoder, first.tokenizer),
+                                       "clip_g": (first.text_encoder_2, first.tokenizer_2)})
+    _load_sdxl_embedding(second, path, {"clip_g": (second.text_encoder_2, second.tokenizer_2)})
+    kw = dict(prompt="a xl-style fox", negative_prompt="blurry", guidance_scale=5.0, num_inference_steps=4)
+    g = torch.Generator("cpu").manual_seed(7)
+    with torch.no_grad():
+        latents = first(denoising_end=0.75, output_type="latent", generator=g, **kw).images
+        want = second(image=latents, denoising_start=0.75, output_type="np", generator=g, **kw).images
+    got = base.refine(refiner, "a xl-style fox", high_noise_frac=0.75, negative_prompt="blurry", steps=4,
+                      guidance=5.0, seed=7, embeddings=[path])
+    assert _max_diff(got.pixels, want) <= TOL
+    assert "TI hashes" in got.parameters
 
 
 def test_png_records_the_embeddings_used_as_automatic1111_does(pipe, files):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdrt.engines.specs import Precision
+from sdrt.engines.specs import DEFAULT_EMBEDDING_SLOTS, Precision
 
 from .errors import writing_into
 from .generate import lora_arg
@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                              "several (their residuals are summed, as diffusers' MultiControlNetModel does). The "
                              "U-Net then takes their residuals: generate with --control-image, one per ControlNet "
                              "in this order")
+    export.add_argument("--embedding-slots", type=int, default=DEFAULT_EMBEDDING_SLOTS, metavar="N",
+                        help=f"textual inversion: how many embedding vectors one generation may use in all "
+                             f"(default {DEFAULT_EMBEDDING_SLOTS}; a multi-vector embedding takes one per vector); "
+                             f"0 exports text encoders that take no embeddings")
     export.add_argument("--precision", default="fp32", choices=[p.value for p in Precision],
                         help="precision of the graphs (default: fp32); inputs and outputs stay float32")
     export.add_argument("--vae-precision", choices=[p.value for p in Precision],
@@ -79,7 +83,7 @@ def run_export(args: argparse.Namespace) -> int:
     config = ExportConfig(
         model_dir=args.model_dir, out_dir=args.out_dir, height=args.height, width=args.width,
         batch=args.batch, cfg=args.cfg, prompt_chunks=args.prompt_chunks, deepcache=args.deepcache,
-        controlnets=tuple(args.controlnets),
+        controlnets=tuple(args.controlnets), embedding_slots=args.embedding_slots,
         precision=Precision(args.precision),
         vae_precision=Precision(args.vae_precision) if args.vae_precision else None,
         vae_encoder=args.vae_encoder, safety_checker=args.safety_checker, verify=args.verify, force=args.force,

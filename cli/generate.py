@@ -34,7 +34,8 @@ DEFAULTS: dict[str, Any] = dict(negative_prompt=None, steps=None, guidance=None,
                                 seed=None, generator=Generator.TORCH.value, image=None, mask_image=None, strength=None,
                                 outpaint=None, scheduler_options=None, prompt_weighting=True, clip_skip=None,
                                 prompt_2=None, negative_prompt_2=None, original_size=None,
-                                crops_coords_top_left=None, target_size=None, cache_interval=1, safety_checker=True)
+                                crops_coords_top_left=None, target_size=None, cache_interval=1, safety_checker=True,
+                                embeddings=None, allow_pickle=False)
 # Pipeline.__call__ argument <- argparse destination, for the flags a PNG's settings yield to.
 _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps", guidance="guidance",
               scheduler="scheduler", seed="seed", generator="generator", image="image", mask_image="mask",
@@ -44,7 +45,8 @@ _GIVEN = dict(prompt="prompt", negative_prompt="negative_prompt", steps="steps",
               cache_interval="deepcache", cache_uniform="deepcache_uniform", cache_center="deepcache_center",
               cache_pow="deepcache_pow", loras="loras", safety_checker="safety_checker", control_image="control_image",
               controlnet_conditioning_scale="control_scale", control_guidance_start="control_start",
-              control_guidance_end="control_end", guess_mode="guess_mode")
+              control_guidance_end="control_end", guess_mode="guess_mode", embeddings="embeddings",
+              allow_pickle="allow_pickle")
 # ControlNet settings given once apply to every ControlNet (the API's single number).
 _PER_CONTROLNET = ("controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
 
@@ -144,6 +146,14 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
     cn.add_argument("--guess-mode", action="store_const", const=True, default=None,
                     help="guess mode: the ControlNets read the image without the prompt's help (conditional half "
                          "only; diffusers recommends --guidance 3 to 5)")
+    p.add_argument("--embedding", dest="embeddings", action="append", default=None, type=_embedding_arg,
+                   metavar="FILE[:TOKEN]",
+                   help="a textual-inversion embedding (.safetensors, AUTOMATIC1111's or diffusers'); repeatable. "
+                        "Its trigger in the prompt or negative prompt is the file's name without the extension "
+                        "(AUTOMATIC1111's files) or its stored token (diffusers'), or TOKEN")
+    p.add_argument("--allow-pickle-code-execution", dest="allow_pickle", action="store_const", const=True,
+                   default=None, help="allow .pt/.bin embeddings, pickles whose loading can execute code from the "
+                                      "file (needs torch); only for files from a source you trust")
     p.add_argument("--no-weighting", dest="prompt_weighting", action="store_const", const=False, default=None,
                    help="take the prompt literally: no AUTOMATIC1111 attention syntax ('(word:1.2)', "
                         "'[word]', BREAK), which is read by default")
@@ -183,6 +193,16 @@ def lora_arg(text: str) -> tuple[str, float]:
             raise argparse.ArgumentTypeError(f"LoRA scale {tail!r} is not a finite number")
         return path, scale
     return text, 1.0
+
+
+def _embedding_arg(text: str) -> Path | tuple[Path, str]:
+    """FILE, or FILE:TOKEN (a path that exists is taken whole, colons and all)."""
+    path, sep, token = text.rpartition(":")
+    if not sep or Path(text).exists() or not path or "/" in token or "\\" in token:
+        return Path(text)
+    if not token.strip():
+        raise argparse.ArgumentTypeError(f"expected FILE or FILE:TOKEN, got {text!r}")
+    return Path(path), token
 
 
 def _scheduler_option(text: str) -> tuple[str, Any]:

@@ -34,6 +34,12 @@ MAX_PROMPT_CHUNKS = 16
 # Most ControlNets one artifact holds (diffusers' MultiControlNetModel sets no limit;
 # each one costs a U-Net encoder's compute per step).
 MAX_CONTROLNETS = 8
+# Textual inversion: rows of the text encoders' `token_embeddings` input, the vectors of
+# the embeddings one call may use in all (a multi-vector embedding takes one row per
+# vector). 32 holds several typical embeddings (1-16 vectors each) and costs one
+# (32, width) float32 input per text-encoder call. 0 = an artifact without the input.
+DEFAULT_EMBEDDING_SLOTS = 32
+MAX_EMBEDDING_SLOTS = 4096
 
 
 class Stage(str, enum.Enum):
@@ -132,6 +138,10 @@ class ModelFacts:
     # exported before the fields (it has no ControlNet either).
     unet_block_out_channels: tuple[int, ...] = ()
     unet_layers_per_block: tuple[int, ...] = ()
+    # Rows of the text encoders' token-embedding tables (text_encoder.vocab_size, SDXL: the
+    # larger of the two): token ids from here on pick a row of the `token_embeddings` input
+    # (textual inversion). 0 = an artifact exported before textual inversion.
+    text_vocab_size: int = 0
 
     @property
     def context_size(self) -> int:
@@ -200,7 +210,7 @@ class ModelFacts:
         optional = {"family", "unet_in_channels", "text_num_layers", "time_cond_proj_dim", "text_2_hidden_size",
                     "pooled_size", "text_2_num_layers", "force_zeros_for_empty_prompt", "aesthetic_score",
                     "unet_block_channels", "unet_last_up_attention", "safety_image_size", "unet_block_out_channels",
-                    "unet_layers_per_block"}
+                    "unet_layers_per_block", "text_vocab_size"}
         missing = names - set(data) - optional
         if missing:
             raise InvalidInput(f"model facts lack {sorted(missing)}")
@@ -212,7 +222,8 @@ class ModelFacts:
         for f in fields(self):
             value = getattr(self, f.name)
             least = 0 if f.name in ("text_num_layers", "time_cond_proj_dim", "text_2_hidden_size", "pooled_size",
-                                    "text_2_num_layers", "unet_block_channels", "safety_image_size") else 1
+                                    "text_2_num_layers", "unet_block_channels", "safety_image_size",
+                                    "text_vocab_size") else 1
             if f.name == "text_hidden_size" and self.family == "sdxl-refiner":
                 least = 0   # the refiner has only the second text encoder
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < least):
@@ -262,6 +273,10 @@ class ShapeConfig:
     # ControlNets in the artifact's controlnet stage; with any, the U-Net also takes their
     # summed residuals (controlnet_residuals). 0 = none, the plain U-Net.
     controlnets: int = 0
+    # Textual inversion: rows of the text encoders' `token_embeddings` input; 0 = no such
+    # input, no embeddings at run time (what manifests written before it read as). Export
+    # asks for DEFAULT_EMBEDDING_SLOTS unless told otherwise.
+    embedding_slots: int = 0
 
     def validate(self, facts: ModelFacts) -> "ShapeConfig":
         m = facts.image_size_multiple
@@ -299,6 +314,12 @@ class ShapeConfig:
                 raise InvalidInput(f"ControlNets take a 75-token prompt context (diffusers' ControlNetModel has no "
                                    f"encoder attention mask): export with max prompt chunks 1, "
                                    f"not {self.prompt_chunks}")
+        slots = self.embedding_slots
+        if isinstance(slots, bool) or not isinstance(slots, int) or not 0 <= slots <= MAX_EMBEDDING_SLOTS:
+            raise InvalidInput(f"embedding slots must be an integer from 0 to {MAX_EMBEDDING_SLOTS} (textual-inversion "
+                               f"vectors per call; 0 = none), got {slots!r}")
+        if slots and not facts.text_vocab_size:
+            raise InvalidInput("embedding slots need the text encoder's vocabulary size (model fact text_vocab_size)")
         return self
 
     @property
@@ -313,7 +334,9 @@ class ShapeConfig:
     def from_json(cls, data: Mapping[str, Any]) -> "ShapeConfig":
         return cls(height=int(data["height"]), width=int(data["width"]),
                    batch=int(data["batch"]), cfg=bool(data["cfg"]), prompt_chunks=int(data.get("prompt_chunks", 1)),
-                   deepcache=data.get("deepcache", False) is True, controlnets=_count(data.get("controlnets", 0)))
+                   deepcache=data.get("deepcache", False) is True, controlnets=_count(data.get("controlnets", 0)),
+                   # manifests written before textual inversion have no such input
+                   embedding_slots=int(data.get("embedding_slots", 0)))
 
 
 def _count(value: Any) -> int:
@@ -395,6 +418,7 @@ DEEPCACHE_FEATURE = "deepcache_feature"   # the full U-Net's deep feature, the s
 CONTROLNET_COND = "controlnet_cond"       # one conditioning image per ControlNet, pixels in [0, 1]
 CONTROL_SCALES = "control_scales"         # per ControlNet, row and residual: its weight this step
 MID_BLOCK_RESIDUAL = "mid_block_res"      # the ControlNets' residual for the U-Net's mid block
+TOKEN_EMBEDDINGS = "token_embeddings"     # textual inversion: the vectors token ids >= text_vocab_size pick
 SDXL_TIME_IDS = 6
 CLIP_INPUT = "clip_input"           # the safety checker's CLIP pixel values
 SPECIAL_SCORES = "special_scores"   # cosine similarity to each special-care concept minus its threshold
@@ -426,8 +450,15 @@ def text_encoder_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
     gb, tl, th = shape.guided_batch, facts.text_max_length, facts.text_hidden_size
     skip = (TensorSpec(CLIP_SKIP, (gb,), _I32),) if facts.text_num_layers else ()
     return StageSpec(Stage.TEXT_ENCODER,
-                     inputs=(TensorSpec(INPUT_IDS, (gb, tl), _I32), *skip),
+                     inputs=(TensorSpec(INPUT_IDS, (gb, tl), _I32), *skip, *_token_embeddings(shape, th)),
                      outputs=(TensorSpec(TEXT_EMBEDDINGS, (gb, tl, th), _F32),))
+
+
+def _token_embeddings(shape: ShapeConfig, width: int) -> tuple[TensorSpec, ...]:
+    """Textual inversion: the vectors of this call's embeddings, one row per slot (zeros
+    where unused). Token id text_vocab_size + i in `input_ids` takes row i instead of a
+    row of the encoder's own token-embedding table (see export/graphs.py)."""
+    return (TensorSpec(TOKEN_EMBEDDINGS, (shape.embedding_slots, width), _F32),) if shape.embedding_slots else ()
 
 
 def text_encoder_2_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
@@ -435,7 +466,8 @@ def text_encoder_2_spec(facts: ModelFacts, shape: ShapeConfig) -> StageSpec:
     last layer at the EOS token (the U-Net's `text_embeds`)."""
     gb, tl = shape.guided_batch, facts.text_max_length
     return StageSpec(Stage.TEXT_ENCODER_2,
-                     inputs=(TensorSpec(INPUT_IDS, (gb, tl), _I32), TensorSpec(CLIP_SKIP, (gb,), _I32)),
+                     inputs=(TensorSpec(INPUT_IDS, (gb, tl), _I32), TensorSpec(CLIP_SKIP, (gb,), _I32),
+                             *_token_embeddings(shape, facts.text_2_hidden_size)),
                      outputs=(TensorSpec(TEXT_EMBEDDINGS, (gb, tl, facts.text_2_hidden_size), _F32),
                               TensorSpec(TEXT_EMBEDS, (gb, facts.pooled_size), _F32)))
 

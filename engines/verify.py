@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .specs import (CLIP_SKIP, CONTROL_SCALES, CONTROLNET_COND, ENCODER_ATTENTION_MASK, TIME_IDS, TIMESTEP_COND, DType,
+from .specs import (CLIP_SKIP, CONTROL_SCALES, CONTROLNET_COND, ENCODER_ATTENTION_MASK, INPUT_IDS, TIME_IDS,
+                    TIMESTEP_COND, TOKEN_EMBEDDINGS, DType,
                     ModelFacts, Precision, Stage, StageSpec)
 
 # fp32: graph and torch differ only by kernel order and fused ops.
@@ -93,6 +94,14 @@ def random_inputs(spec: StageSpec, facts: ModelFacts, seed: int = 0) -> dict[str
         elif t.dtype is DType.INT32:
             # Random token ids (CLIP attends causally; every position matters).
             out[t.name] = rng.integers(0, 49408, size=t.shape).astype(np.int32)
+            slots = next((s.shape[0] for s in spec.inputs if s.name == TOKEN_EMBEDDINGS), 0)
+            if t.name == INPUT_IDS and slots:
+                # Textual inversion: a few positions per prompt take embedding vectors.
+                n = min(slots, 4)
+                out[t.name][:, 1:1 + n] = facts.text_vocab_size + rng.integers(0, slots, size=(t.shape[0], n))
+        elif t.name == TOKEN_EMBEDDINGS:
+            # Embedding vectors at the scale of CLIP's token embeddings.
+            out[t.name] = (0.02 * rng.standard_normal(t.shape)).astype(np.float32)
         elif spec.stage in (Stage.UNET, Stage.UNET_SHALLOW, Stage.CONTROLNET) and t.name == "timestep":
             out[t.name] = np.array([rng.uniform(1, 999)], dtype=np.float32)  # fractional, like Euler's
         elif t.name == CONTROLNET_COND:

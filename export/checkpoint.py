@@ -146,6 +146,8 @@ class Checkpoint:
             if "safety_checker" in self.configs else 0,
             unet_block_out_channels=tuple(int(c) for c in unet.get("block_out_channels", ())),
             unet_layers_per_block=per_block(unet.get("layers_per_block", 2), len(unet.get("block_out_channels", ()))),
+            # CLIPTextConfig's default vocab_size is CLIP's 49408
+            text_vocab_size=max(int(c.get("vocab_size", 49408)) for c in (text, text_2) if c),
         )
 
     def tokenizer_files(self, name: str = "tokenizer") -> list[Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdrt.engines.specs import Precision, Stage
+from sdrt.engines.specs import DEFAULT_EMBEDDING_SLOTS, Precision, Stage
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,9 @@ class ExportConfig:
     # diffusers ControlNetModel folders: exported as the controlnet stage (all of them in
     # one graph), and a U-Net that takes their residuals. Order = control images' order.
     controlnets: tuple[Path, ...] = ()
+    # Textual inversion: vectors of embeddings one call may use in all (the text
+    # encoders' `token_embeddings` rows); 0 = an artifact that takes none.
+    embedding_slots: int = DEFAULT_EMBEDDING_SLOTS
     precision: Precision = Precision.FP32
     vae_precision: Precision | None = None   # None: same as `precision`; both VAE stages
     # Export the VAE encoder (image-to-image, inpainting, outpainting). On by default:

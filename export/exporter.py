@@ -55,7 +55,7 @@ def export_artifacts(config: ExportConfig, progress: Progress | None = None) -> 
         height=native if config.height is None else config.height,
         width=native if config.width is None else config.width,
         batch=config.batch, cfg=_cfg(facts, config.cfg), prompt_chunks=config.prompt_chunks,
-        deepcache=config.deepcache, controlnets=len(controlnets),
+        deepcache=config.deepcache, controlnets=len(controlnets), embedding_slots=config.embedding_slots,
     ).validate(facts)
     if Precision.FP16 in precisions.values():
         _precision_module()  # fail before any work if fp16 cannot be done here

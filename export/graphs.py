@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from sdrt.engines.specs import (DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS,
-                                TIMESTEP_COND, ModelFacts, Stage, StageSpec, is_controlnet_residual)
+                                TIMESTEP_COND, TOKEN_EMBEDDINGS, ModelFacts, Stage, StageSpec, is_controlnet_residual)
 
 OPSET = 17
 # Tensors up to this size stay inside the .onnx file even when weights go to the data
@@ -30,8 +30,35 @@ SMALL_TENSOR_BYTES = 1024
 DATA_ALIGNMENT = 64
 
 
+class SlotTokenEmbedding(torch.nn.Module):
+    """A CLIP token-embedding table that also takes textual-inversion vectors: token id
+    `base` + i picks row i of `slots` (the `token_embeddings` input), other ids their
+    row of the table. Two Gathers and a Where: the 49408-row table is never copied per
+    call (concatenating the vectors to it would move 150 MB for SD 1.5). Ids below
+    `base` give the table's rows bit for bit, so a call without embeddings is the
+    plain encoder's. The ids themselves reach the rest of the encoder unchanged, as
+    after diffusers' `load_textual_inversion` (which appends the vectors to the table at
+    the same ids): CLIP's pooled output of a legacy config (eos_token_id 2) takes the
+    largest id's position, an embedding's if the prompt has one, there as here."""
+
+    def __init__(self, table: torch.nn.Embedding, base: int):
+        super().__init__()
+        self.table = table
+        self.base = base
+        self.slots: torch.Tensor | None = None   # set by TextEncoderGraph.forward for the trace
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.slots is None:
+            return self.table(ids)
+        extra = ids >= self.base
+        own = self.table(torch.where(extra, torch.zeros_like(ids), ids))
+        slot = torch.clamp(ids - self.base, 0, self.slots.shape[0] - 1)
+        return torch.where(extra.unsqueeze(-1), torch.nn.functional.embedding(slot, self.slots), own)
+
+
 class TextEncoderGraph(torch.nn.Module):
-    """int32 token ids and a clip skip per prompt -> the hidden states SD conditions on.
+    """int32 token ids, a clip skip per prompt (and textual-inversion vectors, see
+    SlotTokenEmbedding) -> the hidden states SD conditions on.
 
     SD 1.x/2.x: a row's clip_skip = 0 gives its last hidden state (the final layer norm
     of the last layer's output); clip_skip = n the final layer norm of the output n
@@ -56,8 +83,16 @@ class TextEncoderGraph(torch.nn.Module):
         norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
         self.final_layer_norm = None if facts.penultimate else norm
         self.pooled = len(spec.outputs) > 1
+        self.slots = None
+        if any(t.name == TOKEN_EMBEDDINGS for t in spec.inputs):   # textual inversion
+            embeddings = getattr(text_encoder, "text_model", text_encoder).embeddings
+            self.slots = embeddings.token_embedding = SlotTokenEmbedding(embeddings.token_embedding,
+                                                                         facts.text_vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> Any:
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor,
+                token_embeddings: torch.Tensor | None = None) -> Any:
+        if self.slots is not None:
+            self.slots.slots = token_embeddings
         # int32 at the boundary (TensorRT has no int64 I/O); embeddings index with int64.
         out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=True, return_dict=True)
         states = torch.stack(out.hidden_states, dim=1)    # (batch, 1 + layers, tokens, width)

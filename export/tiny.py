@@ -432,3 +432,48 @@ def make_tiny_controlnet(out_dir: str | os.PathLike[str], base_variant: str = "s
             shutil.rmtree(out_dir)
         os.replace(tmp / "controlnet", out_dir)
     return out_dir
+
+
+EMBEDDING_FORMATS = ("a1111", "diffusers")
+
+
+def make_tiny_embedding(out: str | os.PathLike[str], variant: str = "sd15", vectors: int = 2,
+                        format: str = "a1111", token: str | None = None, seed: int = 0,
+                        force: bool = False) -> Path:
+    """Write a textual-inversion embedding of `vectors` random vectors for the text
+    encoder(s) of the built-in `variant`, as a .safetensors file: AUTOMATIC1111's
+    format (`emb_params`; SDXL: `clip_l` + `clip_g`, its trigger the file's name) or
+    diffusers' (`{token: vectors}`, token default "<file name>"). The vectors are drawn
+    like CLIP's token embeddings (normal, std 0.02) from `seed`."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    from sdrt.engines.files import atomic_write_bytes
+
+    spec = _variant(variant)
+    if format not in EMBEDDING_FORMATS:
+        raise InvalidInput(f"embedding format {format!r} is not one of {', '.join(EMBEDDING_FORMATS)}")
+    if isinstance(vectors, bool) or not isinstance(vectors, int) or not 1 <= vectors <= 75:
+        raise InvalidInput(f"vectors must be an integer from 1 to 75, got {vectors!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r:.40}")
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise InvalidInput(f"{out}: an embedding file's name must end in .safetensors")
+    if out.exists() and not force:
+        raise AlreadyExists(f"{out} already exists; choose another name or pass --force")
+    rng = np.random.default_rng(seed)
+
+    def draw(width: int) -> np.ndarray:
+        return (0.02 * rng.standard_normal((vectors, width))).astype(np.float32)
+
+    if spec.text_2 is not None:   # SDXL: one set per text encoder, AUTOMATIC1111's pair
+        if format != "a1111":
+            raise InvalidInput("SDXL embeddings are AUTOMATIC1111's clip_l + clip_g files: use format a1111")
+        tensors = {"clip_l": draw(spec.text["hidden_size"]), "clip_g": draw(spec.text_2["hidden_size"])}
+    elif format == "a1111":
+        tensors = {"emb_params": draw(spec.text["hidden_size"])}
+    else:
+        tensors = {token or f"<{out.stem}>": draw(spec.text["hidden_size"])}
+    atomic_write_bytes(out, save(tensors))
+    return out

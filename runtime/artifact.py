@@ -26,6 +26,9 @@ from sdrt.engines.specs import LATENT, Stage
 from . import controlnet, inputs
 from .loras import parse_loras
 from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, GenerationConfig, Generator, Task
+from .embeddings import EmbeddingSet, parse_request
+from .embeddings import fit as fit_embeddings
+from .embeddings import load as load_embedding
 from .prompts import parse_prompt_attention
 from .safety import ClipImageProcessing, read_processing
 from .schedulers import (Sampler, SchedulerFallback, checkpoint_default, denoising_end_calls, make_sampler,
@@ -61,6 +64,7 @@ class Request:
     safety_checker: bool = True
     # ControlNet: float32 (ControlNets, 1, 3, H, W) control images, pixels in [0, 1]
     control_images: np.ndarray | None = None
+    embeddings: EmbeddingSet | None = None   # textual inversion: this call's embeddings, fitted to the artifact
 
 
 class Artifact:
@@ -177,7 +181,8 @@ class Artifact:
                 cache_center: Any = None, cache_pow: Any = None, safety_checker: Any = True,
                 loras: Any = None, control_image: Any = None,
                 controlnet_conditioning_scale: Any = None, control_guidance_start: Any = None,
-                control_guidance_end: Any = None, guess_mode: Any = False) -> Request:
+                control_guidance_end: Any = None, guess_mode: Any = False, embeddings: Any = None,
+                allow_pickle: bool = False) -> Request:
         """Validate one generation's settings and inputs (see `Pipeline.__call__`).
         LoRA files are named and scaled here; their contents are checked against the
         engines' weights by the Pipeline (runtime/loras.py), before any engine runs."""
@@ -187,6 +192,7 @@ class Artifact:
         task = self._task(image, mask_image, outpaint)
         control = self._control(control_image, controlnet_conditioning_scale, control_guidance_start,
                                 control_guidance_end, guess_mode, task)
+        fitted = self.embeddings(embeddings, allow_pickle)
         if scheduler is None:
             default = checkpoint_default(self.scheduler_config)
             if default.notice:
@@ -258,7 +264,7 @@ class Artifact:
             img, mask = inputs.preprocess_image(canvas, h, w), inputs.preprocess_mask(canvas_mask, h, w)
         elif task is Task.IMAGE_TO_IMAGE and self._is_latents(image):
             return Request(config, sampler, latents=None, image_latents=self._check_latents(image),
-                           safety_checker=safety_checker, control_images=images)
+                           safety_checker=safety_checker, control_images=images, embeddings=fitted)
         elif task.takes_image:
             # Files are decoded once here; arrays go as they are (float arrays take
             # diffusers' NumPy path in `inputs`).
@@ -269,7 +275,7 @@ class Artifact:
                 mask_source = mask_image if isinstance(mask_image, np.ndarray) else inputs.load_mask(mask_image)
                 mask = inputs.preprocess_mask(mask_source, h, w, image_size=size)
         return Request(config, sampler, img, mask, self._check_latents(latents), safety_checker=safety_checker,
-                       control_images=images)
+                       control_images=images, embeddings=fitted)
 
     def _control(self, image: Any, scale: Any, start: Any, end: Any, guess_mode: Any, task: Task) -> Any:
         """The call's ControlNet settings (None without a control image), checked against
@@ -286,6 +292,18 @@ class Artifact:
             raise InvalidInput(f"control_image needs an artifact exported with ControlNets; {self.folder} has none: "
                                f"export it with --controlnet CONTROLNET_FOLDER")
         return controlnet.ControlSettings.create(count, scale, start, end, guess_mode, task.value)
+
+    def embeddings(self, embeddings: Any, allow_pickle: bool = False) -> EmbeddingSet | None:
+        """Read a call's textual-inversion embeddings (paths, or (path, token) pairs) and
+        fit them to this artifact (runtime/embeddings.py); None without any."""
+        pairs = parse_request(embeddings)
+        if not pairs:
+            return None
+        if not isinstance(allow_pickle, bool):
+            raise InvalidType(f"allow_pickle must be True or False, got {allow_pickle!r}")
+        loaded = [load_embedding(path, token, allow_pickle) for path, token in pairs]
+        tokenizers = {Stage.TEXT_ENCODER: self.tokenizer, Stage.TEXT_ENCODER_2: self.tokenizer_2 or self.tokenizer}
+        return fit_embeddings(loaded, self.manifest, tokenizers, self.folder)
 
     def sampler(self, name: str, steps: int, strength: float | None = None,
                 options: Mapping[str, Any] | None = None, denoising_start: float | None = None) -> Sampler:

@@ -241,6 +241,9 @@ def settings(text: str | Infotext, skip: Collection[str] = ()) -> Settings:
     if any(k.startswith("ControlNet ") for k in f) and "control_image" not in skip:
         notes.append("the ControlNet settings are not read back: pass the control images (--control-image) and "
                      "their settings yourself")
+    if "TI hashes" in f and "embeddings" not in skip:
+        notes.append(f"the image used textual-inversion embeddings ({f['TI hashes'][:80]}): pass them with "
+                     f"--embedding FILE to reproduce it")
     hires = [k for k in f if k.startswith(HIRES)]
     if hires:
         notes.append(f"the hires fix ({', '.join(f'{k}: {f[k]}' for k in hires[:2])}) is not reproduced: sdrt "

@@ -41,13 +41,14 @@ from sdrt.engines import registry
 from sdrt.engines.base import Engine
 from sdrt.engines.errors import InvalidInput, InvalidType, NumericsError
 from sdrt.engines.specs import (CLIP_SKIP, CONTROL_SCALES, CONTROLNET_COND, DEEPCACHE_FEATURE, ENCODER_ATTENTION_MASK,
-                                ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE, TEXT_EMBEDDINGS, TEXT_EMBEDS,
-                                TIME_IDS, TIMESTEP, TIMESTEP_COND, Stage)
+                                ENCODER_HIDDEN_STATES, IMAGES, INPUT_IDS, LATENT, LATENT_MEAN, LATENT_STD, SAMPLE,
+                                TEXT_EMBEDDINGS, TEXT_EMBEDS, TIME_IDS, TIMESTEP, TIMESTEP_COND, TOKEN_EMBEDDINGS, Stage)
 from sdrt.engines.specs import CLIP_INPUT, CONCEPT_SCORES, SPECIAL_SCORES   # the safety checker's
 
 from . import controlnet, inputs, prompts, safety
 from .artifact import Artifact, Request
 from .config import GenerationConfig, Generator, Task
+from .embeddings import EmbeddingSet
 from .images import PARAMETERS_KEY, to_pil
 from .infotext import parameters_text
 from .loras import LoraWeights
@@ -240,7 +241,8 @@ class Pipeline:
                  controlnet_conditioning_scale: float | list[float] | None = None,
                  control_guidance_start: float | list[float] | None = None,
                  control_guidance_end: float | list[float] | None = None,
-                 guess_mode: bool = False) -> GenerationResult:
+                 guess_mode: bool = False, embeddings: list[Any] | None = None,
+                 allow_pickle: bool = False) -> GenerationResult:
         """Generate `batch` images (the artifact's batch).
 
         prompt, negative_prompt: a string (used for every batch item) or a list of `batch`.
@@ -303,6 +305,15 @@ class Pipeline:
         control_guidance_end (1.0): one number or a list of one per ControlNet; guess_mode:
         the ControlNets see the conditional half only (see runtime/controlnet.py). Without
         control_image a ControlNet artifact runs its U-Net with zero residuals (the base model).
+        embeddings: textual inversion, a list of embedding files (AUTOMATIC1111's or
+        diffusers' .safetensors; SDXL's clip_l + clip_g), each a path or a (path, token)
+        pair. A file's trigger is its name without the extension (AUTOMATIC1111's files,
+        as the web UI names them) or its stored token (diffusers'); a token given here
+        replaces it. The trigger in a prompt or negative prompt stands for the
+        embedding's vectors, as after diffusers' load_textual_inversion. Needs an
+        artifact exported with embedding slots (sdrt export --embedding-slots, 32 by
+        default). .pt/.bin files are pickles, read (with torch) only with
+        allow_pickle=True, as their loading runs code from the file.
         on_step(i, n): called after each denoising step (progress reporting).
         """
         request = self.artifact.request(prompt, negative_prompt, steps, guidance, scheduler, seed, latents,
@@ -314,7 +325,8 @@ class Pipeline:
                                         control_image=control_image,
                                         controlnet_conditioning_scale=controlnet_conditioning_scale,
                                         control_guidance_start=control_guidance_start,
-                                        control_guidance_end=control_guidance_end, guess_mode=guess_mode)
+                                        control_guidance_end=control_guidance_end, guess_mode=guess_mode,
+                                        embeddings=embeddings, allow_pickle=allow_pickle)
         return self.run(request, on_step)
 
     def run(self, request: Request, on_step: Callable[[int, int], None] | None = None) -> GenerationResult:
@@ -331,7 +343,7 @@ class Pipeline:
         config, sampler = request.config, request.sampler
         rng = _random_source(config) if rng is None else rng
         self.loras.apply(config.loras)
-        conditioning, text_time = self.encode_prompt(config)
+        conditioning, text_time = self.encode_prompt(config, request.embeddings)
         latents, vae_encoder_time = self.prepare_latents(request, rng)
         x, step_times, unet_times = self.denoise(config, sampler, latents, conditioning, rng, on_step,
                                                  request.control_images)
@@ -349,9 +361,10 @@ class Pipeline:
                           vae_encoder_time, safety_time)
         given = request.latents is not None   # the seed did not draw these latents: it is not recorded
         m = self.manifest
+        extra = _embeddings_text(request.embeddings, self.tokenizer, config)
         for i, image in enumerate(images):
             image.info[PARAMETERS_KEY] = parameters_text(config, self.width, self.height, m.model_name, m.model_hash,
-                                                         index=i, seed=not given)
+                                                         index=i, seed=not given, extra=extra)
         return GenerationResult(images, pixels, timings, config.seed, config, given, images[0].info[PARAMETERS_KEY],
                                 x, nsfw_content_detected=nsfw)
 
@@ -374,7 +387,8 @@ class Pipeline:
             result = refiner._generate(second, on_step, rng=base.rng)
         # The PNG text is the base's settings plus the refiner, as AUTOMATIC1111 writes it.
         r = refiner.manifest
-        extra = {"Refiner": f"{r.model_name} [{r.model_hash}]" if r.model_hash else r.model_name,
+        extra = {**_embeddings_text(first.embeddings, self.tokenizer, first.config),
+                 "Refiner": f"{r.model_name} [{r.model_hash}]" if r.model_hash else r.model_name,
                  "Refiner switch at": f"{float(high_noise_frac):g}"}
         m = self.manifest
         for i, image in enumerate(result.images):
@@ -385,7 +399,8 @@ class Pipeline:
 
     # -- the seams, in diffusers' order -----------------------------------------------------
 
-    def encode_prompt(self, config: GenerationConfig) -> tuple[Conditioning, float]:
+    def encode_prompt(self, config: GenerationConfig,
+                      embeddings: EmbeddingSet | None = None) -> tuple[Conditioning, float]:
         """The U-Net's context, negatives first like diffusers' torch.cat([negative, prompt]).
 
         Prompts are read in AUTOMATIC1111's syntax (unless config.prompt_weighting is
@@ -400,17 +415,24 @@ class Pipeline:
         the prompt); the two encoders' hidden states are joined along the width; the
         pooled embedding comes from the second encoder's first chunk; with
         force_zeros_for_empty_prompt an absent negative prompt (None, not "") is all zeros.
+
+        Textual inversion (`embeddings`): each encoder's tokenizer reads the triggers as
+        the embeddings' ids, and the encoder takes their vectors as `token_embeddings`
+        (zeros when the call has none).
         """
         facts, shape = self.manifest.facts, self.manifest.shape
         negatives = config.negative_prompts if shape.cfg else ()   # the engines run the guided batch
         encoders = self._encoders(config)
         limit = shape.prompt_chunks
-        chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit)
-                   for _, tok, texts in encoders]
+        triggers = {stage: embeddings.triggers.get(stage) if embeddings else None for stage, _, _ in encoders}
+        chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit,
+                                         triggers=triggers[stage])
+                   for stage, tok, texts in encoders]
         count = max(c.chunks for c in chunked)
         if any(c.chunks < count for c in chunked):   # the encoders' contexts must line up
-            chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit, count=count)
-                       for _, tok, texts in encoders]
+            chunked = [prompts.chunk_prompts(tok, list(texts), config.prompt_weighting, max_chunks=limit, count=count,
+                                             triggers=triggers[stage])
+                       for stage, tok, texts in encoders]
         truncated = {t.prompt: t for c in chunked for t in c.truncated}
         if truncated:
             warnings.warn(prompts.truncation_message(self.tokenizer, list(truncated.values()), limit),
@@ -421,7 +443,12 @@ class Pipeline:
         text_time = 0.0
         widths, pooled = [], None
         for (stage, tok, _), chunks in zip(encoders, chunked):
-            extra = {CLIP_SKIP: skips} if CLIP_SKIP in {t.name for t in self.manifest.specs[stage].inputs} else {}
+            spec = self.manifest.specs[stage]
+            names = {t.name for t in spec.inputs}
+            extra = {CLIP_SKIP: skips} if CLIP_SKIP in names else {}
+            if TOKEN_EMBEDDINGS in names:
+                extra[TOKEN_EMBEDDINGS] = (embeddings.inputs[stage] if embeddings else
+                                           np.zeros(spec.input(TOKEN_EMBEDDINGS).shape, np.float32))
             outputs = []
             for j, ids in enumerate(chunks.ids):
                 t0 = time.perf_counter()
@@ -708,6 +735,15 @@ def guidance_embedding(guidance: float, dim: int, batch: int) -> np.ndarray:
     if dim % 2:
         emb = np.concatenate([emb, np.zeros(1, f32)])
     return np.ascontiguousarray(np.broadcast_to(emb.astype(f32), (batch, dim)))
+
+
+def _embeddings_text(embeddings: EmbeddingSet | None, tokenizer: Any, config: GenerationConfig) -> dict[str, str]:
+    """AUTOMATIC1111's "TI hashes" PNG field for the embeddings a call's prompts use."""
+    if embeddings is None:
+        return {}
+    texts = config.prompts + config.negative_prompts + config.second_prompts + config.second_negative_prompts
+    used = embeddings.hashes_text(tokenizer, texts)
+    return {"TI hashes": used} if used else {}
 
 
 def _random_source(config: GenerationConfig) -> Any:

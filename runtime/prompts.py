@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from sdrt.engines.errors import InvalidInput, InvalidType
 
 from .tokenizer import DEFAULT_MAX_LENGTH, Tokenizer
+
+if TYPE_CHECKING:
+    from .embeddings import Triggers
 
 # prompt_parser.py: "(" multiplies by 1.1, "[" by 1 / 1.1 (a multiplication, not a
 # division, so that the products round exactly as the web UI's do).
@@ -130,7 +133,7 @@ class Chunk:
 
 def tokenize_chunks(tokenizer: Tokenizer, text: str, weighting: bool = True,
                     comma_padding_backtrack: int = COMMA_PADDING_BACKTRACK,
-                    max_chunks: int | None = None) -> list[Chunk]:
+                    max_chunks: int | None = None, triggers: Triggers | None = None) -> list[Chunk]:
     """The prompt as the web UI's chunks (sd_hijack_clip.py `tokenize_line`).
 
     Tokens fill chunks of `tokenizer.max_length - 2` (75). When a chunk is full and the
@@ -142,6 +145,9 @@ def tokenize_chunks(tokenizer: Tokenizer, text: str, weighting: bool = True,
     With `max_chunks`, chunk number max_chunks (the last that will be kept) is filled
     to 75 tokens rather than broken at a comma, as nothing follows it: at max_chunks=1
     a long prompt keeps its first 75 tokens, as diffusers' truncation does.
+    `triggers`: textual-inversion embeddings; each trigger in the text takes its
+    embedding's ids, one per vector, with its run's weight, in one chunk: an embedding
+    that does not fit in the current chunk starts the next (the web UI's rule).
     """
     if not isinstance(text, str):
         raise InvalidType(f"prompt must be a string, got {type(text).__name__}: {text!r:.80}")
@@ -151,7 +157,9 @@ def tokenize_chunks(tokenizer: Tokenizer, text: str, weighting: bool = True,
     if not 0 <= comma_padding_backtrack < room:
         raise InvalidInput(f"comma_padding_backtrack must be in 0..{room - 1}, got {comma_padding_backtrack}")
     runs = parse_prompt_attention(text) if weighting else [(text, 1.0)]
-    encoded = tokenizer.backend.encode_batch([t for t, _ in runs], add_special_tokens=False)
+    texts = [t for t, _ in runs]
+    encoded = (triggers.encode(tokenizer, texts) if triggers is not None and triggers.ids else
+               [enc.ids for enc in tokenizer.backend.encode_batch(texts, add_special_tokens=False)])
     comma = tokenizer.backend.token_to_id(",</w>")
 
     chunks: list[Chunk] = []
@@ -169,7 +177,7 @@ def tokenize_chunks(tokenizer: Tokenizer, text: str, weighting: bool = True,
         if run == BREAK and weight == BREAK_WEIGHT:
             close(len(ids))
             continue
-        for token in enc.ids:
+        for token in enc:
             if token == comma:
                 last_comma = len(ids)
             elif (comma_padding_backtrack and len(ids) == room and last_comma != -1
@@ -178,6 +186,12 @@ def tokenize_chunks(tokenizer: Tokenizer, text: str, weighting: bool = True,
                 close(last_comma + 1)
             if len(ids) == room:
                 close(room)
+            if isinstance(token, tuple):   # an embedding's vectors
+                if len(ids) + len(token) > room:
+                    close(len(ids))
+                ids.extend(token)
+                weights.extend([weight] * len(token))
+                continue
             ids.append(token)
             weights.append(weight)
     if ids or not chunks:
@@ -290,13 +304,14 @@ class ChunkedPrompts:
 
 
 def chunk_prompts(tokenizer: Tokenizer, prompts: Sequence[str], weighting: bool = True,
-                  max_chunks: int | None = None, count: int | None = None) -> ChunkedPrompts:
+                  max_chunks: int | None = None, count: int | None = None,
+                  triggers: Triggers | None = None) -> ChunkedPrompts:
     """Every prompt in chunks, cut at `max_chunks` and padded with empty chunks to the
     count of the longest (at least `count`: SDXL's two encoders must agree), as the
     web UI conditions a batch (negative prompts included)."""
     per_prompt, truncated = [], []
     for text in prompts:
-        chunks = tokenize_chunks(tokenizer, text, weighting, max_chunks=max_chunks)
+        chunks = tokenize_chunks(tokenizer, text, weighting, max_chunks=max_chunks, triggers=triggers)
         if max_chunks is not None and len(chunks) > max_chunks:
             dropped = [int(t) for c in chunks[max_chunks:] for t in c.ids[1:c.length + 1]]
             truncated.append(Truncation(text, sum(c.length for c in chunks), dropped))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sdrt.engines.manifest import load_manifest
-from sdrt.engines.specs import Precision, ShapeConfig, Stage, stage_specs
+from sdrt.engines.specs import DEFAULT_EMBEDDING_SLOTS, Precision, ShapeConfig, Stage, stage_specs
 from sdrt.export.checkpoint import open_checkpoint
 
 ATOL = 1e-4  # the fp32 bound, per stage
@@ -49,7 +49,10 @@ def _check_against_diffusers(model_dir, artifacts, seed):
         # One clip skip per row: the last row gets `skip`, the others none.
         skips = np.zeros(ids.shape[0], dtype=np.int32)
         skips[-1] = skip
-        (got,) = session.run(None, {"input_ids": ids, "clip_skip": skips})
+        feed = {"input_ids": ids, "clip_skip": skips}
+        if "token_embeddings" in {t.name for t in specs[Stage.TEXT_ENCODER].inputs}:   # no embedding used
+            feed["token_embeddings"] = np.zeros(specs[Stage.TEXT_ENCODER].input("token_embeddings").shape, np.float32)
+        (got,) = session.run(None, feed)
         with torch.no_grad():
             out = text(torch.from_numpy(ids).long(), output_hidden_states=True)
             norm = getattr(text, "text_model", text).final_layer_norm
@@ -223,7 +226,8 @@ def test_trace_returns_the_modules_eager_outputs_as_the_reference(tiny_sd2, tmp_
 def test_batch_2_without_cfg_at_a_non_square_size_gives_the_specs_shapes(tiny_sd2, export_into, tmp_path):
     out = export_into(tiny_sd2, tmp_path / "a", batch=2, cfg=False, height=64, width=128)
     manifest = load_manifest(out)
-    assert manifest.shape == ShapeConfig(height=64, width=128, batch=2, cfg=False)
+    assert manifest.shape == ShapeConfig(height=64, width=128, batch=2, cfg=False,
+                                         embedding_slots=DEFAULT_EMBEDDING_SLOTS)
     specs = manifest.specs
     assert specs[Stage.UNET].input("sample").shape == (2, 4, 8, 16)
     assert specs[Stage.VAE_DECODER].outputs[0].shape == (2, 3, 64, 128)

@@ -232,8 +232,11 @@ def test_automatic1111_text_gives_the_pipeline_arguments():
         prompt="masterpiece, best quality, a castle on a hill,\n(dramatic lighting:1.2), BREAK\nsunset sky",
         negative_prompt="lowres, bad anatomy,\nwatermark", steps=30, guidance=6.5, seed=1234567890,
         scheduler="dpmpp_2m_karras", clip_skip=1, prompt_weighting=True, generator="torch")
-    assert (s.task, s.size, s.model, s.model_hash, s.notes) == (
-        Task.TEXT_TO_IMAGE, (512, 768), "v1-5-pruned-emaonly", "6ce0161689", ())
+    assert (s.task, s.size, s.model, s.model_hash) == (
+        Task.TEXT_TO_IMAGE, (512, 768), "v1-5-pruned-emaonly", "6ce0161689")
+    # the embeddings are files the text names only by hash: the user must pass them
+    assert s.notes == ("the image used textual-inversion embeddings (easynegative: c74b4e810b03): pass them with "
+                       "--embedding FILE to reproduce it",)
 
 
 def test_automatic1111_default_gpu_noise_is_refused_unless_the_generator_is_given():

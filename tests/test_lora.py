@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from sdrt.engines.errors import ArtifactError, BackendUnavailable, InvalidInput, MissingFile
+from sdrt.runtime.loras import LoraChoice
 from sdrt.runtime.pipeline import Pipeline
 
 PROMPT = "a watercolor fox"
@@ -181,4 +182,86 @@ def test_lcm_lora_runs_few_steps_on_the_base_model_as_diffusers(pipe, tiny_sd15,
     want = ref(PROMPT, num_inference_steps=4, guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(SEED),
                output_type="np").images
     got = pipe(PROMPT, steps=4, guidance=1.0, scheduler="lcm", seed=SEED, loras=[(path, 1.0)]).pixels
+    assert np.abs(got - want).max() <= PIXELS
+
+
+def test_every_linear_and_conv_weight_is_linked_to_the_graph_weight_that_holds_it(sd15_artifacts, tiny_sd15):
+    """weights.json, checked against the checkpoint's own modules: every Linear and
+    Conv2d weight of the U-Net and the text encoder (what LoRAs change) names an ONNX
+    initializer holding exactly that weight (transposed for a MatMul)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from sdrt.engines.onnx_files import read_initializers
+    from sdrt.engines.specs import Stage
+    from sdrt.engines.weightmap import read
+
+    recorded = read(sd15_artifacts)
+    modules = {Stage.UNET: UNet2DConditionModel.from_pretrained(tiny_sd15, subfolder="unet"),
+               Stage.TEXT_ENCODER: CLIPTextModel.from_pretrained(tiny_sd15 / "text_encoder")}
+    for stage, module in modules.items():
+        params = recorded.stages[stage].params
+        wanted = {f"{name}.weight": m.weight for name, m in module.named_modules()
+                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+        assert set(wanted) <= set(params), sorted(set(wanted) - set(params))[:3]
+        values = read_initializers(sd15_artifacts / stage.onnx_file, {params[p].initializer for p in wanted})
+        for name, weight in wanted.items():
+            target = params[name]
+            expected = weight.detach().numpy()
+            assert target.shape == expected.shape
+            got = values[target.initializer]
+            assert np.array_equal(got.T if target.transposed else got, expected), name
+
+
+@pytest.mark.slow
+def test_sdxl_kohya_lora_on_both_text_encoders_matches_diffusers(export_into, tmp_path):
+    """SDXL: a kohya LoRA in the generative-models names (lora_unet_input_blocks_...)
+    with lora_te1_/lora_te2_ layers, against StableDiffusionXLPipeline + fuse_lora."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdrt.export.tiny import make_tiny_model
+    from sdrt.export.tiny_lora import make_tiny_lora
+
+    model = make_tiny_model(tmp_path / "sdxl", variant="sdxl")
+    path = make_tiny_lora(tmp_path / "xl.safetensors", variant="sdxl", format="kohya", rank=4, alpha=2, seed=5)
+    with Pipeline.load(export_into(model, tmp_path / "art")) as p:
+        layers = p.loras.read((LoraChoice(str(path), 0.9),))[0].layers
+        assert {layer.component for layer in layers} == {"unet", "text_encoder", "text_encoder_2"}
+        got = p(PROMPT, steps=STEPS, seed=SEED, guidance=5.0, loras=[(path, 0.9)]).pixels
+    ref = StableDiffusionXLPipeline.from_pretrained(model, add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora(lora_scale=0.9)
+    want = ref(PROMPT, num_inference_steps=STEPS, guidance_scale=5.0, height=got.shape[1], width=got.shape[2],
+               generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images
+    assert np.abs(got - want).max() <= PIXELS
+
+
+@pytest.mark.slow
+def test_lora_reaches_deepcaches_shallow_unet(tiny_sd15, lora_files, export_into, tmp_path):
+    """With DeepCache the shallow U-Net holds some of the U-Net's weights: the LoRA
+    changes them too. Against the authors' DeepCacheSDHelper on diffusers with the LoRA
+    fused, interval 2."""
+    import DeepCache
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    path = lora_files["locon"]
+    with Pipeline.load(export_into(tiny_sd15, tmp_path / "dc", deepcache=True)) as p:
+        got = p(PROMPT, steps=STEPS, seed=SEED, scheduler="euler", cache_interval=2, loras=[(path, 1.0)]).pixels
+    ref = StableDiffusionPipeline.from_pretrained(tiny_sd15, safety_checker=None)
+    ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(path))
+    ref.fuse_lora()
+    helper = DeepCache.DeepCacheSDHelper(pipe=ref)
+    helper.set_params(cache_interval=2, cache_branch_id=0)
+    helper.enable()
+    try:
+        want = ref(PROMPT, num_inference_steps=STEPS, generator=torch.Generator("cpu").manual_seed(SEED),
+                   output_type="np").images
+    finally:
+        helper.disable()
     assert np.abs(got - want).max() <= PIXELS

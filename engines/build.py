@@ -19,6 +19,7 @@ development machines); the build flow is tested with a stand-in `tensorrt` modul
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -147,7 +148,7 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
         with progress.step(f"{stage.value}: building {key.precision.value} engine "
                            f"(optimization level {config.opt_level}, workspace {config.workspace_gb:g} GB)"), \
                 progress.heartbeat(f"{stage.value}: still building"):
-            plan = build_plan(trt, folder / stage.onnx_file, config, refit)
+            plan = build_plan(trt, folder / stage.onnx_file, dataclasses.replace(config, refittable=refit))
         info = cache.BuildInfo(config.workspace_bytes, config.opt_level, time.perf_counter() - start,
                                {"refittable": True} if refit else {})
         path = cache.store_plan(folder, key, plan, info)
@@ -159,9 +160,9 @@ def build_engines(config: BuildConfig, progress: Progress | None = None) -> Buil
     return report
 
 
-def build_plan(trt: Any, onnx_path: Path, config: BuildConfig, refittable: bool = False) -> bytes:
+def build_plan(trt: Any, onnx_path: Path, config: BuildConfig) -> bytes:
     """Parse one static-shape ONNX file into a strongly typed network and build it.
-    Loads and saves the timing cache at `config.timing_cache_path`. `refittable`:
+    Loads and saves the timing cache at `config.timing_cache_path`. `config.refittable`:
     BuilderFlag.REFIT, so weights can be replaced by ONNX initializer name after loading
     (engines/tensorrt.py's set_weights); NVIDIA reports refittable engines running
     slower on some GPUs (TensorRT issues #2936, #3099), so it is asked for, not default."""
@@ -178,7 +179,7 @@ def build_plan(trt: Any, onnx_path: Path, config: BuildConfig, refittable: bool 
     build_config = builder.create_builder_config()
     build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, config.workspace_bytes)
     build_config.builder_optimization_level = config.opt_level
-    if refittable:
+    if config.refittable:
         build_config.set_flag(trt.BuilderFlag.REFIT)
     timing_path = config.timing_cache_path
     timing = build_config.create_timing_cache(cache.read_timing_cache(timing_path))

@@ -281,6 +281,9 @@ def fake_tensorrt(version: str, calls: list):
         def set_memory_pool_limit(self, pool, size):
             calls.append(("workspace", pool, size))
 
+        def set_flag(self, flag):
+            calls.append(("flag", flag))
+
         def create_timing_cache(self, data):
             calls.append(("timing cache in", bytes(data)))
             return TimingCache(data)
@@ -324,7 +327,7 @@ def fake_tensorrt(version: str, calls: list):
     return SimpleNamespace(
         __version__=version, Logger=Logger, Builder=Builder, OnnxParser=Parser,
         NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=1),
-        MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"),
+        MemoryPoolType=SimpleNamespace(WORKSPACE="workspace"), BuilderFlag=SimpleNamespace(REFIT="refit"),
     )
 
 
@@ -519,3 +522,36 @@ def test_refit_on_an_engine_built_without_refittable_says_how_to_build_one(monke
     with pytest.raises(BackendUnavailable, match="sdrt build --refittable"):
         engine.set_weights({"w": np.zeros(1, np.float32)})
     engine.set_weights({})   # restoring nothing needs no refit
+
+
+def test_refittable_build_sets_refit_on_the_stages_a_lora_changes_and_rebuilds_others(sd15_artifacts, tmp_path,
+                                                                                      monkeypatch):
+    import shutil
+
+    from sdrt.engines import cuda
+    from sdrt.engines.build import BuildConfig, build_engines
+    from sdrt.engines.progress import Progress
+
+    folder = tmp_path / "artifacts"
+    shutil.copytree(sd15_artifacts, folder)
+    monkeypatch.setattr(cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(cuda, "device_properties", lambda device=0: ("Orin", "8.7"))
+    monkeypatch.setattr(trt_backend, "_LOGGER", None)
+
+    def run(refittable):
+        calls: list = []
+        monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.3.0.30", calls))
+        lines: list[str] = []
+        progress = Progress(stream=SimpleNamespace(write=lines.append, flush=lambda: None))
+        report = build_engines(BuildConfig(folder, verify=False, refittable=refittable), progress)
+        parsed = [c[1] for c in calls if c[0] == "parse"]
+        return report, parsed, calls.count(("flag", "refit")), "".join(lines)
+
+    report, parsed, refits, _ = run(False)
+    assert refits == 0 and parsed == [s.onnx_file for s in read_manifest(folder).stages]
+    report, parsed, refits, log = run(True)    # current, but not refittable: text encoder and U-Net again
+    assert parsed == ["text_encoder.onnx", "unet.onnx"] and refits == 2
+    assert log.count("not refittable: rebuilding") == 2
+    assert cache.built_refittable(folder, Stage.UNET) and not cache.built_refittable(folder, Stage.VAE_DECODER)
+    report, parsed, refits, _ = run(True)      # now current and refittable
+    assert parsed == [] and refits == 0

@@ -207,6 +207,7 @@ def test_guidance_at_most_one_runs_without_cfg_as_in_diffusers(oracle, sdxl, gui
     assert _max_diff(ours, _want(oracle, sdxl, guidance=guidance, scheduler="euler_a", seed=13)) <= TOL
 
 
+@pytest.mark.slow   # an export of its own (30 s): the default run stays under 20 minutes
 @pytest.mark.parametrize("scheduler", [None, "dpmpp_2m_karras"])
 def test_non_square_export_matches_diffusers(oracle, sdxl_wide, scheduler):
     """64 high, 128 wide: the latents, the VAE and the default time ids (original and
@@ -274,6 +275,7 @@ def test_sdxl_inpainting_matches_diffusers(oracle, sdxl, scheduler, strength):
     assert _max_diff(got.pixels, expected) <= TOL
 
 
+@pytest.mark.slow   # an export of its own (30 s): the default run stays under 20 minutes
 def test_fp16_export_keeps_a_force_upcast_vae_in_fp32(tiny_sdxl, export_into, tmp_path):
     from sdrt.engines.specs import Precision, Stage
     folder = export_into(tiny_sdxl, tmp_path / "fp16", precision=Precision.FP16, verify=False)
@@ -282,6 +284,7 @@ def test_fp16_export_keeps_a_force_upcast_vae_in_fp32(tiny_sdxl, export_into, tm
     assert manifest.precisions[Stage.VAE_DECODER] is Precision.FP32 is manifest.precisions[Stage.VAE_ENCODER]
 
 
+@pytest.mark.slow   # an export of its own (30 s): the default run stays under 20 minutes
 @pytest.mark.parametrize("strength", [None, 1.0, 0.6])
 def test_sdxl_inpainting_checkpoint_9_channels_matches_diffusers(tmp_path_factory, export_into, strength):
     import diffusers
@@ -306,6 +309,7 @@ def test_sdxl_inpainting_checkpoint_9_channels_matches_diffusers(tmp_path_factor
     assert _max_diff(got.pixels, expected) <= TOL
 
 
+@pytest.mark.slow   # an export of its own (30 s): the default run stays under 20 minutes
 @pytest.mark.parametrize("steps", [1, 4])
 def test_sdxl_turbo_style_no_cfg_trailing_euler_a_matches_diffusers(tiny_sdxl, export_into, tmp_path_factory, steps):
     """SDXL-Turbo as its model card runs it: no CFG (guidance_scale=0.0), 1 to 4 steps,

@@ -32,11 +32,12 @@ milliseconds through a memory map.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -265,18 +266,7 @@ def read_initializers(path: str | os.PathLike[str], names: Iterable[str]) -> dic
     wanted = set(names)
     external = {ref.tensor: ref for ref in check_external_data(path) if ref.tensor in wanted}
     found: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        view = memoryview(mm)
-        try:
-            for number, wire, a, b in _fields(view, 0, len(view)):
-                if number == 7 and wire == _LEN:
-                    for n2, w2, a2, b2 in _fields(view, a, b):
-                        if n2 == 5 and w2 == _LEN:
-                            _read_tensor(view, a2, b2, wanted, external, path.parent, found)
-        except _Malformed as e:
-            raise ArtifactError(f"{path}: not a valid ONNX model, truncated or corrupt ({e})") from None
-        finally:
-            view.release()
+    _scan_initializers(path, lambda view, a, b: _read_tensor(view, a, b, wanted, external, path.parent, found))
     missing = sorted(wanted - set(found))
     if missing:
         raise ArtifactError(f"{path}: no initializer {missing[0]!r} ({len(missing)} missing); export the model again")
@@ -285,38 +275,21 @@ def read_initializers(path: str | os.PathLike[str], names: Iterable[str]) -> dic
 
 def _read_tensor(buf: memoryview, start: int, end: int, wanted: set[str], external: dict[str, ExternalRef],
                  folder: Path, found: dict[str, np.ndarray]) -> None:
-    name, dims, dtype, raw, floats = None, [], None, None, None
-    for number, wire, a, b in _fields(buf, start, end):
-        if number == 8 and wire == _LEN:
-            name = bytes(buf[a:b]).decode("utf-8", "replace")
-            if name not in wanted:
-                return
-        elif number == 1:
-            if wire == _VARINT:
-                dims.append(a)
-            elif wire == _LEN:   # packed
-                pos = a
-                while pos < b:
-                    d, pos = _varint(buf, pos, b)
-                    dims.append(d)
-        elif number == 2 and wire == _VARINT:
-            dtype = a
-        elif number == 9 and wire == _LEN:
-            raw = (a, b)
-        elif number == 4 and wire == _LEN:
-            floats = (a, b)
-    if name is None:
+    name, dims, dtype, raw, floats = _tensor_fields(buf, start, end)
+    if name not in wanted:
         return
     if dtype not in _NP_TYPES:
         raise _Malformed(f"tensor {name!r} has data type {dtype}, not one sdrt reads")
     np_type = np.dtype(_NP_TYPES[dtype]).newbyteorder("<")
-    count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    count = math.prod(dims)
     if name in external:
         ref = external[name]
         with open(folder / ref.location, "rb") as f:
             f.seek(ref.offset)
             data = bytearray(count * np_type.itemsize)   # writable: callers may update it in place
-            data = data[:f.readinto(data)]
+            got = f.readinto(data)
+            if got != len(data):
+                raise _Malformed(f"tensor {name!r}: its external data ends after {got} of {len(data)} bytes")
         array = np.frombuffer(data, dtype=np_type)
     elif raw is not None:
         array = np.frombuffer(buf[raw[0]:raw[1]], dtype=np_type).copy()
@@ -332,6 +305,18 @@ def _read_tensor(buf: memoryview, start: int, end: int, wanted: set[str], extern
 def initializer_types(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int, ...], int]]:
     """{name: (dims, ONNX data type)} of every top-level initializer, values not read."""
     found: dict[str, tuple[tuple[int, ...], int]] = {}
+
+    def visit(view: memoryview, start: int, end: int) -> None:
+        name, dims, dtype = _tensor_header(view, start, end)
+        found[name] = (dims, dtype)
+
+    _scan_initializers(Path(path), visit)
+    return found
+
+
+def _scan_initializers(path: Path, visit: Callable[[memoryview, int, int], None]) -> None:
+    """Call visit(buffer, start, end) for each top-level initializer (GraphProto field 5
+    of ModelProto field 7) of the ONNX file at `path`, read through a memory map."""
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         view = memoryview(mm)
         try:
@@ -339,30 +324,38 @@ def initializer_types(path: str | os.PathLike[str]) -> dict[str, tuple[tuple[int
                 if number == 7 and wire == _LEN:
                     for n2, w2, a2, b2 in _fields(view, a, b):
                         if n2 == 5 and w2 == _LEN:
-                            name, dims, dtype = _tensor_header(view, a2, b2)
-                            found[name] = (dims, dtype)
+                            visit(view, a2, b2)
         except _Malformed as e:
             raise ArtifactError(f"{path}: not a valid ONNX model, truncated or corrupt ({e})") from None
         finally:
             view.release()
-    return found
 
 
 def _tensor_header(buf: memoryview, start: int, end: int) -> tuple[str, tuple[int, ...], int]:
-    name, dims, dtype = "", [], 0
+    return _tensor_fields(buf, start, end)[:3]
+
+
+def _tensor_fields(buf: memoryview, start: int, end: int) -> tuple[str, tuple[int, ...], int, Any, Any]:
+    """A TensorProto's name, dims, data type, and the spans of its raw_data and
+    float_data (None when absent), nothing copied."""
+    name, dims, dtype, raw, floats = "", [], 0, None, None
     for number, wire, a, b in _fields(buf, start, end):
         if number == 8 and wire == _LEN:
             name = bytes(buf[a:b]).decode("utf-8", "replace")
         elif number == 1 and wire == _VARINT:
             dims.append(a)
-        elif number == 1 and wire == _LEN:
+        elif number == 1 and wire == _LEN:   # packed
             pos = a
             while pos < b:
                 d, pos = _varint(buf, pos, b)
                 dims.append(d)
         elif number == 2 and wire == _VARINT:
             dtype = a
-    return name, tuple(dims), dtype
+        elif number == 9 and wire == _LEN:
+            raw = (a, b)
+        elif number == 4 and wire == _LEN:
+            floats = (a, b)
+    return name, tuple(dims), dtype, raw, floats
 
 
 def with_overridable(path: str | os.PathLike[str], names: Iterable[str]) -> bytes:

@@ -308,15 +308,7 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
     if variant in CONTROLNET_VARIANTS:
         return make_tiny_controlnet(out_dir, seed=seed, force=force)
     spec = _variant(variant)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        # torch.manual_seed(seed + 2) must not overflow; a bare RuntimeError named no value.
-        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r:.40}")
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not force:
-            raise AlreadyExists(f"{out_dir} already exists; choose another folder or pass --force")
-        if not (out_dir / "model_index.json").is_file():
-            raise AlreadyExists(f"{out_dir} exists and is not a diffusers checkpoint; refusing to replace it")
+    out_dir = _writable_folder(out_dir, seed, force, "model_index.json", "a diffusers checkpoint")
     progress = progress or Progress(enabled=variant.endswith("-full"))  # the tiny ones take seconds
     quiet_libraries()
     import diffusers
@@ -382,6 +374,21 @@ def make_tiny_model(out_dir: str | os.PathLike[str], variant: str = "sd15", seed
     return out_dir
 
 
+def _writable_folder(out_dir: str | os.PathLike[str], seed: Any, force: bool, marker: str, what: str) -> Path:
+    """Check a built-in model's seed and output folder: an existing folder is replaced
+    only with `force`, and only when it holds `marker` (it is `what`, not a user's folder)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        # torch.manual_seed(seed + 2) must not overflow; a bare RuntimeError named no value.
+        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r:.40}")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if not force:
+            raise AlreadyExists(f"{out_dir} already exists; choose another folder or pass --force")
+        if not (out_dir / marker).is_file():
+            raise AlreadyExists(f"{out_dir} exists and is not {what}; refusing to replace it")
+    return out_dir
+
+
 def make_tiny_controlnet(out_dir: str | os.PathLike[str], base_variant: str = "sd15", seed: int = 0,
                          force: bool = False) -> Path:
     """Write a random-weight diffusers ControlNetModel folder (config.json and
@@ -397,14 +404,7 @@ def make_tiny_controlnet(out_dir: str | os.PathLike[str], base_variant: str = "s
     spec = _variant(base_variant)
     if spec.text_2 is not None or spec.unet["in_channels"] != 4:
         raise InvalidInput(f"tiny ControlNets are made for sd15, sd2 and lcm, not {base_variant!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise InvalidInput(f"seed must be an integer from 0 to {MAX_SEED}, got {seed!r:.40}")
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not force:
-            raise AlreadyExists(f"{out_dir} already exists; choose another folder or pass --force")
-        if not (out_dir / "config.json").is_file():
-            raise AlreadyExists(f"{out_dir} exists and is not a ControlNet folder; refusing to replace it")
+    out_dir = _writable_folder(out_dir, seed, force, "config.json", "a ControlNet folder")
     quiet_libraries()
     import torch
     from diffusers import ControlNetModel, UNet2DConditionModel

@@ -254,9 +254,8 @@ class _Overridable:
     Two tiers, each a fixed set of weights, so the same LoRAs always run on the same
     session (the same kernels, the same bits): 0, the matrix weights (Linear layers and
     1x1 convolutions: what LoRAs train); 1, every recorded parameter (LoCon's 3x3
-    convolutions too). A weight ONNX Runtime may be fed is one it cannot pre-pack
-    or re-lay-out (its NCHWc convolutions), so tier 0 keeps the resnets' convolutions
-    at full speed for the common LoRAs."""
+    convolutions too). A weight ONNX Runtime may be fed is one it cannot pre-pack, so
+    tier 0 keeps the resnets' convolution weights constant for the common LoRAs."""
 
     def __init__(self, folder: Path, stage: Stage, providers: list[str], threads: int | None, spinning: bool):
         self.folder, self.stage, self.providers, self.threads, self.spinning = folder, stage, providers, threads, spinning
@@ -285,7 +284,12 @@ class _Overridable:
         # The graph comes as bytes: its external weights are found in the artifact folder.
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(self.folder))
         try:
-            return ort.InferenceSession(model, sess_options=opts, providers=self.providers)
+            # Without the NCHWc layout transform: with overridable weights in the graph it
+            # made the full-size SD 1.5 U-Net take 57 s to open and 5.0 s per call (2.6x
+            # the exported weights'); without it, 0.25 s and 2.56 s against 2.14 s
+            # (benchmarks/lora_switch.py, 256x256, 2 cores).
+            return ort.InferenceSession(model, sess_options=opts, providers=self.providers,
+                                        disabled_optimizers=["NchwcTransformer"])
         except Exception as e:  # ORT's own exception types
             raise ArtifactError(f"{self.folder / self.stage.onnx_file}: ONNX Runtime cannot load it with overridable "
                                 f"weights ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None

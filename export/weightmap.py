@@ -106,10 +106,6 @@ def after_conversion(weights: StageWeights, path: Path) -> StageWeights:
     return StageWeights(weights.component, kept)
 
 
-def describe(weights: dict[Stage, StageWeights]) -> str:
-    return ", ".join(f"{s.value} {len(w.params)}" for s, w in weights.items())
-
-
 def link_stage(stage: Stage) -> bool:
     """Whether a stage's parameters are recorded: those a LoRA can change."""
     return stage in COMPONENTS

@@ -23,11 +23,12 @@ Where sdrt differs it is on purpose:
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -78,7 +79,9 @@ def _as_pil(value, what: str) -> Image.Image:
         return _array_to_pil(value, what)
     if isinstance(value, (str, os.PathLike)):
         return _open(Path(value), what)
-    raise InvalidType(f"{what} must be a file path, a PIL image or a NumPy array, "
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return _decode(io.BytesIO(value), what)   # an encoded file, as a server receives it
+    raise InvalidType(f"{what} must be a file path, encoded image bytes, a PIL image or a NumPy array, "
                       f"not {type(value).__name__}")
 
 
@@ -91,17 +94,24 @@ def _open(path: Path, what: str) -> Image.Image:
         f = open(path, "rb")
     except OSError as e:
         raise InvalidInput(f"cannot read {what} file {path}: {e.strerror or e}") from None
-    with f, _pillow_errors(f"{what} file {path}"):
+    with f:
+        return _decode(f, f"{what} file {path}")
+
+
+def _decode(f: BinaryIO, where: str) -> Image.Image:
+    """Decode an open image file (`where` names it in errors): PNG, JPEG or WebP only,
+    its size checked on the header, before any pixel is decoded."""
+    with _pillow_errors(where):
         head = f.read(16)
         f.seek(0)
         if not head:
-            raise InvalidInput(f"{what} file {path} is empty; expected a {_formats()} image")
+            raise InvalidInput(f"{where} is empty; expected a {_formats()} image")
         try:
             im = Image.open(f, formats=FORMATS)
         except UnidentifiedImageError:
-            raise InvalidInput(_unidentified(path, head, what)) from None
+            raise InvalidInput(_unidentified(where, head)) from None
         with im:
-            _check_pixels(im.width, im.height, f"{what} file {path}")
+            _check_pixels(im.width, im.height, where)
             im.load()   # decode now, so the file can be closed and truncation shows here
             return im.copy()
 
@@ -110,21 +120,21 @@ def _formats() -> str:
     return ", ".join(FORMATS[:-1]) + " or " + FORMATS[-1].replace("WEBP", "WebP")
 
 
-def _unidentified(path: Path, head: bytes, what: str) -> str:
+def _unidentified(where: str, head: bytes) -> str:
     kind = next((name for sig, name in _SIGNATURES if head.startswith(sig)), None)
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         kind = "WEBP"
     if kind in FORMATS:
-        return f"{what} file {path} is a damaged or truncated {kind} file"
+        return f"{where} is a damaged or truncated {kind} file"
     if kind is None and head[4:8] == b"ftyp":
         kind = f"{head[8:12].decode('ascii', 'replace').strip()} (HEIF/AVIF)"
     if kind is None:
         try:
             head.decode("utf-8")
-            return f"{what} file {path} is a text file, not a {_formats()} image"
+            return f"{where} is a text file, not a {_formats()} image"
         except UnicodeDecodeError:
-            return f"{what} file {path} is not a {_formats()} image (it starts with {head[:8]!r})"
-    return f"{what} file {path} is a {kind} image; sdrt reads {_formats()}: convert it first"
+            return f"{where} is not a {_formats()} image (it starts with {head[:8]!r})"
+    return f"{where} is a {kind} image; sdrt reads {_formats()}: convert it first"
 
 
 @contextlib.contextmanager

@@ -376,10 +376,22 @@ def test_missing_file_and_folder(tmp_path):
 
 
 def test_wrong_python_type_is_refused():
-    with pytest.raises(InvalidType, match="image must be a file path, a PIL image or a NumPy array, not list"):
+    with pytest.raises(InvalidType, match="image must be a file path, encoded image bytes, a PIL image or a NumPy "
+                                          "array, not list"):
         load_image([[0, 0]])
-    with pytest.raises(InvalidType, match="not bytes"):
+
+
+def test_encoded_bytes_decode_as_the_file_does(tmp_path):
+    # A server receives images as bytes: they go through the same checks as a file.
+    path = tmp_path / "in.png"
+    Image.fromarray(np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)).save(path)
+    assert np.array_equal(np.asarray(load_image(path.read_bytes())), np.asarray(load_image(path)))
+    with pytest.raises(InvalidInput, match="image is a damaged or truncated PNG file"):
         preprocess_image(b"\x89PNG", 8, 8)
+    with pytest.raises(InvalidInput, match="image is empty"):
+        load_image(b"")
+    with pytest.raises(InvalidInput, match="mask is a GIF image"):
+        load_mask(b"GIF89a" + bytes(10))
 
 
 # --- bad arrays ----------------------------------------------------------------------------

@@ -157,9 +157,10 @@ def add_generation_args(p: argparse.ArgumentParser, default_prompt: str | None) 
     p.add_argument("--no-weighting", dest="prompt_weighting", action="store_const", const=False, default=None,
                    help="take the prompt literally: no AUTOMATIC1111 attention syntax ('(word:1.2)', "
                         "'[word]', BREAK), which is read by default")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=_seed_arg, default=None, metavar="SEED[,SEED...]",
                    help="0..2**64-1 (default: random, printed); gives diffusers' image for "
-                        "torch.Generator('cpu').manual_seed(SEED)")
+                        "torch.Generator('cpu').manual_seed(SEED). For an artifact exported with --batch N, "
+                        "N comma-separated seeds give each image its own (diffusers' list of generators)")
     p.add_argument("--generator", default=None, choices=[g.value for g in Generator],
                    help="random numbers: torch (default; torch-compatible seeds) or numpy (sdrt 0.1's)")
     p.add_argument("--image", type=Path, default=None,
@@ -388,16 +389,29 @@ def generate_and_save(folder: Path, backend: str, options: Mapping[str, Any], re
         _print_warnings(caught, command)     # e.g. a truncated prompt
         c = result.config
         with writing_into(paths[0].parent):
-            # Batch items share the first one's text, as their prompts are one string here.
-            write_pngs(paths, result.images, result.parameters, force=True)   # existence was checked up front
+            # Each image's own text: batch items differ in it only by their seeds (--seed A,B).
+            write_pngs(paths, result.images, force=True)   # existence was checked up front
     finally:
         pipe.close()
         if refiner_pipe is not None:
             refiner_pipe.close()
     report_flagged(result.nsfw_content_detected, paths, command)
-    print(format_timings(result.timings, c.steps, c.scheduler, result.seed))
+    print(format_timings(result.timings, c.steps, c.scheduler, ", ".join(map(str, c.seeds or (result.seed,)))))
     for path in paths:
         print(f"wrote {path}")
+
+
+def _seed_arg(text: str) -> int | list[int]:
+    """--seed: one integer, or comma-separated integers (one per batch item); their
+    range and count are checked with the other settings (GenerationConfig.create)."""
+    seeds = []
+    for part in text.split(","):
+        try:
+            seeds.append(int(part))
+        except ValueError:   # argparse's wording for type=int, and where in a list
+            where = f" in {text!r} (SEED or SEED,SEED,...: one per batch item)" if "," in text else ""
+            raise argparse.ArgumentTypeError(f"invalid int value: {part!r}{where}") from None
+    return seeds if len(seeds) > 1 else seeds[0]
 
 
 def report_flagged(flags: list[bool] | None, paths: list[Path], command: str) -> None:
@@ -423,7 +437,7 @@ def refuse_existing(paths: list[Path], force: bool) -> None:
             raise AlreadyExists(f"{path} already exists; pass --force to overwrite it")
 
 
-def format_timings(t: Any, steps: int, scheduler: str, seed: int) -> str:
+def format_timings(t: Any, steps: int, scheduler: str, seed: int | str) -> str:
     n = len(t.steps)
     rows = [
         ("text encoder", _ms(t.text_encoder), ""),

@@ -68,7 +68,7 @@ class GenerationConfig:
     steps: int
     guidance: float
     scheduler: str
-    seed: int
+    seed: int                           # with a seed per batch item: the first item's
     task: Task = Task.TEXT_TO_IMAGE
     strength: float | None = None       # image tasks: how much of the schedule runs, in (0, 1]
     generator: Generator = Generator.TORCH
@@ -105,10 +105,18 @@ class GenerationConfig:
     # artifact's ControlNets; None = no control image (a ControlNet artifact then runs its
     # U-Net with zero residuals: the base model).
     controlnet: ControlSettings | None = None
+    # One seed per batch item (diffusers' list of generators, runtime/generator_list.py);
+    # None: one seed, one generator for the whole batch.
+    seeds: tuple[int, ...] | None = None
 
     @property
     def prompt(self) -> str:
         return self.prompts[0]
+
+    @property
+    def item_seeds(self) -> tuple[int, ...]:
+        """Each batch item's seed: `seeds`, or the one seed for every item."""
+        return self.seeds if self.seeds is not None else (self.seed,) * len(self.prompts)
 
     @property
     def negative_prompt(self) -> str:
@@ -124,10 +132,12 @@ class GenerationConfig:
                denoising_end: Any = None, aesthetic_score: Any = 6.0,
                negative_aesthetic_score: Any = 2.5, cache_interval: Any = 1, cache_uniform: Any = True,
                cache_center: Any = None, cache_pow: Any = None) -> "GenerationConfig":
-        """`scheduler`: an sdrt or AUTOMATIC1111 sampler name (see schedulers.canonical_name);
+        """`seed`: an int, None (random), or a list/tuple of `batch` ints, one per item;
+        `scheduler`: an sdrt or AUTOMATIC1111 sampler name (see schedulers.canonical_name);
         `scheduler_options`: a mapping of the sampler's diffusers options, checked against it;
         `clip_skip`: None or 0 (no skip) to `max_clip_skip` (the text encoder's layers - 1)."""
         name = _scheduler(scheduler)
+        seeds = _seeds(seed, batch)
         return cls(
             prompts=_prompts("prompt", prompt, batch, allow_none=False),
             negative_prompts=_prompts("negative_prompt", negative_prompt, batch, allow_none=True),
@@ -135,7 +145,8 @@ class GenerationConfig:
             steps=_steps(steps),
             guidance=_guidance(guidance),
             scheduler=name,
-            seed=_seed(seed),
+            seed=_seed(seed) if seeds is None else seeds[0],
+            seeds=seeds,
             task=task,
             strength=_strength(strength, task, sdxl),
             generator=_generator(generator),
@@ -320,6 +331,25 @@ def _seed(value: Any) -> int:
     if not 0 <= value <= MAX_SEED:
         raise InvalidInput(f"seed must be from 0 to 2**64-1 ({MAX_SEED}), got {_short(value)}")
     return int(value)
+
+
+def _seeds(value: Any, batch: int) -> tuple[int, ...] | None:
+    """A seed per batch item: None unless `value` is a list or tuple."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    if len(value) != batch:
+        raise InvalidInput(f"seed has {len(value)} items but this artifact generates {batch} image(s) per call: "
+                           f"pass one seed or a list of {batch}, one per batch item")
+    seeds = []
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral):
+            raise InvalidType(f"seed[{i}] must be an integer from 0 to 2**64-1, got {type(item).__name__} "
+                              f"{_short(item)} (a list of {batch} seeds, one per batch item)")
+        if not 0 <= item <= MAX_SEED:
+            raise InvalidInput(f"seed[{i}] must be from 0 to 2**64-1 ({MAX_SEED}), got {_short(item)} "
+                               f"(a list of {batch} seeds, one per batch item)")
+        seeds.append(int(item))
+    return tuple(seeds)
 
 
 def _short(value: Any) -> str:

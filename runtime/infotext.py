@@ -87,7 +87,8 @@ def parameters_text(config: GenerationConfig, width: int, height: int, model: st
     sampler under its AUTOMATIC1111 name and schedule type ("DPM++ 2M" + "Karras" for
     dpmpp_2m_karras; samplers AUTOMATIC1111 lacks keep their sdrt name); `Clip skip` is
     AUTOMATIC1111's count (diffusers' clip_skip + 1), written from 2 as it does.
-    seed=False leaves the seed out (the caller gave the initial latents). `extra`: more
+    `Seed` is the item's own (config.seeds[index]) when each item has one; seed=False
+    leaves the seed out (the caller gave the initial latents). `extra`: more
     keys before Version, as AUTOMATIC1111's extra_generation_params (e.g. "Refiner",
     "Refiner switch at")."""
     label, schedule = a1111_name(config.scheduler)
@@ -97,7 +98,7 @@ def parameters_text(config: GenerationConfig, width: int, height: int, model: st
         "Sampler": label,
         "Schedule type": schedule,
         "CFG scale": _number(config.guidance),
-        "Seed": config.seed if seed else None,
+        "Seed": config.item_seeds[index] if seed else None,
         "Size": f"{width}x{height}",   # AUTOMATIC1111 writes width x height
         "Model hash": model_hash or None,
         "Model": model or None,

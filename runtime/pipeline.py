@@ -9,6 +9,7 @@ same weights, prompts and seed give the same pixels:
 - every random draw comes from one generator in diffusers' order (initial noise, the
   VAE encoder's latent sample, image-to-image noise, each stochastic sampler step),
   and the default generator reproduces `torch.Generator("cpu").manual_seed(seed)`;
+  a seed per batch item draws as diffusers' list of generators (runtime/generator_list.py);
 - classifier-free guidance runs the unconditional and conditional halves in one
   engine call each (text encoder on [negatives..., prompts...], U-Net on [x, x])
   and combines them as `uncond + g * (cond - uncond)`; with guidance <= 1 diffusers
@@ -49,6 +50,7 @@ from . import controlnet, inputs, prompts, safety
 from .artifact import Artifact, Request
 from .config import GenerationConfig, Generator, Task
 from .embeddings import EmbeddingSet
+from .generator_list import GeneratorList
 from .images import PARAMETERS_KEY, to_pil
 from .infotext import parameters_text
 from .loras import LoraWeights
@@ -103,6 +105,11 @@ class GenerationResult:
     # are then all black, as diffusers returns them); None when no checker ran (the
     # artifact has none, or safety_checker=False).
     nsfw_content_detected: list[bool] | None = None
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """Each batch item's seed (with one seed: that seed for every item)."""
+        return self.config.item_seeds
 
 
 @dataclass(frozen=True)
@@ -224,7 +231,8 @@ class Pipeline:
 
     def __call__(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  steps: int | None = None, guidance: float | None = None,
-                 scheduler: str | None = None, seed: int | None = None, latents: np.ndarray | None = None,
+                 scheduler: str | None = None, seed: int | list[int] | None = None,
+                 latents: np.ndarray | None = None,
                  image: Any = None, mask_image: Any = None, strength: float | None = None,
                  outpaint: Any = None, generator: str = Generator.TORCH.value,
                  on_step: Callable[[int, int], None] | None = None,
@@ -259,6 +267,11 @@ class Pipeline:
         seed: 0..2**64-1 (default: random, reported in the result). With generator="torch"
         (the default) it gives the image diffusers gives with
         `generator=torch.Generator("cpu").manual_seed(seed)`; "numpy" is sdrt 0.1's generator.
+        A list of `batch` seeds gives each item its own, as diffusers'
+        `generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]`: item i is then
+        the image a batch of one gives for seeds[i] (text-to-image, image-to-image; the
+        inpainting pipelines sample their one input image from the first seed only).
+        `result.seeds` lists each item's seed.
         latents: float32 (batch, C, H/8, W/8) standard-normal initial latents instead of
         drawing them from the seed (text-to-image).
         image: a PIL image, an HxWxC uint8 or float [0, 1] array, or a path: image-to-image,
@@ -525,7 +538,11 @@ class Pipeline:
         full = config.strength == 1.0   # diffusers' is_strength_max: start from pure noise
         original = None
         if not config.task.masked or not inpainting_unet or not full:
-            original, encoder_time = self._encode_image(request.image, rng)
+            # diffusers' img2img prepare_latents, given a list of generators, encodes the
+            # image repeated to the batch, one latent sample per item from its generator;
+            # the inpainting pipelines' _encode_vae_image samples the one image (first generator).
+            per_item = isinstance(rng, GeneratorList) and not config.task.masked
+            original, encoder_time = self._encode_image(request.image, rng, per_item)
         noise = rng.standard_normal(shape, dtype=np.float32)
         if config.task.masked and full:
             x = _f32(noise * np.float32(sampler.init_noise_sigma))
@@ -665,15 +682,17 @@ class Pipeline:
         flagged = safety.flags(out[SPECIAL_SCORES], out[CONCEPT_SCORES])
         return safety.black_out(pixels, flagged), flagged, seconds
 
-    def _encode_image(self, image: np.ndarray, rng: Any) -> tuple[np.ndarray, float]:
+    def _encode_image(self, image: np.ndarray, rng: Any, per_item: bool = False) -> tuple[np.ndarray, float]:
         """diffusers' `_encode_vae_image`: a latent sample (mean + std * noise, one draw),
-        times the scaling factor, repeated for every batch item."""
+        times the scaling factor, repeated for every batch item; per_item: one sample per
+        batch item (the image's mean and std are the same for each)."""
         t0 = time.perf_counter()
         out = self._run(Stage.VAE_ENCODER, {IMAGES: image})
         seconds = self._engine_time(Stage.VAE_ENCODER, t0)
         mean, std = out[LATENT_MEAN], out[LATENT_STD]
         _check_finite(mean, "the VAE encoder")
-        sample = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        rows = self.batch if per_item else mean.shape[0]
+        sample = mean + std * rng.standard_normal((rows, *mean.shape[1:]), dtype=np.float32)
         latents = _f32(np.float32(self.manifest.facts.vae_scaling_factor) * sample)
         return np.repeat(latents, self.batch // latents.shape[0], axis=0), seconds
 
@@ -715,7 +734,7 @@ def refine_requests(base: Artifact, refiner: Artifact, prompt: Any, high_noise_f
     skip = ("prompt_2", "negative_prompt_2", "target_size", "loras", "denoising_end", "denoising_start", "image",
             "mask_image", "outpaint", "latents")
     refiner_kwargs = {k: v for k, v in kwargs.items() if k not in skip}
-    refiner_kwargs["seed"] = first.config.seed
+    refiner_kwargs["seed"] = list(first.config.seeds) if first.config.seeds is not None else first.config.seed
     refiner.request(prompt, image=np.zeros(base.latent_shape, np.float32), denoising_start=high_noise_frac,
                     **refiner_kwargs)
     return first, refiner_kwargs
@@ -747,10 +766,12 @@ def _embeddings_text(embeddings: EmbeddingSet | None, tokenizer: Any, config: Ge
 
 
 def _random_source(config: GenerationConfig) -> Any:
-    """One generator per call, drawn from in diffusers' order."""
-    if config.generator is Generator.NUMPY:
-        return np.random.default_rng(config.seed)
-    return TorchGenerator(config.seed)
+    """One generator per call, drawn from in diffusers' order; with a seed per batch
+    item, one generator per item (diffusers' list of generators)."""
+    make = np.random.default_rng if config.generator is Generator.NUMPY else TorchGenerator
+    if config.seeds is not None:
+        return GeneratorList([make(s) for s in config.seeds])
+    return make(config.seed)
 
 
 def _f32(x: np.ndarray) -> np.ndarray:

@@ -35,6 +35,7 @@ COMMANDS = {
     "export": "sdrt.cli.export",
     "build": "sdrt.cli.build",
     "bench": "sdrt.cli.bench",
+    "serve": "sdrt.cli.serve",
 }
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1

@@ -72,6 +72,10 @@ class Job:
         guidance, size, input images and LoRAs; prompts and seeds may differ)."""
         common = {k: v for k, v in self.settings.items() if k not in PER_ITEM}
         images = {k: hashlib.sha256(v).hexdigest() for k, v in self.images.items()}
+        if "mask_image" in self.images:
+            # diffusers' inpainting samples the image latents from the first generator
+            # only, so an inpainted item depends on its batch: never batched with others.
+            images["job"] = self.id or str(id(self))
         return json.dumps([self.model, common, images, self.loras], sort_keys=True, default=str)
 
     def to_json(self) -> dict[str, Any]:
@@ -145,9 +149,11 @@ def lora_path(lora_dir: Path | None, name: str) -> Path:
 
 
 def run_items(pipe: Any, items: Sequence[Item], lora_dir: Path | None = None,
-              on_step: Callable[[int, int], None] | None = None) -> tuple[list[ImageOut], dict[str, float]]:
+              on_step: Callable[[int, int], None] | None = None
+              ) -> tuple[list[ImageOut], dict[str, float], list[int]]:
     """Generate `items` (all with the same `batch_key`) on a loaded Pipeline, `pipe.batch`
-    at a time; return one ImageOut per item, in order, and the seconds per stage."""
+    at a time; return one ImageOut per item, in order, the seconds per stage, and the
+    number of items in each engine call."""
     from sdrt.runtime.inputs import load_image, load_mask
 
     job = items[0].job
@@ -158,10 +164,12 @@ def run_items(pipe: Any, items: Sequence[Item], lora_dir: Path | None = None,
         kwargs["loras"] = [(str(lora_path(lora_dir, name)), scale) for name, scale in job.loras]
     out: list[ImageOut] = []
     stages: dict[str, float] = {}
+    fills: list[int] = []
     n = pipe.batch
     for start in range(0, len(items), n):
         chunk = list(items[start:start + n])
         real = len(chunk)
+        fills.append(real)
         chunk += [chunk[-1]] * (n - real)   # a static batch: pad with copies, dropped below
         call = dict(kwargs)
         for key in PER_ITEM:
@@ -180,7 +188,7 @@ def run_items(pipe: Any, items: Sequence[Item], lora_dir: Path | None = None,
             image = result.images[i]
             text = image.info.get("parameters", "")
             out.append(ImageOut(png_bytes(image, text), chunk[i].seed, text, None if nsfw is None else bool(nsfw[i])))
-    return out, stages
+    return out, stages, fills
 
 
 def png_bytes(image: Any, parameters: str) -> bytes:

@@ -264,7 +264,10 @@ class LocalExecutor(Executor):
 
         started = time.perf_counter()
         try:
-            images, stages = run_items(pipe, items_of([t.job for t in group]), self.config.lora_dir, on_step)
+            images, stages, fills = run_items(pipe, items_of([t.job for t in group]), self.config.lora_dir,
+                                              on_step)
+            for fill in fills:
+                self.metrics.batch_items.observe(fill)
         except Stopped:
             for t in group:
                 self.metrics.rejected.labels(t.stop.reason).inc()

@@ -25,6 +25,9 @@ class Metrics:
         self.stage = Histogram("sdrt_stage_seconds", "seconds per generation stage per job (unet: all the "
                                "denoising steps; total: the whole generation)", ["stage"], buckets=SECONDS,
                                registry=r)
+        self.batch_items = Histogram("sdrt_batch_items", "images per engine call (an artifact exported with "
+                                     "--batch N runs up to N, from one request or several)",
+                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.queue_depth = Gauge("sdrt_queue_depth", "jobs waiting in the queue", registry=r)
         self.running = Gauge("sdrt_jobs_running", "jobs generating now", registry=r)
         self.images = Counter("sdrt_images_generated", "images generated, by model", ["model"], registry=r)

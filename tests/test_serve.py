@@ -492,3 +492,35 @@ def test_the_server_binds_at_once_and_is_ready_when_loaded(sd15_artifacts):
             time.sleep(0.02)
         assert 200 in seen
         assert httpx.get(f"{s.url}/v2/health/live").status_code == 200
+
+
+def test_a_batch_artifact_runs_concurrent_requests_in_one_engine_call(tiny_sd15, sd15_artifacts, export_into,
+                                                                      tmp_path_factory):
+    """Two requests with their own prompts and seeds share one call of a --batch 2
+    artifact, and each gets the image the batch-1 artifact gives for its seed."""
+    from sdrt.runtime.pipeline import Pipeline
+
+    batch2 = export_into(tiny_sd15, tmp_path_factory.mktemp("serve") / "b2", batch=2, verify=False)
+    with serving(config(batch2, batch_wait_ms=2000)) as s:
+        out = {}
+
+        def ask(seed: int) -> None:
+            out[seed] = httpx.post(f"{s.url}/sdapi/v1/txt2img", timeout=60, json={
+                "prompt": f"fox {seed}", "steps": 3, "seed": seed, "sampler_name": "Euler a"})
+
+        threads = [threading.Thread(target=ask, args=(seed,)) for seed in (21, 22)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        metrics = httpx.get(f"{s.url}/metrics").text
+        # one call of two images, not two calls padded with copies
+        assert 'sdrt_batch_items_bucket{le="1.0"} 0.0' in metrics and "sdrt_batch_items_count 1.0" in metrics
+        single = httpx.post(f"{s.url}/sdapi/v1/txt2img", timeout=60,
+                            json={"prompt": "fox 23", "steps": 3, "seed": 23, "sampler_name": "Euler a"})
+    with Pipeline.load(sd15_artifacts) as pipe:
+        for seed, r in [*out.items(), (23, single)]:   # the lone request: padded, same image
+            assert r.status_code == 200, r.text
+            want = pipe(f"fox {seed}", steps=3, seed=seed, scheduler="Euler a").images[0]
+            got = pixels(base64.b64decode(r.json()["images"][0])).astype(int)
+            assert np.abs(got - np.asarray(want, dtype=int)).max() <= 1   # another batch size: float rounding

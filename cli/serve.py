@@ -59,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--lora-dir", type=Path, default=None, metavar="DIR",
                    help="LoRAs a request may name (<lora:NAME:WEIGHT> in an AUTOMATIC1111 prompt): NAME.safetensors "
                         "inside DIR; requests never give paths")
+    s.add_argument("--embedding-dir", type=Path, default=None, metavar="DIR",
+                   help="textual-inversion embeddings (.safetensors) a prompt may use: as in the web UI, a file's "
+                        "name without the extension, written in the prompt or negative prompt, is its trigger")
     s.add_argument("--cors-origin", dest="cors_origins", action="append", default=[], metavar="ORIGIN",
                    help="allow browser pages from ORIGIN (e.g. https://app.example.com) to call the API; "
                         "repeatable. Default: no CORS")
@@ -89,6 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_image_pixels=args.max_image_pixels, max_images=args.max_images,
         api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None, insecure_no_auth=args.insecure_no_auth,
         cors_origins=tuple(args.cors_origins), log_prompts=args.log_prompts, lora_dir=args.lora_dir,
+        embedding_dir=args.embedding_dir,
         queue_url=args.queue_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)

@@ -28,7 +28,7 @@ from sdrt.engines.errors import InvalidInput
 
 from . import images as request_images
 from .executor import Executor, Model
-from .jobs import Job, JobResult
+from .jobs import Job, JobResult, embedding_path, embeddings_used, lora_path
 
 # override_settings keys that sdrt honours; others that would change the image are refused.
 CLIP_SKIP_SETTING = "CLIP_stop_at_last_layers"
@@ -144,7 +144,8 @@ def job_from_request(body: BaseModel, executor: Executor, img2img: bool) -> tupl
         if strength is not None:
             settings["strength"] = strength
     seeds = seeds_from(fields.get("seed"), count)
-    job = Job(model.name, settings, seeds, images, tuple(loras), id=f"task({random.getrandbits(48):012x})")
+    used = embeddings_used(config.embedding_dir, [prompt, negative])
+    job = Job(model.name, settings, seeds, images, tuple(loras), used, id=f"task({random.getrandbits(48):012x})")
     validate(job, model, executor)
     return job, model, fields
 
@@ -237,8 +238,6 @@ def validate(job: Job, model: Model, executor: Executor) -> None:
     a 4xx now and not a failed job later."""
     from sdrt.runtime.inputs import load_image, load_mask
 
-    from .jobs import lora_path
-
     kwargs = dict(job.settings)
     for key, data in job.images.items():
         kwargs[key] = load_mask(data) if key == "mask_image" else load_image(data, key)
@@ -246,6 +245,8 @@ def validate(job: Job, model: Model, executor: Executor) -> None:
     seeds = list(job.seeds[:batch]) + [job.seeds[-1]] * max(0, batch - job.count)
     for name, _ in job.loras:
         lora_path(executor.config.lora_dir, name)
+    if job.embeddings:
+        kwargs["embeddings"] = [(embedding_path(executor.config.embedding_dir, n), n) for n in job.embeddings]
     model.artifact.request(seed=seeds if batch > 1 else seeds[0], **kwargs)
 
 

@@ -38,6 +38,7 @@ from .metrics import Metrics
 log = logging.getLogger("sdrt.serve")
 HEALTH = ("/v2/health/live", "/v2/health/ready")
 DOCS_ASSETS = "/docs-assets"
+DEADLINE_HEADER = "X-Sdrt-Deadline"
 
 
 class BodyTooLarge(HTTPException):
@@ -132,9 +133,9 @@ def openai_error(error: BaseException) -> JSONResponse:
 
 def _add_routes(app: FastAPI, config: ServeConfig, executor: Executor, metrics: Metrics) -> None:
     async def generate(job_maker: Callable[[], Any], request: Request) -> Any:
+        seconds = _deadline(request, config.deadline_s)
         job, *rest = await run_in_threadpool(job_maker)
-        if config.deadline_s:
-            job = _with_deadline(job, config.deadline_s)
+        job = _with_deadline(job, seconds)
         if config.log_prompts:
             log.info("job %s: prompt %r, negative %r", job.id, job.settings.get("prompt"),
                      job.settings.get("negative_prompt"))
@@ -196,6 +197,12 @@ def _add_routes(app: FastAPI, config: ServeConfig, executor: Executor, metrics: 
         if folder is None:
             return []
         return [{"name": p.stem, "alias": p.stem} for p in sorted(folder.glob("*.safetensors")) if p.is_file()]
+
+    @app.get("/sdapi/v1/embeddings", tags=["AUTOMATIC1111"], summary="embeddings in --embedding-dir, by trigger")
+    async def embeddings() -> Any:
+        folder = config.embedding_dir
+        names = [] if folder is None else sorted(p.stem for p in folder.glob("*.safetensors") if p.is_file())
+        return {"loaded": {n: {} for n in names}, "skipped": {}}
 
     @app.get("/sdapi/v1/scripts", tags=["AUTOMATIC1111"])
     async def scripts() -> Any:
@@ -287,6 +294,21 @@ async def _edit_form(request: Request, config: ServeConfig) -> tuple[dict[str, A
     mask = await mask_part.read() if mask_part is not None else None
     fields = {k: v for k, v in form.multi_items() if not isinstance(v, UploadFile)}
     return fields, image, mask
+
+
+def _deadline(request: Request, server_s: float) -> float:
+    """The request's deadline in seconds: --deadline, or less with the header
+    `X-Sdrt-Deadline: SECONDS` (a client that knows it will give up sooner)."""
+    text = request.headers.get(DEADLINE_HEADER)
+    if text is None:
+        return server_s
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise InvalidInput(f"{DEADLINE_HEADER}: {text!r:.40} is not a positive number of seconds")
+    return min(seconds, server_s)
 
 
 def _with_deadline(job: Any, seconds: float) -> Any:

@@ -38,6 +38,7 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = ()
     log_prompts: bool = False
     lora_dir: Path | None = None
+    embedding_dir: Path | None = None
     queue_url: str | None = None       # redis://...: run jobs on Celery workers (remote.py)
     check_hashes: bool = True
 
@@ -57,8 +58,9 @@ class ServeConfig:
             raise InvalidInput(f"--batch-wait-ms must be 0..60000, got {self.batch_wait_ms}")
         if self.api_key is not None and len(self.api_key) < 8:
             raise InvalidInput("--api-key must be at least 8 characters")
-        if self.lora_dir is not None and not self.lora_dir.is_dir():
-            raise InvalidInput(f"--lora-dir {self.lora_dir} is not a folder")
+        for flag, folder in (("--lora-dir", self.lora_dir), ("--embedding-dir", self.embedding_dir)):
+            if folder is not None and not folder.is_dir():
+                raise InvalidInput(f"{flag} {folder} is not a folder")
         if not is_loopback(self.host) and self.api_key is None and not self.insecure_no_auth:
             raise InvalidInput(f"--host {self.host} is not a loopback address: anyone who can reach it could use "
                                f"this server. Pass --api-key KEY (clients send 'Authorization: Bearer KEY'), "

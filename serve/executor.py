@@ -150,7 +150,7 @@ class Executor(abc.ABC):
                     self.cancel(handle, "disconnected", "the client disconnected")
                     cancelled = True
                 elif job.deadline is not None and time.time() > job.deadline:
-                    self.cancel(handle, "deadline", f"the request's deadline of {self.config.deadline_s:g} s passed")
+                    self.cancel(handle, "deadline", f"the request's deadline of {job.timeout or 0:g} s passed")
                     cancelled = True
             await asyncio.sleep(POLL_S)
 

@@ -56,7 +56,9 @@ class Job:
     seeds: tuple[int, ...]
     images: Mapping[str, bytes] = field(default_factory=dict)
     loras: tuple[tuple[str, float], ...] = ()
+    embeddings: tuple[str, ...] = ()   # names of files in the runner's --embedding-dir, each its own trigger
     deadline: float | None = None   # time.time() after which the job is dropped or stopped
+    timeout: float | None = None    # the seconds that deadline allowed, for messages
     id: str = ""
 
     def __post_init__(self):
@@ -76,18 +78,20 @@ class Job:
             # diffusers' inpainting samples the image latents from the first generator
             # only, so an inpainted item depends on its batch: never batched with others.
             images["job"] = self.id or str(id(self))
-        return json.dumps([self.model, common, images, self.loras], sort_keys=True, default=str)
+        return json.dumps([self.model, common, images, self.loras, self.embeddings], sort_keys=True, default=str)
 
     def to_json(self) -> dict[str, Any]:
         return {"model": self.model, "settings": dict(self.settings), "seeds": list(self.seeds),
                 "images": {k: base64.b64encode(v).decode("ascii") for k, v in self.images.items()},
-                "loras": [list(x) for x in self.loras], "deadline": self.deadline, "id": self.id}
+                "loras": [list(x) for x in self.loras], "embeddings": list(self.embeddings),
+                "deadline": self.deadline, "timeout": self.timeout, "id": self.id}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "Job":
         return cls(data["model"], dict(data["settings"]), tuple(int(s) for s in data["seeds"]),
                    {k: base64.b64decode(v) for k, v in data.get("images", {}).items()},
-                   tuple((str(n), float(s)) for n, s in data.get("loras", ())), data.get("deadline"),
+                   tuple((str(n), float(s)) for n, s in data.get("loras", ())),
+                   tuple(str(n) for n in data.get("embeddings", ())), data.get("deadline"), data.get("timeout"),
                    data.get("id", ""))
 
 
@@ -136,20 +140,41 @@ def items_of(jobs: Sequence[Job]) -> list[Item]:
 def lora_path(lora_dir: Path | None, name: str) -> Path:
     """The file of LoRA `name` inside `lora_dir`: a plain name (the extension optional),
     never a path; refused when no --lora-dir is set or no such file exists."""
-    if lora_dir is None:
-        raise InvalidInput(f"LoRA {name!r}: this server has no --lora-dir, so it serves no LoRAs")
+    return named_file(lora_dir, name, "LoRA", "--lora-dir", "GET /sdapi/v1/loras lists them")
+
+
+def embedding_path(folder: Path | None, name: str) -> Path:
+    return named_file(folder, name, "embedding", "--embedding-dir", "GET /sdapi/v1/embeddings lists them")
+
+
+def named_file(folder: Path | None, name: str, kind: str, flag: str, listed: str) -> Path:
+    """NAME.safetensors inside the server's `folder`; a request names files, never paths."""
+    if folder is None:
+        raise InvalidInput(f"{kind} {name!r}: this server has no {flag}, so it serves no {kind}s")
     if (not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or ":" in name
             or name.startswith(".")):
-        raise InvalidInput(f"LoRA name {name!r} is not a plain file name inside the server's LoRA folder")
-    path = lora_dir / (name if name.endswith(LORA_SUFFIX) else name + LORA_SUFFIX)
+        raise InvalidInput(f"{kind} name {name!r} is not a plain file name inside the server's {kind} folder")
+    path = folder / (name if name.endswith(LORA_SUFFIX) else name + LORA_SUFFIX)
     resolved = path.resolve()
-    if resolved.parent != lora_dir.resolve() or not resolved.is_file():
-        raise InvalidInput(f"no LoRA named {name!r} in the server's LoRA folder (GET /sdapi/v1/loras lists them)")
+    if resolved.parent != folder.resolve() or not resolved.is_file():
+        raise InvalidInput(f"no {kind} named {name!r} in the server's {kind} folder ({listed})")
     return resolved
 
 
+def embeddings_used(folder: Path | None, texts: Sequence[str | None]) -> tuple[str, ...]:
+    """The embeddings in `folder` whose name (the file's, without .safetensors: the web
+    UI's trigger) appears as a word in one of `texts`."""
+    if folder is None:
+        return ()
+    import re
+
+    joined = "\n".join(t for t in texts if t)
+    return tuple(p.stem for p in sorted(folder.glob("*" + LORA_SUFFIX))
+                 if p.is_file() and re.search(rf"(?<![\w-]){re.escape(p.stem)}(?![\w-])", joined))
+
+
 def run_items(pipe: Any, items: Sequence[Item], lora_dir: Path | None = None,
-              on_step: Callable[[int, int], None] | None = None
+              on_step: Callable[[int, int], None] | None = None, embedding_dir: Path | None = None
               ) -> tuple[list[ImageOut], dict[str, float], list[int]]:
     """Generate `items` (all with the same `batch_key`) on a loaded Pipeline, `pipe.batch`
     at a time; return one ImageOut per item, in order, the seconds per stage, and the
@@ -162,6 +187,8 @@ def run_items(pipe: Any, items: Sequence[Item], lora_dir: Path | None = None,
         kwargs[key] = load_mask(data) if key == "mask_image" else load_image(data, key)
     if job.loras:
         kwargs["loras"] = [(str(lora_path(lora_dir, name)), scale) for name, scale in job.loras]
+    if job.embeddings:
+        kwargs["embeddings"] = [(str(embedding_path(embedding_dir, name)), name) for name in job.embeddings]
     out: list[ImageOut] = []
     stages: dict[str, float] = {}
     fills: list[int] = []
@@ -202,4 +229,8 @@ def png_bytes(image: Any, parameters: str) -> bytes:
 
 
 def with_deadline(job: Job, seconds: float | None) -> Job:
-    return job if seconds is None else dataclasses.replace(job, deadline=time.time() + seconds)
+    return job if seconds is None else dataclasses.replace(job, deadline=time.time() + seconds, timeout=seconds)
+
+
+def deadline_passed(job: Job, where: str) -> Stopped:
+    return Stopped("deadline", f"the request's deadline of {job.timeout or 0:g} s passed while the job was {where}")

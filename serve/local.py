@@ -25,7 +25,7 @@ from typing import Any
 from sdrt.engines.errors import SdrtError
 
 from .executor import Executor, NotReady, QueueFull
-from .jobs import Job, JobResult, Stopped, items_of, run_items
+from .jobs import Job, JobResult, Stopped, deadline_passed, items_of, run_items
 
 log = logging.getLogger("sdrt.serve")
 
@@ -243,8 +243,7 @@ class LocalExecutor(Executor):
         if queue is not None:
             queue.remove(ticket)
         self.metrics.rejected.labels("deadline").inc()
-        ticket.future.set_exception(Stopped("deadline", f"the request's deadline of {self.config.deadline_s:g} s "
-                                                        f"passed while the job was queued"))
+        ticket.future.set_exception(deadline_passed(ticket.job, "queued"))
         return True
 
     def _run(self, model: str, pipe: Any, group: list[Ticket]) -> None:
@@ -257,15 +256,14 @@ class LocalExecutor(Executor):
             now = time.time()
             for t in group:
                 if t.stop is None and t.job.deadline is not None and now > t.job.deadline:
-                    t.stop = Stopped("deadline", f"the request's deadline of {self.config.deadline_s:g} s passed "
-                                                 f"while the job was generating")
+                    t.stop = deadline_passed(t.job, "generating")
             if all(t.stop is not None for t in group):
                 raise group[0].stop
 
         started = time.perf_counter()
         try:
             images, stages, fills = run_items(pipe, items_of([t.job for t in group]), self.config.lora_dir,
-                                              on_step)
+                                              on_step, self.config.embedding_dir)
             for fill in fills:
                 self.metrics.batch_items.observe(fill)
         except Stopped:

@@ -26,7 +26,7 @@ from sdrt.engines.errors import InvalidInput
 from . import images as request_images
 from .a1111 import sampler_of, seeds_from, validate
 from .executor import Executor, Model
-from .jobs import Job, JobResult
+from .jobs import Job, JobResult, embeddings_used
 
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image")
 
@@ -92,7 +92,8 @@ def job_from_fields(fields: Mapping[str, Any], executor: Executor, images: dict[
         settings["strength"] = _number(fields["strength"], "strength", float)
     seed = fields.get("seed")
     seeds = seeds_from(None if seed in (None, "") else _number(seed, "seed", int), n)
-    job = Job(model.name, settings, seeds, images, id=f"img-{random.getrandbits(48):012x}")
+    used = embeddings_used(config.embedding_dir, [settings["prompt"], settings["negative_prompt"]])
+    job = Job(model.name, settings, seeds, images, embeddings=used, id=f"img-{random.getrandbits(48):012x}")
     validate(job, model, executor)
     return job, model
 

@@ -349,6 +349,25 @@ def test_loras_are_names_inside_the_lora_dir(sd15_artifacts, tiny_sd15, tmp_path
             assert r.status_code == 422 and "LoRA" in r.json()["detail"], name
 
 
+def test_embeddings_are_files_in_the_embedding_dir_triggered_by_name(sd15_artifacts, tmp_path):
+    from sdrt.export.tiny import make_tiny_embedding
+    from sdrt.runtime.pipeline import Pipeline
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    path = make_tiny_embedding(folder / "charturner.safetensors", variant="sd15")
+    with serving(config(sd15_artifacts, embedding_dir=folder)) as s:
+        r = httpx.post(f"{s.url}/sdapi/v1/txt2img", json={"prompt": "a fox, charturner", "steps": 2, "seed": 4},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{s.url}/sdapi/v1/embeddings").json() == {"loaded": {"charturner": {}}, "skipped": {}}
+    with Pipeline.load(sd15_artifacts) as pipe:
+        want = pipe("a fox, charturner", steps=2, seed=4, embeddings=[(path, "charturner")]).images[0]
+        plain = pipe("a fox, charturner", steps=2, seed=4).images[0]
+    got = pixels(base64.b64decode(r.json()["images"][0]))
+    assert np.array_equal(got, np.asarray(want)) and not np.array_equal(got, np.asarray(plain))
+
+
 # -- behaviour under load --------------------------------------------------------------------------
 
 def test_concurrent_requests_each_get_their_own_image(server, sd15_artifacts):
@@ -424,6 +443,13 @@ def test_deadline_drops_a_queued_job_and_stops_a_running_one(sd15_artifacts):
             assert r.status_code == 504, r.text
             assert "deadline of 0.6 s passed" in r.json()["detail"] and seconds < 3   # 20 steps would take 7 s
         assert "while the job was generating" in out["running"][0].json()["detail"]
+        # a client may ask for less than the server's deadline, never more
+        r = httpx.post(f"{s.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 20},
+                       headers={"X-Sdrt-Deadline": "0.2"}, timeout=60)
+        assert r.status_code == 504 and "deadline of 0.2 s passed" in r.json()["detail"]
+        r = httpx.post(f"{s.url}/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1},
+                       headers={"X-Sdrt-Deadline": "soon"}, timeout=60)
+        assert r.status_code == 422 and "X-Sdrt-Deadline" in r.json()["detail"]
         assert "while the job was queued" in out["queued"][0].json()["detail"]
 
 

@@ -17,7 +17,6 @@ DEFAULT_MAX_BODY_MB = 64.0          # an 8192x8192 PNG in base64 fits
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 DEFAULT_MAX_IMAGES = 16             # images per request (AUTOMATIC1111's batch_size x n_iter, OpenAI's n)
 DEFAULT_BATCH_WAIT_MS = 50.0
-MAX_PROMPT_CHARS = 20_000           # beyond any chunked prompt an artifact can take (75 tokens x chunks)
 
 
 @dataclass(frozen=True)

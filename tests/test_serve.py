@@ -550,3 +550,28 @@ def test_a_batch_artifact_runs_concurrent_requests_in_one_engine_call(tiny_sd15,
             want = pipe(f"fox {seed}", steps=3, seed=seed, scheduler="Euler a").images[0]
             got = pixels(base64.b64decode(r.json()["images"][0])).astype(int)
             assert np.abs(got - np.asarray(want, dtype=int)).max() <= 1   # another batch size: float rounding
+
+
+def test_a_request_picks_its_model_by_name(sd15_artifacts, sd2_artifacts):
+    import openai
+
+    from sdrt.runtime.pipeline import Pipeline
+
+    cfg = ServeConfig(artifacts=(sd15_artifacts, sd2_artifacts), port=free_port())
+    with serving(cfg) as s:
+        models = httpx.get(f"{s.url}/sdapi/v1/sd-models").json()
+        assert len(models) == 2
+        second = models[1]
+        r = httpx.post(f"{s.url}/sdapi/v1/txt2img", timeout=60, json={
+            "prompt": PROMPT, "steps": 2, "seed": 8, "override_settings": {"sd_model_checkpoint": second["title"]}})
+        assert r.status_code == 200, r.text
+        assert json.loads(r.json()["info"])["sd_model_name"] == second["model_name"]
+        client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0)
+        by_name = client.images.generate(prompt=PROMPT, model=second["model_name"], extra_body={"seed": 8, "steps": 2})
+        missing = httpx.post(f"{s.url}/sdapi/v1/txt2img", json={
+            "prompt": PROMPT, "override_settings": {"sd_model_checkpoint": "other [0123456789]"}})
+        assert missing.status_code == 404 and second["title"] in missing.json()["detail"]
+    with Pipeline.load(sd2_artifacts) as pipe:
+        want = np.asarray(pipe(PROMPT, steps=2, seed=8).images[0])
+    assert np.array_equal(pixels(base64.b64decode(r.json()["images"][0])), want)
+    assert np.array_equal(pixels(base64.b64decode(by_name.data[0].b64_json)), want)

@@ -1,4 +1,4 @@
-"""Layers point one way (STYLE.md, habit 12): cli over export and runtime, both over
+"""Layers point one way (STYLE.md, habit 12): cli and serve over export and runtime, both over
 engines, engines over nothing of ours. Checked on the source, lazy imports inside
 functions and string imports (importlib) included."""
 
@@ -12,9 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # package -> the sdrt packages it must never import
 FORBIDDEN = {
-    "engines": {"runtime", "export", "cli"},
-    "runtime": {"export", "cli"},
-    "export": {"cli"},
+    "engines": {"runtime", "export", "cli", "serve"},
+    "runtime": {"export", "cli", "serve"},
+    "export": {"cli", "serve"},
+    # the server is a top layer over the runtime, like the CLI; it never needs torch
+    "serve": {"export", "cli"},
     "cli": set(),
 }
 

@@ -575,3 +575,17 @@ def test_a_request_picks_its_model_by_name(sd15_artifacts, sd2_artifacts):
         want = np.asarray(pipe(PROMPT, steps=2, seed=8).images[0])
     assert np.array_equal(pixels(base64.b64decode(r.json()["images"][0])), want)
     assert np.array_equal(pixels(base64.b64decode(by_name.data[0].b64_json)), want)
+
+
+def test_the_server_loads_no_torch(sd15_artifacts):
+    # a serving machine needs the runtime's dependencies and the serve extra only
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from sdrt.serve.app import create_app; "
+            "from sdrt.serve.config import ServeConfig; "
+            f"create_app(ServeConfig(artifacts=(Path({str(sd15_artifacts)!r}),))); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -152,7 +152,12 @@ class Executor(abc.ABC):
                 elif job.deadline is not None and time.time() > job.deadline:
                     self.cancel(handle, "deadline", f"the request's deadline of {job.timeout or 0:g} s passed")
                     cancelled = True
-            await asyncio.sleep(POLL_S)
+            await self.wait(handle, POLL_S)
+
+    async def wait(self, handle: Any, seconds: float) -> None:
+        """Wait up to `seconds` for the job to finish (an executor that can be woken
+        when it does overrides this, so an answer never waits out the poll interval)."""
+        await asyncio.sleep(seconds)
 
     def retry_after(self, seconds_per_job: float) -> int:
         return max(1, math.ceil(seconds_per_job * max(1, self.queue_depth()) / max(1, len(self.models))))

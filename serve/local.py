@@ -14,6 +14,7 @@ images are dropped.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import logging
@@ -38,6 +39,7 @@ class Ticket:
     queued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     stop: Stopped | None = None     # set by cancel / interrupt / the deadline: the job wants no more work
+    awaitable: Any = None           # the future as seen by the event loop (wait)
 
 
 @dataclass
@@ -151,6 +153,15 @@ class LocalExecutor(Executor):
 
     def poll(self, handle: Ticket) -> JobResult | None:
         return handle.future.result() if handle.future.done() else None
+
+    async def wait(self, handle: Ticket, seconds: float) -> None:
+        # woken by the job's future, not after a fixed poll interval: a 60 ms generation
+        # is answered at 60 ms, not at the next 100 ms tick
+        if handle.awaitable is None:
+            handle.awaitable = asyncio.wrap_future(handle.future)
+        await asyncio.wait({handle.awaitable}, timeout=seconds)
+        if handle.awaitable.done() and not handle.awaitable.cancelled():
+            handle.awaitable.exception()   # seen here; poll() raises it to the request
 
     def cancel(self, handle: Ticket, reason: str, message: str) -> None:
         with self._cond:

@@ -16,6 +16,7 @@ cfg_scale -> guidance, CLIP_stop_at_last_layers N -> clip_skip N - 1, denoising_
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import re
@@ -253,12 +254,10 @@ def validate(job: Job, model: Model, executor: Executor) -> None:
 def response(job: Job, model: Model, fields: Mapping[str, Any], result: JobResult) -> dict[str, Any]:
     """AUTOMATIC1111's answer: images as base64 PNGs, the request's parameters, and
     `info`, a JSON string with the infotexts and seeds."""
-    import base64
+    from sdrt.runtime import infotext
 
     texts = [i.parameters for i in result.images]
     first = texts[0] if texts else ""
-    from sdrt.runtime import infotext
-
     parsed = infotext.parse(first).fields if first else {}
     n = job.count
     prompt = job.settings.get("prompt", "")

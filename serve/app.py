@@ -102,8 +102,6 @@ def status_of(error: BaseException) -> tuple[int, dict[str, str]]:
         return {"deadline": 504, "interrupted": 409, "disconnected": 499}.get(error.reason, 503), {}
     if isinstance(error, (InvalidInput, InvalidType, MissingFile)):
         return 422, {}
-    if isinstance(error, SdrtError):
-        return 500, {}
     return 500, {}
 
 

@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, Sequence
 from sdrt.engines.errors import InvalidInput, SdrtError
 
 from .config import ServeConfig
-from .jobs import Job, JobResult, Stopped
+from .jobs import Job, JobResult
 from .metrics import Metrics
 
 POLL_S = 0.1   # how often a waiting request looks at its client and its deadline
@@ -161,7 +161,3 @@ class Executor(abc.ABC):
 
     def retry_after(self, seconds_per_job: float) -> int:
         return max(1, math.ceil(seconds_per_job * max(1, self.queue_depth()) / max(1, len(self.models))))
-
-
-def stopped(reason: str, message: str) -> Stopped:
-    return Stopped(reason, message)

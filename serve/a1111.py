@@ -65,6 +65,7 @@ _IMG2IMG_UNSUPPORTED: tuple[tuple[str, Any, str], ...] = (
 )
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 MAX_SEED_A1111 = 2**64 - 1
+A1111_DENOISING_STRENGTH = 0.75   # the web UI's img2img default (sdrt generate's is diffusers' 0.8)
 
 
 class Txt2ImgRequest(BaseModel):
@@ -216,6 +217,8 @@ def _img2img_inputs(fields: Mapping[str, Any], max_pixels: int) -> tuple[dict[st
         raise InvalidInput(f"init_images has {len(inits)} different images; sdrt uses one per request")
     out = {"image": request_images.from_base64(inits[0], "init_images[0]", max_pixels)}
     strength = fields.get("denoising_strength")
+    if strength is None:
+        strength = A1111_DENOISING_STRENGTH
     mask = fields.get("mask")
     if mask:
         if fields.get("inpaint_full_res"):

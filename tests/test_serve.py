@@ -18,6 +18,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi")
 from serve_helpers import free_port, serving, start_server   # noqa: E402
+from test_inputs import _png_with_size   # noqa: E402 - the runtime's decompression-bomb header
 
 from sdrt.serve.config import ServeConfig   # noqa: E402
 
@@ -231,6 +232,12 @@ def _png(size=(8, 8)) -> bytes:
     return b.getvalue()
 
 
+def _encoded(fmt: str) -> bytes:
+    b = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(b, fmt)
+    return b.getvalue()
+
+
 @pytest.mark.parametrize("init,message", [
     ("not base64!!", "not valid base64"),
     (b64png(_png()[:30]), "damaged or truncated PNG"),
@@ -238,12 +245,31 @@ def _png(size=(8, 8)) -> bytes:
     (b64png(b""), "empty"),
     (b64png(b"hello, I am text"), "text file"),
     (12345, "init_images.0: Input should be a valid string"),
+    (b64png(_png_with_size(50000, 50000)), "too large to decode safely"),   # a decompression bomb's header
+    (b64png(_png_with_size(9000, 9000)), "over this server's limit"),
+    (b64png(bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8))), "not a PNG, JPEG or WebP"),
+    (b64png(_encoded("BMP")), "BMP image"),
+    ("data:image/png;base64," + b64png(_png()[:40]), "truncated"),
 ])
 def test_bad_images_are_refused_with_4xx_and_the_server_keeps_serving(server, init, message):
     r = httpx.post(f"{server.url}/sdapi/v1/img2img", json={"prompt": "x", "init_images": [init], "steps": 2},
                    timeout=30)
     assert 400 <= r.status_code < 500 and message in r.text, r.text
     assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+@pytest.mark.parametrize("mask,message", [
+    (Image.new("L", (128, 64)), "selects nothing to repaint"),         # all black
+    (Image.new("RGB", (8, 8), (255, 255, 255)), "aspect"),            # another aspect ratio than the image
+])
+def test_bad_masks_are_refused_with_4xx(server, mask, message):
+    image, m = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (128, 64)).save(image, "PNG")
+    mask.save(m, "PNG")
+    r = httpx.post(f"{server.url}/sdapi/v1/img2img", timeout=30, json={
+        "prompt": "x", "init_images": [b64png(image.getvalue())], "mask": b64png(m.getvalue()), "steps": 2,
+        "inpaint_full_res": False, "mask_blur": 0})
+    assert r.status_code == 422 and message in r.json()["detail"], r.text
 
 
 def test_an_image_over_the_pixel_limit_is_refused_from_its_header(sd15_artifacts):

@@ -36,6 +36,7 @@ COMMANDS = {
     "build": "sdrt.cli.build",
     "bench": "sdrt.cli.bench",
     "serve": "sdrt.cli.serve",
+    "worker": "sdrt.cli.worker",
 }
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1

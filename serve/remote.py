@@ -14,9 +14,11 @@ timeout is handed out a second time as well. It does not run twice (below), but 
 worker that got the copy waits for the first to finish; and a job lost longer than
 its request's deadline comes back when nobody waits for it. So the timeout should
 exceed the longest job and stay under the front's --deadline (default 600 s). The
-default, 300 s, is several times a 50-step SDXL image on a data-centre GPU and half
-that deadline; workers whose jobs take minutes (CPUs) need a larger one, and a
-larger --deadline.
+default, 300 s, is half that deadline and well above a GPU's job (a 50-step SDXL
+image takes seconds to a minute); workers whose jobs take minutes (CPUs) need a
+larger one, and a larger --deadline. A worker stopped by SIGTERM or Ctrl-C finishes
+its job first (Celery's warm shutdown); a second Ctrl-C puts the job back on its
+queue at once.
 
 Exactly once: the job id is the Celery task id. A worker claims a job with a lock
 key (SET NX, which lapses LIVE_S after its last renewal; a thread renews it every
@@ -54,7 +56,7 @@ from sdrt.engines.errors import (ArtifactError, BackendUnavailable, InvalidInput
                                  NumericsError, SdrtError)
 
 from .executor import Executor, NotReady, QueueFull, open_models
-from .jobs import Job, JobResult, Stopped, items_of, run_items
+from .jobs import Job, JobResult, Stopped, deadline_passed, items_of, run_items
 
 log = logging.getLogger("sdrt.serve")
 
@@ -175,11 +177,11 @@ end
 return 1"""
 
 
-def _key(kind: str, name: str = "") -> str:
+def key(kind: str, name: str = "") -> str:
     return f"sdrt:{kind}:{name}" if name else f"sdrt:{kind}"
 
 
-ACTIVE, RUNNING = _key("active"), _key("running")
+ACTIVE, RUNNING = key("active"), key("running")
 
 
 class Store:
@@ -200,35 +202,35 @@ class Store:
 
     def claim(self, job_id: str, me: str, model: str, calls: int) -> list[str]:
         return [v.decode() if isinstance(v, bytes) else str(v) for v in self._claim(
-            keys=[_key("lock", job_id), _key("done", job_id), _key("cancel", job_id), RUNNING, _key("job", job_id)],
+            keys=[key("lock", job_id), key("done", job_id), key("cancel", job_id), RUNNING, key("job", job_id)],
             args=[me, int(LIVE_S * 1000), job_id, model, calls, MARKER_TTL_S])]
 
     def renew(self, me: str, queues: list[str], job_id: str) -> bool:
-        return bool(self._renew(keys=[RUNNING, _key("lock", job_id)] + [_key("workers", q) for q in queues],
+        return bool(self._renew(keys=[RUNNING, key("lock", job_id)] + [key("workers", q) for q in queues],
                                 args=[me, int(LIVE_S * 1000), job_id]))
 
     def report(self, job_id: str, step: int, steps: int, calls_done: int) -> tuple[bytes | None, bytes | None]:
         """Write a running job's progress; (its cancel record, its done marker)."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(_key("job", job_id), mapping={"step": step, "steps": steps, "calls_done": calls_done})
-        pipe.get(_key("cancel", job_id))
-        pipe.get(_key("done", job_id))
+        pipe.hset(key("job", job_id), mapping={"step": step, "steps": steps, "calls_done": calls_done})
+        pipe.get(key("cancel", job_id))
+        pipe.get(key("done", job_id))
         _, cancel, done = pipe.execute()
         return cancel, done
 
     def finish(self, job_id: str, me: str) -> None:
-        self._finish(keys=[_key("lock", job_id), _key("done", job_id), RUNNING, _key("job", job_id)],
+        self._finish(keys=[key("lock", job_id), key("done", job_id), RUNNING, key("job", job_id)],
                      args=[me, job_id, MARKER_TTL_S])
 
     def release(self, job_id: str, me: str) -> None:
-        self._release(keys=[_key("lock", job_id), RUNNING, _key("job", job_id)], args=[me, job_id])
+        self._release(keys=[key("lock", job_id), RUNNING, key("job", job_id)], args=[me, job_id])
 
     def cancel(self, job_id: str, reason: str, message: str) -> None:
-        self.redis.set(_key("cancel", job_id), json.dumps({"reason": reason, "message": message}), nx=True,
+        self.redis.set(key("cancel", job_id), json.dumps({"reason": reason, "message": message}), nx=True,
                        ex=MARKER_TTL_S)
 
     def locked(self, job_id: str) -> bool:
-        return bool(self.redis.exists(_key("lock", job_id)))
+        return bool(self.redis.exists(key("lock", job_id)))
 
 
 # -- the front ------------------------------------------------------------------------------------
@@ -273,7 +275,7 @@ class RemoteExecutor(Executor):
 
         try:
             self._store.redis.ping()
-            missing = [q for q in self.queues.values() if not self._store.live(_key("workers", q))]
+            missing = [q for q in self.queues.values() if not self._store.live(key("workers", q))]
         except redis.RedisError as e:
             ready, why = False, f"the queue's Redis at {shown_url(self.url)} cannot be reached: {e}"
         else:
@@ -302,9 +304,9 @@ class RemoteExecutor(Executor):
             try:
                 self._app.send_task(TASK, args=[job.to_json(), enqueued], task_id=job.id,
                                     queue=self.queues[model], ignore_result=True)
-            except Exception:
+            except Exception as e:   # kombu's OperationalError wraps the connection's
                 self._store.redis.zrem(ACTIVE, job.id)
-                raise
+                raise redis.RedisError(str(e)) from e
         except redis.RedisError as e:
             raise NotReady(f"the queue's Redis at {shown_url(self.url)} cannot be reached: {e}") from None
         handle = Handle(job, model, enqueued)
@@ -351,6 +353,8 @@ class RemoteExecutor(Executor):
             raise RuntimeError(f"job {handle.job.id} failed on worker {payload.get('worker')}: {error['message']}")
         result = JobResult.from_json(payload["ok"])
         self._job_seconds = 0.8 * self._job_seconds + 0.2 * result.stages.get("total", self._job_seconds)
+        for fill in payload.get("fills", ()):
+            self.metrics.batch_items.observe(fill)
         self.metrics.job_done(handle.model, len(result.images), result.stages, result.queue_wait)
         return result
 
@@ -410,12 +414,12 @@ class RemoteExecutor(Executor):
         job_id, r = min(reports, key=lambda jr: jr[1]["done"])
         elapsed = now - r["started"]
         eta = elapsed / r["done"] - elapsed if r["done"] > 0 else 0.0
-        cancel = self._store.redis.get(_key("cancel", job_id))
+        cancel = self._store.redis.get(key("cancel", job_id))
         interrupted = cancel is not None and json.loads(cancel)["reason"] == "interrupted"
         return a1111_progress(r["done"], eta, r["step"], r["steps"], max(jobs, len(reports)), interrupted, job_id)
 
     def _report(self, job_id: str) -> tuple[str, dict[str, float]] | None:
-        raw = {k.decode(): v.decode() for k, v in self._store.redis.hgetall(_key("job", job_id)).items()}
+        raw = {k.decode(): v.decode() for k, v in self._store.redis.hgetall(key("job", job_id)).items()}
         if "started" not in raw:
             return None
         r = {k: float(raw.get(k, 0)) for k in ("step", "steps", "calls", "calls_done", "started")}
@@ -442,6 +446,7 @@ class WorkerConfig:
     backend: str = "onnxruntime"
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     lora_dir: Path | None = None
+    embedding_dir: Path | None = None
     visibility_timeout_s: float = DEFAULT_VISIBILITY_TIMEOUT_S
     check_hashes: bool = True
 
@@ -451,12 +456,22 @@ class WorkerConfig:
         check_url(self.queue_url)
         if not 1 <= self.visibility_timeout_s <= 7 * 86_400:
             raise InvalidInput(f"--visibility-timeout must be 1 s to 7 days, got {self.visibility_timeout_s:g}")
-        if self.lora_dir is not None and not self.lora_dir.is_dir():
-            raise InvalidInput(f"--lora-dir {self.lora_dir} is not a folder")
+        for flag, folder in (("--lora-dir", self.lora_dir), ("--embedding-dir", self.embedding_dir)):
+            if folder is not None and not folder.is_dir():
+                raise InvalidInput(f"{flag} {folder} is not a folder")
 
 
 class _Lost(Exception):
     """Another worker holds or finished the job this one is running."""
+
+
+class _PutBack(Exception):
+    """The job cannot finish here: it goes back on its queue."""
+
+
+def _cold_shutdown() -> bool:
+    from celery.worker import state
+    return state.should_terminate not in (None, False)
 
 
 class Worker:
@@ -516,7 +531,7 @@ class Worker:
             beat.join(timeout=5)
             try:
                 for q in self.queues.values():
-                    self._store.redis.zrem(_key("workers", q), self.name)
+                    self._store.redis.zrem(key("workers", q), self.name)
             except Exception as e:   # noqa: BLE001 - its heartbeat lapses in LIVE_S anyway
                 log.warning("could not deregister %s: %s", self.name, e)
             for pipe in self.pipes.values():
@@ -541,7 +556,21 @@ class Worker:
     # -- one job -------------------------------------------------------------------------------
 
     def run_job(self, job_id: str, data: dict[str, Any], enqueued: float, backend: Any, redelivered: bool) -> None:
-        job = Job.from_json(data)
+        from celery.exceptions import Reject
+
+        try:
+            self._run_job(job_id, Job.from_json(data), enqueued, backend, redelivered)
+        except Exception as e:
+            # Storing the result failed, or a second Ctrl-C (Celery's cold shutdown, which the solo
+            # pool cannot do: it raises NotImplementedError in the job): the job goes back on its queue.
+            if not _cold_shutdown() and not isinstance(e, _PutBack):
+                raise
+            self._let_go(job_id)
+            why = "the worker is stopping" if _cold_shutdown() else str(e)
+            log.warning("job %s goes back on the queue: %s", job_id, why)
+            raise Reject(why, requeue=True) from None
+
+    def _run_job(self, job_id: str, job: Job, enqueued: float, backend: Any, redelivered: bool) -> None:
         pipe = self.pipes.get(job.model)
         claimed = self._claim(job_id, job, -(-job.count // pipe.batch) if pipe else 1)
         if claimed is None:
@@ -552,25 +581,29 @@ class Worker:
         try:
             payload = self._generate(job_id, job, pipe, started, enqueued, cancel)
         except _Lost:
-            with self._held:
-                self._store.release(job_id, self.name)
-                self._job = ""
+            self._let_go(job_id)
             log.info("job %s dropped on %s: another worker holds or finished it", job_id, self.name)
             return
         try:
             backend.store_result(job_id, {**payload, "worker": self.name}, "SUCCESS")
         except Exception as e:
-            from celery.exceptions import Reject
-
-            log.error("job %s: storing its result failed (%s); it goes back on the queue", job_id, e)
-            with self._held:
-                self._job = ""
-            raise Reject(str(e), requeue=True) from e
+            raise _PutBack(f"storing its result failed: {e}") from e
         with self._held:
             self._store.finish(job_id, self.name)
             self._job = ""
-        outcome = "done" if "ok" in payload else f"ended: {payload['error']['type']} {payload['error'].get('reason', '')}"
-        log.info("job %s %s on %s in %.2f s", job_id, outcome.strip(), self.name, time.perf_counter() - began)
+        error = payload.get("error")
+        outcome = "done" if error is None else f"ended: {error['type']} {error.get('reason', '')}".strip()
+        log.info("job %s %s on %s in %.2f s", job_id, outcome, self.name, time.perf_counter() - began)
+
+    def _let_go(self, job_id: str) -> None:
+        """Release the job's lock (if this worker holds it) so another worker may run it."""
+        with self._held:
+            if self._job == job_id:
+                try:
+                    self._store.release(job_id, self.name)
+                except Exception as e:   # noqa: BLE001 - the lock lapses in LIVE_S anyway
+                    log.warning("job %s: could not release its lock: %s", job_id, e)
+                self._job = ""
 
     def _claim(self, job_id: str, job: Job, calls: int) -> tuple[float, str] | None:
         """Take the job's lock: (Redis's time, its cancel record) or None when it is not ours to run."""
@@ -604,10 +637,11 @@ class Worker:
                 record = json.loads(cancel)
                 raise Stopped(record["reason"], f"{record['message']} while the job was queued")
             if job.deadline is not None and time.time() > job.deadline + DEADLINE_GRACE_S:
-                raise Stopped("deadline", "the request's deadline passed while the job was queued")
+                raise deadline_passed(job, "queued")
             if pipe is None:
                 raise InvalidInput(f"worker {self.name} does not serve model {job.model!r}")
-            images, stages = run_items(pipe, items_of([job]), self.config.lora_dir, self._on_step(job_id, job))
+            images, stages, fills = run_items(pipe, items_of([job]), self.config.lora_dir, self._on_step(job_id, job),
+                                              self.config.embedding_dir)
         except _Lost:
             raise
         except Stopped as e:
@@ -615,9 +649,11 @@ class Worker:
         except SdrtError as e:
             return {"error": {"type": type(e).__name__, "message": str(e)}}
         except Exception as e:   # noqa: BLE001 - a bug: logged here, answered 500 by the front
+            if _cold_shutdown():
+                raise
             log.exception("job %s failed", job_id)
             return {"error": {"type": "internal", "message": f"{type(e).__name__}: {e}"}}
-        return {"ok": JobResult(images, stages, max(0.0, started - enqueued)).to_json()}
+        return {"ok": JobResult(images, stages, max(0.0, started - enqueued)).to_json(), "fills": fills}
 
     def _on_step(self, job_id: str, job: Job) -> Callable[[int, int], None]:
         calls_done, last = 0, 0.0
@@ -628,7 +664,7 @@ class Worker:
             if self._lost.is_set():
                 raise _Lost()
             if job.deadline is not None and time.time() > job.deadline + DEADLINE_GRACE_S:
-                raise Stopped("deadline", "the request's deadline passed while the job was generating")
+                raise deadline_passed(job, "generating")
             now = time.monotonic()
             if now - last < REPORT_S and i != n:
                 return

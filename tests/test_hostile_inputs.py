@@ -165,6 +165,16 @@ CLI_CASES = [
     ("build {art} --stages foo", "--stages: invalid choice: 'foo'"),
     ("build {art} --device=-1", "device must be a GPU index (0, 1, ...), got -1"),
     ("build {art} --device x", "--device: invalid int value: 'x'"),
+    # serve (refused before it binds or loads anything)
+    ("serve {art} --host 0.0.0.0", "is not a loopback address"),
+    ("serve {art} --port 70000", "--port must be 0..65535, got 70000"),
+    ("serve {art} --max-queue 0", "--max-queue must be at least 1, got 0"),
+    ("serve {art} --deadline 0", "--deadline must be a positive number of seconds"),
+    ("serve {art} --api-key short", "--api-key must be at least 8 characters"),
+    ("serve {art} --lora-dir {file}", "is not a folder"),
+    ("serve {empty}", "has no manifest.json"),
+    ("serve {art} {art}", "two artifacts are named"),
+    ("serve", "the following arguments are required: ARTIFACT_DIR"),
     # the dispatcher
     ("bogus", "invalid choice: 'bogus'"),
 ]

@@ -323,26 +323,32 @@ def _page() -> str:
 
 
 def _mount_docs(app: FastAPI) -> None:
-    """Swagger UI from the swagger-ui-bundle package, served here: FastAPI's default page
-    loads its scripts from a CDN, which a server without internet cannot reach."""
+    """Swagger UI 5 from the fastapi-offline package's files, served here: FastAPI's
+    default page loads its scripts from a CDN, which a server without internet (and a
+    browser that should not be sent elsewhere) cannot use."""
     from fastapi.staticfiles import StaticFiles
 
-    try:
-        from swagger_ui_bundle import swagger_ui_path
-    except ImportError:
-        swagger_ui_path = None
-    if swagger_ui_path is not None:
-        app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+    assets = _docs_assets()
+    if assets is not None:
+        app.mount(DOCS_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
-        if swagger_ui_path is None:
-            return HTMLResponse("<p>Install swagger-ui-bundle for the interactive docs; the API description is at "
-                                "<a href='/openapi.json'>/openapi.json</a>.</p>")
+        if assets is None:
+            return HTMLResponse("<p>Install fastapi-offline (the serve extra) for the interactive docs; the API "
+                                "description is at <a href='/openapi.json'>/openapi.json</a>.</p>")
         return get_swagger_ui_html(openapi_url="/openapi.json", title="sdrt API",
                                    swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
                                    swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
-                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png")
+
+
+def _docs_assets() -> Any:
+    try:
+        folder = resources.files("fastapi_offline") / "static"
+    except ModuleNotFoundError:
+        return None
+    return folder if (folder / "swagger-ui-bundle.js").is_file() else None
 
 
 # -- the guard ---------------------------------------------------------------------------------

@@ -167,3 +167,13 @@ def test_page_says_the_server_is_busy_on_429(page):
     message = page.text_content("#error")
     assert "busy" in message and "7 s" in message and "another generation is running" in message
     assert page.is_enabled("#generate")
+
+
+def test_api_docs_render_every_route_from_this_server_only(page, server):
+    # Swagger UI served by sdrt (no CDN) must read FastAPI's OpenAPI 3.1 description:
+    # Swagger UI 4 cannot, and shows "Unable to render this definition" instead.
+    page.goto(f"{server.url}/docs")
+    page.wait_for_selector(".opblock-summary-path", state="attached")
+    paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.textContent.trim())")
+    assert {"/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/images/generations", "/v1/images/edits"} <= set(paths)
+    assert "Unable to render" not in page.content()

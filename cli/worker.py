@@ -11,7 +11,7 @@ from sdrt.engines.errors import BackendUnavailable
 
 from .backends import add_backend_args, backend_request
 
-VISIBILITY_TIMEOUT_S = 300.0   # serve/remote.py's default, restated so --help needs no Celery import
+VISIBILITY_TIMEOUT_S = 300.0   # serve/redis_protocol.py's default, restated so --help needs no Celery import
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +51,7 @@ def run_worker(args: argparse.Namespace) -> int:
     if missing:
         raise BackendUnavailable(f"sdrt worker needs the serve extra ({', '.join(missing)} missing): "
                                  f"pip install 'sdrt[serve]'")
-    from sdrt.serve.remote import Worker, WorkerConfig
+    from sdrt.serve.worker import Worker, WorkerConfig
 
     backend, options = backend_request(args)
     config = WorkerConfig(artifacts=tuple(args.artifacts), queue_url=args.queue_url, backend=backend,

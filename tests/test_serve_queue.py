@@ -32,7 +32,7 @@ from serve_helpers import Server, assert_loopback_only, free_port, guarded_env, 
 redis = pytest.importorskip("redis", reason="redis-py is not installed (the serve extra)")
 pytest.importorskip("celery", reason="celery is not installed (the serve extra)")
 
-from sdrt.serve.remote import ENV_URLS, RUNNING, key   # noqa: E402
+from sdrt.serve.redis_protocol import ENV_URLS, RUNNING, key   # noqa: E402
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 VISIBILITY_S = 5
@@ -311,6 +311,6 @@ def test_worker_says_in_one_line_when_redis_cannot_be_reached(sd15_artifacts):
 
 def test_worker_help_states_the_default_visibility_timeout():
     from sdrt.cli.worker import VISIBILITY_TIMEOUT_S
-    from sdrt.serve.remote import DEFAULT_VISIBILITY_TIMEOUT_S
+    from sdrt.serve.redis_protocol import DEFAULT_VISIBILITY_TIMEOUT_S
 
     assert VISIBILITY_TIMEOUT_S == DEFAULT_VISIBILITY_TIMEOUT_S

@@ -32,7 +32,10 @@ Redis keys besides Celery's, all under "sdrt:": `active` (the jobs fronts have
 accepted and not answered: the --max-queue bound), `running` and `workers:QUEUE`
 (sorted sets scored by Redis's clock, so machines' clocks never meet), and per job
 `lock:`, `done:`, `cancel:` (deadline, disconnect, interrupt: read by the worker
-before it starts and between steps) and `job:` (the worker's progress report).
+before it starts and between steps) and `job:` (the worker's progress report); and
+the channel `finished`, on which a worker publishes a job's id once its result is
+stored, so the front answers at once instead of at its next poll (a wake-up only: the
+result is the truth, and an announcement lost or repeated costs a poll at most).
 """
 
 from __future__ import annotations
@@ -147,6 +150,7 @@ redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[4])
+redis.call('PUBLISH', ARGV[4], ARGV[2])
 return 1"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -160,7 +164,7 @@ def key(kind: str, name: str = "") -> str:
     return f"sdrt:{kind}:{name}" if name else f"sdrt:{kind}"
 
 
-ACTIVE, RUNNING = key("active"), key("running")
+ACTIVE, RUNNING, FINISHED = key("active"), key("running"), key("finished")
 
 
 class Store:
@@ -198,8 +202,9 @@ class Store:
         return cancel, done
 
     def finish(self, job_id: str, me: str) -> None:
+        """Mark the job done (its result is stored) and announce it on FINISHED."""
         self._finish(keys=[key("lock", job_id), key("done", job_id), RUNNING, key("job", job_id)],
-                     args=[me, job_id, MARKER_TTL_S])
+                     args=[me, job_id, MARKER_TTL_S, FINISHED])
 
     def release(self, job_id: str, me: str) -> None:
         self._release(keys=[key("lock", job_id), RUNNING, key("job", job_id)], args=[me, job_id])

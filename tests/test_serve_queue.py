@@ -32,7 +32,7 @@ from serve_helpers import Server, assert_loopback_only, free_port, guarded_env, 
 redis = pytest.importorskip("redis", reason="redis-py is not installed (the serve extra)")
 pytest.importorskip("celery", reason="celery is not installed (the serve extra)")
 
-from sdrt.serve.redis_protocol import ENV_URLS, RUNNING, key   # noqa: E402
+from sdrt.serve.redis_protocol import ENV_URLS, FINISHED, RUNNING, key   # noqa: E402
 
 REDIS_SERVER = Path("/usr/bin/redis-server")
 VISIBILITY_S = 5
@@ -195,6 +195,22 @@ def test_queue_mode_gives_the_pixels_of_in_process_generation(cluster, reference
     assert response.status_code == 200, response.text
     assert np.array_equal(_pixels(response), reference(11, 20))
     assert httpx.get(f"{cluster.front.url}/sdapi/v1/progress").json()["state"]["job_count"] == 0
+
+
+def test_a_worker_announces_each_finished_job_once_its_result_is_stored(cluster):
+    # the front's wake-up (remote.py): the id of a job whose done marker is written, once
+    pubsub = cluster.db.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe(FINISHED)
+    try:
+        assert _txt2img(cluster.front.url, 12, steps=4).status_code == 200
+        announced: list[str] = []
+        deadline = time.monotonic() + 1   # the announcement came before the answer; wait for any second one
+        while time.monotonic() < deadline:
+            if (m := pubsub.get_message(timeout=0.1)) is not None:
+                announced.append(m["data"].decode())
+    finally:
+        pubsub.close()
+    assert len(announced) == 1 and cluster.db.exists(key("done", announced[0])), announced
 
 
 def test_a_full_queue_answers_429_with_retry_after(cluster):

@@ -34,6 +34,22 @@ from sdrt.engines.manifest import MANIFEST_NAME, load_manifest
 from sdrt.engines.specs import Stage
 from sdrt.cli.main import main
 
+
+@pytest.fixture(autouse=True)
+def sigint_not_ignored():
+    """The commands these tests start must see Ctrl-C. A test run started in the
+    background (a non-interactive shell's `&`, nohup) ignores SIGINT, and its children
+    inherit that, as sdrt means them to (cli/main.py leaves an inherited ignore alone);
+    so the test process takes the default handler while it starts them."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
 LEFTOVERS_MESSAGE = "leftovers of an interrupted export"
 CHILD_TIMEOUT_S = 300
 

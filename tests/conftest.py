@@ -39,6 +39,26 @@ def sd2_artifacts(tiny_sd2, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sd15_batch2_artifacts(tiny_sd15, tmp_path_factory) -> Path:
+    """The SD 1.5 tiny model exported with --batch 2 (verify=False: export checks its
+    graphs in its own tests; the tests using this compare pixels with diffusers)."""
+    return _export(tiny_sd15, tmp_path_factory.mktemp("artifacts") / "sd15-b2", batch=2, verify=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """The built-in tiny SDXL base (9 s to make on two cores; shared, never written to)."""
+    from sdrt.export.tiny import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", variant="sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_refiner(tmp_path_factory) -> Path:
+    from sdrt.export.tiny import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl-refiner", variant="sdxl-refiner")
+
+
+@pytest.fixture(scope="session")
 def export_into():
     """Export a model folder with non-default settings: export_into(model, out, batch=2, ...)."""
     return _export

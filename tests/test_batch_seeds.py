@@ -69,8 +69,8 @@ def b1(sd15_artifacts):
 
 
 @pytest.fixture(scope="module")
-def b2(tiny_sd15, export_into, tmp_path_factory):
-    return Pipeline.load(export_into(tiny_sd15, tmp_path_factory.mktemp("artifacts") / "seeds-b2", batch=2))
+def b2(sd15_batch2_artifacts):
+    return Pipeline.load(sd15_batch2_artifacts)
 
 
 def _max_diff(a, b):

@@ -209,11 +209,10 @@ def test_png_records_the_interval(sd15_deepcache):
     assert "DeepCache: 2," in result.parameters
 
 
-def test_sdxl_matches_the_deepcache_helper(tmp_path_factory, export_into):
+def test_sdxl_matches_the_deepcache_helper(tmp_path_factory, export_into, tiny_sdxl):
     """SDXL's last up block has no attention: the shallow graph is a resnet alone, with
     the added (pooled text, size) conditions in the time embedding."""
-    from sdrt.export.tiny import make_tiny_model
-    model = make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl-dc", variant="sdxl")
+    model = tiny_sdxl
     pipe = Pipeline.load(export_into(model, tmp_path_factory.mktemp("dc") / "sdxl", deepcache=True))
     ref = Reference(model, "StableDiffusionXLPipeline")
     want = ref(3, "euler", 4, prompt=PROMPT, num_inference_steps=7, guidance_scale=5.0, height=pipe.height,

@@ -34,24 +34,25 @@ FP16_PIXEL_TOLERANCE = 1e-2
 STEPS = 3
 
 
-def _export(variant: str, root: Path, **kw) -> Path:
+def _export(variant: str, root: Path, model: Path | None = None, **kw) -> Path:
     from sdrt.export.config import ExportConfig
     from sdrt.export.exporter import export_artifacts
     from sdrt.export.tiny import make_tiny_model
-    model = make_tiny_model(root / f"model-{variant}", variant=variant)
+    model = model or make_tiny_model(root / f"model-{variant}", variant=variant)
     # verify=False: export checks its graphs in its own tests; here only the backends differ.
     export_artifacts(ExportConfig(model_dir=model, out_dir=root / f"art-{variant}", verify=False, **kw))
     return root / f"art-{variant}"
 
 
 @pytest.fixture(scope="module")
-def artifacts(sd15_artifacts, sd2_artifacts, tiny_sd15, export_into, tmp_path_factory):
+def artifacts(sd15_artifacts, sd2_artifacts, tiny_sd15, tiny_sdxl, tiny_sdxl_refiner, export_into, tmp_path_factory):
     """name -> artifact folder, one per family (exported once for this module)."""
     root = tmp_path_factory.mktemp("ov")
     out = {"sd15": sd15_artifacts, "sd2": sd2_artifacts,
            "fp16": export_into(tiny_sd15, root / "fp16", precision=Precision.FP16, verify=False)}
-    for variant in ("sd15-inpaint", "lcm", "sdxl", "sdxl-refiner"):
-        out[variant] = _export(variant, root)
+    for variant, model in (("sd15-inpaint", None), ("lcm", None), ("sdxl", tiny_sdxl),
+                           ("sdxl-refiner", tiny_sdxl_refiner)):
+        out[variant] = _export(variant, root, model)
     return out
 
 

@@ -116,9 +116,8 @@ def test_guidance_at_most_one_equals_diffusers_without_guidance(variants, oracle
 
 
 @pytest.fixture(scope="module")
-def batch2(tiny_sd15, export_into, tmp_path_factory):
-    # verify=False: export checks its own graphs in its tests; here only the shapes differ.
-    return export_into(tiny_sd15, tmp_path_factory.mktemp("batch") / "sd15-b2", batch=2, verify=False)
+def batch2(sd15_batch2_artifacts):
+    return sd15_batch2_artifacts
 
 
 def test_batch_artifact_matches_diffusers_with_a_prompt_list(tiny_sd15, batch2, oracle):

@@ -291,11 +291,11 @@ def test_outpainting_equals_diffusers_inpainting_the_extended_canvas(request, mo
         pipe(PROMPT, image=_photo(96, 64), outpaint=(16, 32, 16, 0), steps=2)
 
 
-def test_batch_of_two_with_one_image_matches_diffusers(tiny_sd15, sd15, export_into, tmp_path_factory):
+def test_batch_of_two_with_one_image_matches_diffusers(sd15, sd15_batch2_artifacts):
     """One input image for every batch item: encoded once (one latent-sample draw) and
     repeated, then one noise draw for the whole batch, as diffusers does."""
     oracle, _ = sd15
-    pipe = Pipeline.load(export_into(tiny_sd15, tmp_path_factory.mktemp("artifacts") / "b2", batch=2))
+    pipe = Pipeline.load(sd15_batch2_artifacts)
     prompts = [PROMPT, "a red barn"]
     image, mask = _photo(128, 128, seed=5), _mask("circle", 128, 128)
     ours = pipe(prompts, image=image, strength=0.8, steps=5, scheduler="euler_a", seed=21).pixels

@@ -71,12 +71,6 @@ def _max_diff(a, b):
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    from sdrt.export.tiny import make_tiny_model
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", variant="sdxl")
-
-
-@pytest.fixture(scope="module")
 def oracle(tiny_sdxl):
     return Oracle(tiny_sdxl)
 

@@ -23,10 +23,8 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from sdrt.export.tiny import make_tiny_model
-    root = tmp_path_factory.mktemp("models")
-    return make_tiny_model(root / "sdxl", variant="sdxl"), make_tiny_model(root / "refiner", variant="sdxl-refiner")
+def models(tiny_sdxl, tiny_sdxl_refiner):
+    return tiny_sdxl, tiny_sdxl_refiner
 
 
 @pytest.fixture(scope="module")

@@ -546,14 +546,12 @@ def test_the_server_binds_at_once_and_is_ready_when_loaded(sd15_artifacts):
         assert httpx.get(f"{s.url}/v2/health/live").status_code == 200
 
 
-def test_a_batch_artifact_runs_concurrent_requests_in_one_engine_call(tiny_sd15, sd15_artifacts, export_into,
-                                                                      tmp_path_factory):
+def test_a_batch_artifact_runs_concurrent_requests_in_one_engine_call(sd15_artifacts, sd15_batch2_artifacts):
     """Two requests with their own prompts and seeds share one call of a --batch 2
     artifact, and each gets the image the batch-1 artifact gives for its seed."""
     from sdrt.runtime.pipeline import Pipeline
 
-    batch2 = export_into(tiny_sd15, tmp_path_factory.mktemp("serve") / "b2", batch=2, verify=False)
-    with serving(config(batch2, batch_wait_ms=2000)) as s:
+    with serving(config(sd15_batch2_artifacts, batch_wait_ms=2000)) as s:
         out = {}
 
         def ask(seed: int) -> None:

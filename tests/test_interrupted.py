@@ -6,9 +6,10 @@ each kill the folder must be refused by `load_manifest`, by `sdrt info`/`generat
 (exit 2, one line) and by `Pipeline.load`; the next export must say it found
 leftovers, redo the work, and leave a folder that loads and holds no temporaries.
 
-The default run kills once (when the text encoder's graph is already in place: a
-complete, valid ONNX file in a folder that is not complete). The slow test walks
-through every moment, each run starting on the previous run's leftovers.
+The default run's kill of an export is tests/test_export_cli.py's; the slow tests here
+kill once when the text encoder's graph is already in place (a complete, valid ONNX
+file in a folder that is not complete), then at every moment, each run starting on the
+previous run's leftovers.
 
 The TensorRT engine cache's write path is killed the same way, with fake plans.
 """
@@ -144,6 +145,7 @@ def _rerun_detects_leftovers(model: Path, out: Path, tmp_path: Path) -> None:
     _assert_valid_and_clean(out)
 
 
+@pytest.mark.slow   # 31 s: two exports; the default run kills an export in test_export_cli.py
 def test_export_killed_with_a_graph_in_place_is_not_valid_and_is_redone(tiny_sd15, tmp_path, capsys):
     out = tmp_path / "artifacts"
     moment = next(m for m in MOMENTS if m.name == "text_encoder.onnx in place")

@@ -209,6 +209,7 @@ def test_png_records_the_interval(sd15_deepcache):
     assert "DeepCache: 2," in result.parameters
 
 
+@pytest.mark.slow   # 18 s; SD 1.5's DeepCache parity runs by default
 def test_sdxl_matches_the_deepcache_helper(tmp_path_factory, export_into, tiny_sdxl):
     """SDXL's last up block has no attention: the shallow graph is a resnet alone, with
     the added (pooled text, size) conditions in the time embedding."""
@@ -279,6 +280,7 @@ def test_bench_times_deepcache_and_says_so(sd15_deepcache, capsys):
     assert "DeepCache interval 3" in out
 
 
+@pytest.mark.slow   # 11 s: a full fp16 export; fp16 export itself is tests/test_fp16.py's
 def test_fp16_export_converts_the_shallow_unet_and_deepcache_runs_on_it(tiny_sd15, export_into, tmp_path,
                                                                        sd15_deepcache):
     """Export verifies every fp16 graph (the shallow one included) against torch; the fp16

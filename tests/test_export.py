@@ -223,6 +223,7 @@ def test_trace_returns_the_modules_eager_outputs_as_the_reference(tiny_sd2, tmp_
     np.testing.assert_allclose(reference["images"], want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow   # 16 s; batch 2 shapes run by default (test_batch_2_with_cfg_doubles_the_text_and_unet_batch)
 def test_batch_2_without_cfg_at_a_non_square_size_gives_the_specs_shapes(tiny_sd2, export_into, tmp_path):
     out = export_into(tiny_sd2, tmp_path / "a", batch=2, cfg=False, height=64, width=128)
     manifest = load_manifest(out)
@@ -254,6 +255,7 @@ def test_size_multiple_follows_the_unets_down_blocks(tiny_sd15):
     assert facts.unet_size_multiple == 8 and facts.image_size_multiple == 64
 
 
+@pytest.mark.slow   # 14 s: a full export; fp16 conversion runs by default in tests/test_fp16.py
 def test_vae_precision_fp16_converts_only_the_vae_and_records_it(tiny_sd2, export_into, tmp_path):
     out = export_into(tiny_sd2, tmp_path / "h", vae_precision=Precision.FP16)
     manifest = load_manifest(out)

@@ -227,7 +227,7 @@ def edm_artifact(tiny_sd15, tmp_path_factory, export_into):
     shutil.copytree(tiny_sd15, model, dirs_exist_ok=True)
     path = model / "scheduler" / "scheduler_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "_class_name": "EDMEulerScheduler"}))
-    return export_into(model, tmp_path_factory.mktemp("artifacts") / "edm", vae_encoder=False)
+    return export_into(model, tmp_path_factory.mktemp("artifacts") / "edm", vae_encoder=False, verify=False)
 
 
 def test_generate_prints_the_fallback_notice_once_and_runs(edm_artifact, tmp_path, capsys):

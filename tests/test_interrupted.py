@@ -185,6 +185,7 @@ def test_export_killed_at_every_moment_never_leaves_a_valid_folder(tiny_sd15, tm
     print("kill moments:", "; ".join(report))
 
 
+@pytest.mark.slow   # 10 s; the default run checks the same with a crash (test_export_cli.py)
 def test_forced_reexport_killed_early_does_not_leave_the_old_manifest(tiny_sd15, sd15_artifacts, tmp_path, capsys):
     """--force over a complete folder removes the manifest first, so a re-export
     killed half-way does not leave the old manifest vouching for new, partial files."""

@@ -83,24 +83,30 @@ def openai_mask(data: bytes, what: str, max_pixels: int) -> bytes:
     """OpenAI's mask (a PNG whose fully transparent pixels mark what to edit) -> sdrt's
     (white = repaint)."""
     checked(data, what, max_pixels)
-    with Image.open(io.BytesIO(data)) as im:
-        if "A" not in im.getbands() and not (im.mode == "P" and "transparency" in im.info):
-            raise InvalidInput(f"{what} has no alpha channel: as in OpenAI's API, the mask is a PNG whose fully "
-                               f"transparent pixels mark the area to edit")
-        alpha = np.asarray(im.convert("RGBA"))[..., 3]
-    return png(Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8)))
+    clear = _transparent(data)
+    if clear is None:
+        raise InvalidInput(f"{what} has no alpha channel: as in OpenAI's API, the mask is a PNG whose fully "
+                           f"transparent pixels mark the area to edit")
+    return _white_where(clear)
 
 
 def transparent_area(data: bytes) -> bytes | None:
     """The mask of an image's own fully transparent pixels (OpenAI's edits without a
     mask), or None when it has none."""
+    clear = _transparent(data)
+    return _white_where(clear) if clear is not None and clear.any() else None
+
+
+def _transparent(data: bytes) -> np.ndarray | None:
+    """Where the image is fully transparent; None when it has no alpha at all."""
     with Image.open(io.BytesIO(data)) as im:
         if "A" not in im.getbands() and not (im.mode == "P" and "transparency" in im.info):
             return None
-        alpha = np.asarray(im.convert("RGBA"))[..., 3]
-    if not (alpha == 0).any():
-        return None
-    return png(Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8)))
+        return np.asarray(im.convert("RGBA"))[..., 3] == 0
+
+
+def _white_where(repaint: np.ndarray) -> bytes:
+    return png(Image.fromarray(np.where(repaint, 255, 0).astype(np.uint8)))
 
 
 def size_of(data: bytes) -> tuple[int, int]:

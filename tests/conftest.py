@@ -8,16 +8,19 @@ from pathlib import Path
 import pytest
 
 
+def _tiny(tmp_path_factory, variant: str) -> Path:
+    from sdrt.export.tiny import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("models") / f"tiny-{variant}", variant=variant)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15(tmp_path_factory) -> Path:
-    from sdrt.export.tiny import make_tiny_model
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd15", variant="sd15")
+    return _tiny(tmp_path_factory, "sd15")
 
 
 @pytest.fixture(scope="session")
 def tiny_sd2(tmp_path_factory) -> Path:
-    from sdrt.export.tiny import make_tiny_model
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd2", variant="sd2")
+    return _tiny(tmp_path_factory, "sd2")
 
 
 def _export(model_dir: Path, out_dir: Path, **kw) -> Path:
@@ -48,14 +51,12 @@ def sd15_batch2_artifacts(tiny_sd15, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     """The built-in tiny SDXL base (9 s to make on two cores; shared, never written to)."""
-    from sdrt.export.tiny import make_tiny_model
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", variant="sdxl")
+    return _tiny(tmp_path_factory, "sdxl")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_refiner(tmp_path_factory) -> Path:
-    from sdrt.export.tiny import make_tiny_model
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sdxl-refiner", variant="sdxl-refiner")
+    return _tiny(tmp_path_factory, "sdxl-refiner")
 
 
 @pytest.fixture(scope="session")
